@@ -1,1 +1,181 @@
-//! vmrig-image
+//! Guest images: the builders that turn a node's image inputs into store paths.
+//!
+//! Three kinds of store path make a bootable node:
+//! - `kernel`: Debian's kernel package unpacked (`vmlinuz`, `lib/modules/<version>` with
+//!   `depmod` run over it);
+//! - `initramfs`: the static guest init plus exactly the modules needed to reach the root
+//!   disk and the host;
+//! - `rootfs`: an ext4 image (`root.img`) made by `mmdebstrap` + `mke2fs -d` with the
+//!   node's packages, vmrig's guest bits and the node's `setup` commands.
+//!
+//! Per-test configuration (hostname, hosts, users, ...) is not here: see [`node_layer`].
+
+pub mod cpio_writer;
+mod error;
+pub mod guest_bits;
+pub mod initramfs;
+pub mod kernel;
+pub mod mirror;
+pub mod modules;
+pub mod node_layer;
+pub mod rootfs;
+mod run;
+pub mod tools;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use error::ImageError;
+use vmrig_spec::{ImageInputs, TestSpec};
+use vmrig_store::{Store, StorePath};
+
+/// Bumped whenever a builder's output changes for the same inputs, so old store paths are
+/// not reused.
+pub const BUILDER_VERSION: &str = "vmrig-image-1";
+
+/// The static guest init, built by `build.rs`.
+pub const GUEST_INIT: &[u8] = include_bytes!(env!("VMRIG_GUEST_INIT_PATH"));
+
+/// How a build step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    Built(Duration),
+    Cached,
+}
+
+/// Receives build progress; the CLI renders it (indicatif), tests ignore it.
+pub trait BuildObserver: Sync {
+    fn step_started(&self, _step: &str) {}
+    fn line(&self, _step: &str, _line: &str) {}
+    fn step_finished(&self, _step: &str, _outcome: StepOutcome) {}
+}
+
+/// An observer that discards everything.
+pub struct Quiet;
+impl BuildObserver for Quiet {}
+
+/// The store paths that boot one node.
+#[derive(Debug, Clone)]
+pub struct NodeImage {
+    pub kernel: StorePath,
+    pub initramfs: StorePath,
+    pub rootfs: StorePath,
+}
+
+impl NodeImage {
+    pub fn kernel_file(&self) -> PathBuf {
+        self.kernel.path().join("vmlinuz")
+    }
+    pub fn initrd_file(&self) -> PathBuf {
+        self.initramfs.path().join("initrd")
+    }
+    pub fn root_image(&self) -> PathBuf {
+        self.rootfs.path().join("root.img")
+    }
+    /// Every store path, for use guards and reports.
+    pub fn store_paths(&self) -> [&StorePath; 3] {
+        [&self.kernel, &self.initramfs, &self.rootfs]
+    }
+}
+
+/// Builds (or finds in the store) the images of nodes.
+pub struct ImageBuilder<'a> {
+    pub store: &'a Store,
+    pub observer: &'a dyn BuildObserver,
+    /// A mirror URL that overrides the spec and the host's apt sources (`VMRIG_MIRROR`).
+    pub mirror_override: Option<String>,
+}
+
+impl<'a> ImageBuilder<'a> {
+    pub fn new(store: &'a Store, observer: &'a dyn BuildObserver) -> Self {
+        let mirror_override = std::env::var("VMRIG_MIRROR").ok().filter(|m| !m.is_empty());
+        ImageBuilder { store, observer, mirror_override }
+    }
+
+    /// Checks that the host has every build tool, with one message naming all missing ones.
+    pub fn check_tools(&self) -> Result<(), ImageError> {
+        let missing = tools::missing(tools::BUILD_TOOLS);
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(ImageError::MissingTools(tools::missing_message(&missing)))
+        }
+    }
+
+    /// Images for every node of a test; nodes with equal inputs share one image, and
+    /// distinct root images build in parallel.
+    pub fn build_test(&self, spec: &TestSpec) -> Result<BTreeMap<String, NodeImage>, ImageError> {
+        let mut groups: BTreeMap<String, (ImageInputs, Vec<String>)> = BTreeMap::new();
+        for (name, node) in &spec.nodes {
+            let inputs = node.image_inputs();
+            groups
+                .entry(inputs.hash())
+                .or_insert_with(|| (inputs, Vec::new()))
+                .1
+                .push(name.clone());
+        }
+        let mut kernels = BTreeMap::new();
+        for (inputs, _) in groups.values() {
+            let key = (inputs.suite.clone(), self.mirror_for(inputs));
+            if !kernels.contains_key(&key) {
+                let built = kernel::build(self, &inputs.suite, key.1.as_deref())?;
+                let initramfs = initramfs::build(self, &built)?;
+                kernels.insert(key, (built, initramfs));
+            }
+        }
+        let results: Vec<Result<(Vec<String>, NodeImage), ImageError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = groups
+                .values()
+                .map(|(inputs, nodes)| {
+                    let (kernel, initramfs) =
+                        kernels[&(inputs.suite.clone(), self.mirror_for(inputs))].clone();
+                    s.spawn(move || {
+                        let rootfs = rootfs::build(self, inputs, &kernel, nodes)?;
+                        Ok((nodes.clone(), NodeImage { kernel, initramfs, rootfs }))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("builder thread panicked")).collect()
+        });
+        let mut images = BTreeMap::new();
+        for result in results {
+            let (nodes, image) = result?;
+            for node in nodes {
+                images.insert(node, image.clone());
+            }
+        }
+        Ok(images)
+    }
+
+    /// The mirror for these inputs: `VMRIG_MIRROR`, then the spec's, then the host's.
+    pub fn mirror_for(&self, inputs: &ImageInputs) -> Option<String> {
+        self.mirror_override
+            .clone()
+            .or_else(|| inputs.mirror.clone())
+            .or_else(|| mirror::host_mirror(&inputs.suite))
+    }
+
+    /// Looks `key` up or builds it with `build`, reporting the step to the observer.
+    pub(crate) fn cached_step(
+        &self,
+        step: &str,
+        key: &vmrig_store::StoreKey,
+        build: impl FnOnce(&std::path::Path) -> Result<(), ImageError>,
+    ) -> Result<StorePath, ImageError> {
+        if let Some(path) = self.store.lookup(key) {
+            self.observer.step_finished(step, StepOutcome::Cached);
+            return Ok(path);
+        }
+        self.observer.step_started(step);
+        let start = std::time::Instant::now();
+        let mut built_here = false;
+        let path = self.store.build(key, |tmp| {
+            built_here = true;
+            build(tmp)
+        })?;
+        let outcome = if built_here { StepOutcome::Built(start.elapsed()) } else { StepOutcome::Cached };
+        self.observer.step_finished(step, outcome);
+        Ok(path)
+    }
+}

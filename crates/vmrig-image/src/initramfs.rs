@@ -1,0 +1,63 @@
+//! The initramfs store path: one uncompressed newc cpio (`initrd`) holding the static guest
+//! init as `/init`, the kernel modules it loads, and `/etc/vmrig/modules`, the load order.
+//!
+//! Uncompressed on purpose: the kernel unpacks it faster than it could decompress, and the
+//! per-node layer is another cpio appended to it at test start.
+
+use std::io::Write;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use vmrig_store::{StoreKey, StorePath};
+
+use crate::cpio_writer::CpioWriter;
+use crate::modules::{ModuleIndex, GUEST_MODULES};
+use crate::{ImageBuilder, ImageError, BUILDER_VERSION, GUEST_INIT};
+
+/// Builds or finds the initramfs for `kernel`.
+pub fn build(b: &ImageBuilder, kernel: &StorePath) -> Result<StorePath, ImageError> {
+    let init_hash = hex::encode(Sha256::digest(GUEST_INIT));
+    let material = format!(
+        "{BUILDER_VERSION}\ninitramfs\n{}\n{init_hash}\n{}",
+        kernel.name(),
+        GUEST_MODULES.join(",")
+    );
+    let key = StoreKey::new("initramfs", material.as_bytes());
+    b.cached_step("initramfs", &key, |out| write_initramfs(kernel.path(), out))
+}
+
+fn write_initramfs(kernel: &Path, out: &Path) -> Result<(), ImageError> {
+    let version = std::fs::read_to_string(kernel.join("version"))
+        .map_err(ImageError::io("reading the kernel version"))?;
+    let modules_dir = kernel.join("lib/modules").join(version.trim());
+    let read = |name: &str| std::fs::read_to_string(modules_dir.join(name)).unwrap_or_default();
+    let index = ModuleIndex::parse(
+        &read("modules.dep"),
+        &read("modules.softdep"),
+        &read("modules.alias"),
+        &read("modules.builtin"),
+    );
+    let order = index.resolve(GUEST_MODULES)?;
+
+    let file = std::fs::File::create(out.join("initrd")).map_err(ImageError::io("creating initrd"))?;
+    let mut cpio = CpioWriter::new(std::io::BufWriter::new(file));
+    let io = ImageError::io("writing initrd");
+    (|| -> std::io::Result<()> {
+        for dir in ["dev", "proc", "sys", "newroot", "etc", "etc/vmrig", "lib", "lib/modules"] {
+            cpio.dir(dir, 0o755)?;
+        }
+        cpio.char_device("dev/console", 0o600, 5, 1)?;
+        cpio.file("init", 0o755, GUEST_INIT)?;
+        let mut load_order = String::new();
+        for rel in &order {
+            let data = std::fs::read(modules_dir.join(rel))?;
+            let target = format!("lib/modules/{rel}");
+            cpio.parents(&target)?;
+            cpio.file(&target, 0o644, &data)?;
+            load_order.push_str(&format!("/{target}\n"));
+        }
+        cpio.file("etc/vmrig/modules", 0o644, load_order.as_bytes())?;
+        cpio.finish()?.flush()
+    })()
+    .map_err(io)
+}

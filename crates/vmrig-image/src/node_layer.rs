@@ -1,0 +1,1 @@
+//! The per-node configuration layer (filled in by the driver issues).

@@ -1,0 +1,235 @@
+//! The root filesystem store path: `root.img`, an ext4 image made by
+//! `mmdebstrap --variant=minbase` (packages), a customize hook (vmrig's guest bits, a
+//! subset of the kernel's modules, the node's `setup` commands) and `mke2fs -d`.
+//!
+//! As root mmdebstrap runs in its root mode; otherwise in `--mode=unshare`, and `mke2fs`
+//! runs in a matching user namespace so file ownership comes out right.
+
+use std::path::Path;
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+use vmrig_spec::ImageInputs;
+use vmrig_store::{StoreKey, StorePath};
+
+use crate::run::run_tool;
+use crate::{guest_bits, kernel, tools, ImageBuilder, ImageError, BUILDER_VERSION};
+
+/// Packages every guest gets: systemd as init, and what the driver runs in the guest.
+pub const BASE_PACKAGES: &[&str] = &[
+    "systemd-sysv",
+    "udev",
+    "bash",
+    "coreutils",
+    "util-linux",
+    "iproute2",
+    "iputils-ping",
+    "netcat-openbsd",
+    "procps",
+    "kmod",
+    "nftables",
+];
+
+/// Kernel module directories copied into the root image (for `modprobe` at run time:
+/// netfilter, file systems, virtio devices, input and display). The rest of the kernel's
+/// 390 MB of modules (hardware drivers, sound) would only make every image bigger.
+const ROOTFS_MODULE_DIRS: &[&str] = &[
+    "kernel/arch",
+    "kernel/block",
+    "kernel/crypto",
+    "kernel/fs",
+    "kernel/lib",
+    "kernel/mm",
+    "kernel/net",
+    "kernel/virt",
+    "kernel/drivers/virtio",
+    "kernel/drivers/char",
+    "kernel/drivers/block",
+    "kernel/drivers/input",
+    "kernel/drivers/hid",
+    "kernel/drivers/gpu/drm",
+    "kernel/drivers/video",
+    "modules.order",
+    "modules.builtin",
+    "modules.builtin.modinfo",
+];
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Builds or finds the root image for `inputs` (shared by `nodes`, named in errors).
+pub fn build(
+    b: &ImageBuilder,
+    inputs: &ImageInputs,
+    kernel: &StorePath,
+    nodes: &[String],
+) -> Result<StorePath, ImageError> {
+    let version = kernel::version(kernel)?;
+    let script = customize_script(inputs, kernel.path(), &version);
+    let script_hash = hex::encode(Sha256::digest(script.as_bytes()));
+    let material = format!(
+        "{BUILDER_VERSION}\nrootfs\n{}\n{}\n{script_hash}\n{}",
+        inputs.canonical_json(),
+        kernel.name(),
+        BASE_PACKAGES.join(",")
+    );
+    let key = StoreKey::new(&format!("rootfs-{}", inputs.suite), material.as_bytes());
+    let step = format!("root image for {}", nodes.join(", "));
+    let mirror = b.mirror_for(inputs);
+    b.cached_step(&step, &key, |out| {
+        bootstrap(b, &step, inputs, mirror.as_deref(), &script, out).map_err(|e| unknown_package(e, nodes))
+    })
+}
+
+fn bootstrap(
+    b: &ImageBuilder,
+    step: &str,
+    inputs: &ImageInputs,
+    mirror: Option<&str>,
+    script: &str,
+    out: &Path,
+) -> Result<(), ImageError> {
+    let hook = out.join("customize.sh");
+    std::fs::write(&hook, script).map_err(ImageError::io("writing the customize hook"))?;
+    let root = out.join("root");
+    let mut include: Vec<&str> = BASE_PACKAGES.to_vec();
+    include.extend(inputs.packages.iter().map(String::as_str));
+
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.env("TMPDIR", out)
+        .arg("--variant=minbase")
+        .arg(if is_root() { "--mode=root" } else { "--mode=unshare" })
+        .arg(format!("--include={}", include.join(",")))
+        .arg(format!("--customize-hook=sh {} \"$1\"", hook.display()))
+        .arg(&inputs.suite)
+        .arg(&root);
+    cmd.args(mirror);
+    run_tool(&mut cmd, step, b.observer)?;
+
+    let image = out.join("root.img");
+    let mke2fs = tools::find_program("mke2fs").unwrap_or_else(|| "mke2fs".into());
+    let size_mib = dir_size(&root) / (1024 * 1024) * 5 / 4 + 1024;
+    let mut mkfs = in_namespace(&mke2fs);
+    mkfs.args(["-q", "-F", "-t", "ext4", "-L", "vmrig-root", "-m", "0"])
+        .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .arg("-d")
+        .arg(&root)
+        .arg(&image)
+        .arg(format!("{size_mib}M"));
+    run_tool(&mut mkfs, step, b.observer)?;
+    let mut rm = in_namespace(Path::new("rm"));
+    rm.arg("-rf").arg(&root).arg(&hook);
+    run_tool(&mut rm, step, b.observer)?;
+    Ok(())
+}
+
+/// A command that runs as root in a user namespace mapping the subordinate ids, when we
+/// are not root (the tree mmdebstrap's unshare mode leaves is owned by those ids).
+fn in_namespace(program: &Path) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--map-root-user", "--map-auto", "--"]).arg(program);
+        cmd
+    }
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.path().symlink_metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+/// The customize hook: guest bits, kernel modules, setup commands, apt cleanup.
+pub fn customize_script(inputs: &ImageInputs, kernel: &Path, version: &str) -> String {
+    let depmod = tools::find_program("depmod").unwrap_or_else(|| "depmod".into());
+    let mut s = String::from("set -eu\n");
+    s.push_str(&guest_bits::install_script());
+    s.push_str(&format!(
+        "src={src}\ndst=\"$1/lib/modules/{version}\"\nmkdir -p \"$dst\"\n(cd \"$src\" && for p in {dirs}; do [ -e \"$p\" ] && cp -R --no-preserve=ownership --parents \"$p\" \"$dst/\"; done; for f in kernel/drivers/net/*.ko*; do cp --no-preserve=ownership --parents \"$f\" \"$dst/\"; done)\n{depmod} -b \"$1\" {version}\n",
+        src = sh_quote(&kernel.join("lib/modules").join(version).to_string_lossy()),
+        dirs = ROOTFS_MODULE_DIRS.join(" "),
+        depmod = sh_quote(&depmod.to_string_lossy()),
+    ));
+    for cmd in &inputs.setup {
+        s.push_str(&format!(
+            "echo \"vmrig: setup: \"{q}\nDEBIAN_FRONTEND=noninteractive chroot \"$1\" /bin/sh -ec {q}\n",
+            q = sh_quote(cmd)
+        ));
+    }
+    s.push_str("rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin \"$1\"/var/cache/apt/archives/*.deb\n");
+    s
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Maps apt's "unable to locate package" to an error naming the package and the nodes.
+fn unknown_package(err: ImageError, nodes: &[String]) -> ImageError {
+    if let ImageError::Tool { lines, .. } = &err {
+        for line in lines {
+            if let Some(package) = unknown_package_in(line) {
+                return ImageError::UnknownPackage { package, nodes: nodes.join(", ") };
+            }
+        }
+    }
+    err
+}
+
+/// The package apt could not find, from one line of its output.
+pub fn unknown_package_in(line: &str) -> Option<String> {
+    let rest = line
+        .split_once("Unable to locate package ")
+        .map(|(_, r)| r)
+        .or_else(|| line.split_once("Package '").map(|(_, r)| r).filter(|r| r.contains("has no installation candidate")))?;
+    let name: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || "+-.:".contains(*c))
+        .collect();
+    (!name.is_empty()).then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_unknown_package_in_apt_output() {
+        assert_eq!(unknown_package_in("E: Unable to locate package nosuchpkg").as_deref(), Some("nosuchpkg"));
+        assert_eq!(
+            unknown_package_in("E: Package 'foo' has no installation candidate").as_deref(),
+            Some("foo")
+        );
+        assert_eq!(unknown_package_in("I: running apt-get update..."), None);
+    }
+
+    #[test]
+    fn customize_script_runs_setup_commands_quoted_in_order() {
+        let inputs = ImageInputs {
+            suite: "bookworm".into(),
+            mirror: None,
+            packages: vec![],
+            setup: vec!["echo 'a b' > /x".into(), "touch /y".into()],
+        };
+        let s = customize_script(&inputs, Path::new("/k"), "6.1.0");
+        let a = s.find(r#"/bin/sh -ec 'echo '\''a b'\'' > /x'"#).expect(&s);
+        let b = s.find("/bin/sh -ec 'touch /y'").unwrap();
+        assert!(a < b);
+        assert!(s.starts_with("set -eu\n"));
+    }
+}

@@ -1,0 +1,942 @@
+"""vmrig's test-script API: the NixOS test driver's names, over JSON-RPC.
+
+vmrig writes this file next to the test script and runs it in the host's
+CPython (3.9 or newer; keep it free of newer syntax and APIs). Every call on a
+machine is one request to the Rust driver, which does the work, the waiting
+and the logging. Only what needs a Python callable (retry, polling
+conditions, wait_for_qmp_event's filter) loops here.
+
+Protocol: newline-delimited JSON on the socket inherited as fd $VMRIG_RPC_FD.
+Request {"id": n, "method": m, "params": {...}}; response {"id": n,
+"result": x} or {"id": n, "error": {"kind": k, "message": s}}. One request
+at a time. Init data (machines, vlans, out_dir, mode, script) is in
+$VMRIG_INIT.
+"""
+
+import code
+import contextlib
+import json
+import linecache
+import os
+import re
+import socket
+import sys
+import threading
+import time
+import traceback
+import types
+import unittest
+from math import isfinite
+from pathlib import Path
+
+# --------------------------------------------------------------------- errors
+
+
+class TestScriptError(Exception):
+    """Base of the errors that mean "the test script failed" (not a driver
+    bug). Only the script's own frames are reported for these."""
+
+
+class RequestedAssertionFailed(TestScriptError, AssertionError):
+    """A requested assertion failed: `machine.succeed(...)` returned non-zero,
+    a wait timed out, `t.assertEqual(...)` did not hold."""
+
+
+class MachineError(TestScriptError):
+    """A machine could not do what was asked (not running, no display, ...)."""
+
+
+class PollingConditionError(Exception):
+    """A polling condition failed while the script was inside its block."""
+
+
+class VmrigInternalError(RuntimeError):
+    """The driver failed in a way that is not the test's fault."""
+
+
+class _ConnectionLost(BaseException):
+    """The driver went away. A BaseException so `except Exception` in a
+    test script cannot swallow it."""
+
+
+# A wait that runs out of time is a failed assertion upstream (retry raises
+# RequestedAssertionFailed), so the "Timeout" kind maps to that class.
+_ERROR_CLASSES = {
+    "RequestedAssertionFailed": RequestedAssertionFailed,
+    "MachineError": MachineError,
+    "Timeout": RequestedAssertionFailed,
+    "Internal": VmrigInternalError,
+}
+
+
+def _to_json(value):
+    """Arguments that JSON does not know: paths, machines, sets."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Machine):
+        return value.name
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    raise TypeError(
+        "cannot send {!r} (type {}) to the vmrig driver".format(
+            value, type(value).__name__
+        )
+    )
+
+
+# ------------------------------------------------------------------------ rpc
+
+
+class _Rpc:
+    def __init__(self, fd):
+        os.set_inheritable(fd, False)  # children of the script must not hold it
+        self._sock = socket.socket(fileno=fd)
+        self._reader = self._sock.makefile("rb")
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._abandoned = set()
+
+    def call(self, method, params):
+        # Threads in a test script are allowed; their calls are serialised.
+        with self._lock:
+            self._next_id += 1
+            rid = self._next_id
+            line = json.dumps(
+                {"id": rid, "method": method, "params": params}, default=_to_json
+            )
+            try:
+                self._sock.sendall(line.encode("utf-8") + b"\n")
+            except OSError as e:
+                raise _ConnectionLost("lost the vmrig driver: {}".format(e))
+            try:
+                msg = self._read_response(rid)
+            except KeyboardInterrupt:
+                # The answer still comes; skip it when it does.
+                self._abandoned.add(rid)
+                raise
+        error = msg.get("error")
+        if error is not None:
+            cls = _ERROR_CLASSES.get(error.get("kind"), VmrigInternalError)
+            raise cls(error.get("message", ""))
+        return msg.get("result")
+
+    def _read_response(self, rid):
+        while True:
+            try:
+                raw = self._reader.readline()
+            except OSError as e:
+                raise _ConnectionLost("lost the vmrig driver: {}".format(e))
+            if not raw:
+                raise _ConnectionLost("the vmrig driver closed the connection")
+            msg = json.loads(raw.decode("utf-8"))
+            got = msg.get("id")
+            if got == rid:
+                return msg
+            if got in self._abandoned:
+                self._abandoned.discard(got)
+                continue
+            raise VmrigInternalError(
+                "vmrig protocol error: expected response {}, got {!r}".format(rid, msg)
+            )
+
+
+# The one session of this process; set by main().
+_session = None
+
+
+def _rpc(method, params=None):
+    if _session is None:
+        raise VmrigInternalError("vmrig_driver is not connected to a driver")
+    return _session.rpc.call(method, {} if params is None else params)
+
+
+def _describe(exc):
+    text = str(exc)
+    name = type(exc).__name__
+    return "{}: {}".format(name, text) if text else name
+
+
+@contextlib.contextmanager
+def _block(message, kind, attributes):
+    result = _rpc(
+        "block.begin",
+        {"message": str(message), "kind": kind, "attrs": dict(attributes or {})},
+    )
+    block_id = result["id"] if isinstance(result, dict) else result
+    try:
+        yield
+    except _ConnectionLost:
+        raise
+    except BaseException as e:
+        _rpc("block.end", {"id": block_id, "error": _describe(e)})
+        raise
+    _rpc("block.end", {"id": block_id, "error": None})
+
+
+# --------------------------------------------------------------------- logger
+
+
+class Logger:
+    """The `log` object of a test script (upstream's AbstractLogger API).
+    Unlike upstream, `error` never exits the process."""
+
+    def _message(self, level, message, attributes):
+        _rpc(
+            "log.message",
+            {"level": level, "message": str(message), "attrs": dict(attributes or {})},
+        )
+
+    def log(self, message, attributes={}):
+        self._message("info", message, attributes)
+
+    def debug(self, message, attributes={}):
+        self._message("debug", message, attributes)
+
+    def info(self, message, attributes={}):
+        self._message("info", message, attributes)
+
+    def warning(self, message, attributes={}):
+        self._message("warning", message, attributes)
+
+    def error(self, message, attributes={}):
+        self._message("error", message, attributes)
+
+    def log_test_error(self, message, attributes={}):
+        self._message("error", message, attributes)
+
+    def nested(self, message, attributes={}):
+        """Context manager: a timed, nested log block."""
+        return _block(message, "nested", attributes)
+
+    def subtest(self, name, attributes={}):
+        return _block(name, "subtest", attributes)
+
+    def print_serial_logs(self, enable):
+        _rpc("serial_stdout", {"on": bool(enable)})
+
+
+log = Logger()
+
+
+# ---------------------------------------------------------------------- retry
+
+
+def retry(fn, timeout_seconds=900):
+    """Call fn(last_try) about once a second until it returns true or the
+    timeout is reached; the last call gets last_try=True so it can explain
+    itself. Raises RequestedAssertionFailed on timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_seconds:
+        if fn(False):
+            return
+        time.sleep(1)
+    elapsed = time.monotonic() - start
+    if not fn(True):
+        raise RequestedAssertionFailed(
+            "action timed out after {:.2f} seconds (timeout={})".format(
+                elapsed, timeout_seconds
+            )
+        )
+
+
+# ---------------------------------------------------------- polling condition
+
+
+class PollingCondition:
+    def __init__(self, condition, seconds_interval=2.0, description=None):
+        self.condition = condition
+        self.seconds_interval = seconds_interval
+        if description is None:
+            doc = getattr(condition, "__doc__", None)
+            self.description = doc if doc else getattr(condition, "__name__", "?")
+        else:
+            self.description = str(description)
+        self.last_called = float("-inf")
+        self.entry_count = 0
+
+    def check(self, force=False):
+        if (self.entered or not self.overdue) and not force:
+            return True
+        with self, log.nested(self.nested_message):
+            since = time.monotonic() - self.last_called
+            if isfinite(since):
+                log.info("Time since last: {:.2f}s".format(since))
+            else:
+                log.info("(not called yet)")
+            try:
+                res = self.condition()
+            except _ConnectionLost:
+                raise
+            except Exception:
+                res = False
+            res = res is None or bool(res)
+            log.info(self.status_message(res))
+            return res
+
+    def maybe_raise(self):
+        if not self.check():
+            raise PollingConditionError(self.status_message(False))
+
+    def status_message(self, status):
+        return "Polling condition {}: {}".format(
+            "succeeded" if status else "failed", self.description
+        )
+
+    @property
+    def nested_message(self):
+        return "Checking polling condition {!r}".format(self.description)
+
+    @property
+    def overdue(self):
+        return self.last_called + self.seconds_interval < time.monotonic()
+
+    @property
+    def entered(self):
+        return self.entry_count > 0
+
+    def __enter__(self):
+        self.entry_count += 1
+
+    def __exit__(self, exc_type, exc_value, tb):
+        self.entry_count -= 1
+        self.last_called = time.monotonic()
+
+
+# Conditions of the `with cond:` blocks the script is in, innermost last.
+_active_conditions = []
+
+
+def _check_polling_conditions():
+    for condition in list(_active_conditions):
+        condition.maybe_raise()
+
+
+class _Poll:
+    def __init__(self, fun, seconds_interval, description):
+        self.condition = PollingCondition(fun, seconds_interval, description)
+
+    def __enter__(self):
+        _active_conditions.append(self.condition)
+
+    def __exit__(self, exc_type, exc_value, tb):
+        popped = _active_conditions.pop()
+        assert popped is self.condition
+
+    def __call__(self):
+        return self.condition.condition()
+
+    def wait(self, timeout=900):
+        """Wait until the condition holds (at most `timeout` seconds)."""
+        description = self.condition.description
+
+        def holds(last):
+            if last:
+                log.info("Last chance for {}".format(description))
+            ok = self.condition.check(force=True)
+            if not ok and not last:
+                log.info("({} failure not fatal yet)".format(description))
+            return ok
+
+        with log.nested("waiting for {}".format(description)):
+            retry(holds, timeout_seconds=timeout)
+
+
+def polling_condition(fun_=None, *, seconds_interval=2.0, description=None):
+    """Decorator: `@polling_condition` or `@polling_condition(seconds_interval=10)`.
+    Inside `with cond:`, the condition is checked (at most every
+    seconds_interval) around each machine call; when it fails, the call
+    raises PollingConditionError."""
+    if fun_ is None:
+        return lambda fun: _Poll(fun, seconds_interval, description)
+    return _Poll(fun_, seconds_interval, description)
+
+
+# -------------------------------------------------------------------- machine
+
+
+class Machine:
+    """A handle to one node. Each method is one request to the driver."""
+
+    def __init__(self, name, out_dir):
+        self.name = name
+        self.out_dir = Path(out_dir)
+
+    def __repr__(self):
+        return "<Machine '{}'>".format(self.name)
+
+    def _call(self, method, **params):
+        full = {"machine": self.name}
+        full.update(params)
+        _check_polling_conditions()
+        result = _rpc("machine." + method, full)
+        _check_polling_conditions()
+        return result
+
+    # -- state
+
+    def is_up(self):
+        return bool(_rpc("machine.is_up", {"machine": self.name}))
+
+    @property
+    def booted(self):
+        return bool(_rpc("machine.state", {"machine": self.name}).get("booted"))
+
+    @property
+    def connected(self):
+        return bool(_rpc("machine.state", {"machine": self.name}).get("connected"))
+
+    def log(self, msg):
+        log.log(msg, {"machine": self.name})
+
+    def nested(self, msg, attrs={}):
+        attributes = {"machine": self.name}
+        attributes.update(attrs)
+        return log.nested(msg, attributes)
+
+    # -- lifecycle
+
+    def start(self, allow_reboot=False):
+        self._call("start", allow_reboot=allow_reboot)
+
+    def connect(self):
+        self._call("connect")
+
+    def shutdown(self):
+        self._call("shutdown")
+
+    def crash(self):
+        self._call("crash")
+
+    def reboot(self):
+        self._call("reboot")
+
+    def wait_for_shutdown(self):
+        self._call("wait_for_shutdown")
+
+    # -- commands
+
+    def execute(self, command, check_return=True, check_output=True, timeout=900):
+        status, output = self._call(
+            "execute",
+            command=command,
+            check_return=check_return,
+            check_output=check_output,
+            timeout=timeout,
+        )
+        return (status, output)
+
+    def succeed(self, *commands, timeout=None):
+        return self._call("succeed", commands=list(commands), timeout=timeout)
+
+    def fail(self, *commands, timeout=None):
+        return self._call("fail", commands=list(commands), timeout=timeout)
+
+    def wait_until_succeeds(self, command, timeout=900):
+        return self._call("wait_until_succeeds", command=command, timeout=timeout)
+
+    def wait_until_fails(self, command, timeout=900):
+        return self._call("wait_until_fails", command=command, timeout=timeout)
+
+    def sleep(self, secs):
+        self._call("sleep", secs=secs)
+
+    # -- systemd
+
+    def systemctl(self, q, user=None):
+        status, output = self._call("systemctl", q=q, user=user)
+        return (status, output)
+
+    def start_job(self, jobname, user=None):
+        status, output = self._call("start_job", jobname=jobname, user=user)
+        return (status, output)
+
+    def stop_job(self, jobname, user=None):
+        status, output = self._call("stop_job", jobname=jobname, user=user)
+        return (status, output)
+
+    def get_unit_info(self, unit, user=None):
+        return dict(self._call("get_unit_info", unit=unit, user=user))
+
+    def get_unit_property(self, unit, property, user=None):
+        return self._call("get_unit_property", unit=unit, property=property, user=user)
+
+    def wait_for_unit(self, unit, user=None, timeout=900):
+        self._call("wait_for_unit", unit=unit, user=user, timeout=timeout)
+
+    def require_unit_state(self, unit, require_state="active"):
+        self._call("require_unit_state", unit=unit, require_state=require_state)
+
+    # -- waiting
+
+    def wait_for_file(self, filename, timeout=900):
+        self._call("wait_for_file", filename=filename, timeout=timeout)
+
+    def wait_for_open_port(self, port, addr="localhost", timeout=900):
+        self._call("wait_for_open_port", port=port, addr=addr, timeout=timeout)
+
+    def wait_for_closed_port(self, port, addr="localhost", timeout=900):
+        self._call("wait_for_closed_port", port=port, addr=addr, timeout=timeout)
+
+    def wait_for_open_unix_socket(self, addr, is_datagram=False, timeout=900):
+        self._call(
+            "wait_for_open_unix_socket",
+            addr=addr,
+            is_datagram=is_datagram,
+            timeout=timeout,
+        )
+
+    # -- console and monitor
+
+    def wait_for_console_text(self, regex, timeout=None):
+        self._call("wait_for_console_text", regex=regex, timeout=timeout)
+
+    def get_console_log(self):
+        return self._call("get_console_log")
+
+    def send_console(self, chars):
+        self._call("send_console", chars=chars)
+
+    def send_monitor_command(self, command):
+        return self._call("send_monitor_command", command=command)
+
+    def wait_for_qmp_event(self, event_filter, timeout=60 * 10):
+        """Wait for a QMP event for which event_filter(event) is true and
+        return it; events that do not match are dropped. Raises TimeoutError
+        after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    "no matching QMP event within {} seconds".format(timeout)
+                )
+            try:
+                event = self._call("next_qmp_event", timeout=remaining)
+            except RequestedAssertionFailed as e:
+                raise TimeoutError(str(e))
+            if event is None:
+                continue
+            if event_filter(event):
+                return event
+
+    # -- keyboard and screen
+
+    def send_key(self, key, delay=0.01, log=True):
+        self._call("send_key", key=key, delay=delay, log=log)
+
+    def send_chars(self, chars, delay=0.01):
+        self._call("send_chars", chars=chars, delay=delay)
+
+    def screenshot(self, filename):
+        self._call("screenshot", filename=filename)
+
+    def get_screen_text(self):
+        return self._call("get_screen_text")
+
+    def get_screen_text_variants(self):
+        return list(self._call("get_screen_text_variants"))
+
+    def wait_for_text(self, regex, timeout=900):
+        self._call("wait_for_text", regex=regex, timeout=timeout)
+
+    def wait_for_x(self, timeout=900):
+        self._call("wait_for_x", timeout=timeout)
+
+    def get_window_names(self):
+        return list(self._call("get_window_names"))
+
+    def wait_for_window(self, regexp, timeout=900):
+        self._call("wait_for_window", regexp=regexp, timeout=timeout)
+
+    def get_tty_text(self, tty):
+        return self._call("get_tty_text", tty=tty)
+
+    def wait_until_tty_matches(self, tty, regexp, timeout=900):
+        self._call("wait_until_tty_matches", tty=tty, regexp=regexp, timeout=timeout)
+
+    def dump_tty_contents(self, tty):
+        self.execute("fold -w 80 /dev/vcs{} | systemd-cat".format(tty))
+
+    # -- files
+
+    def copy_from_host(self, source, target):
+        self._call("copy_from_host", source=source, target=target)
+
+    def copy_from_host_via_shell(self, source, target):
+        self._call("copy_from_host_via_shell", source=source, target=target)
+
+    def copy_from_machine(self, source, target_dir=""):
+        self._call("copy_from_machine", source=source, target_dir=target_dir)
+
+    def copy_from_vm(self, source, target_dir=""):
+        """Old name of copy_from_machine."""
+        self.copy_from_machine(source, target_dir)
+
+    # -- network
+
+    def forward_port(self, host_port=8080, guest_port=80):
+        self._call("forward_port", host_port=host_port, guest_port=guest_port)
+
+    def block(self):
+        self._call("block")
+
+    def unblock(self):
+        self._call("unblock")
+
+    # -- interactive
+
+    def shell_interact(self, address=None):
+        self._call("shell_interact", address=address)
+
+    def console_interact(self):
+        """Forward the terminal's input to the machine's console, one
+        character at a time, until Ctrl-D."""
+        self.log("Terminal is ready (there is no prompt):")
+        while True:
+            try:
+                char = sys.stdin.buffer.read(1)
+            except KeyboardInterrupt:
+                break
+            if char == b"":
+                self.log("Closing connection to the console")
+                break
+            self.send_console(char.decode("utf-8", errors="replace"))
+
+
+# Upstream class names, for scripts that use them in annotations/isinstance.
+BaseMachine = Machine
+QemuMachine = Machine
+
+
+# ----------------------------------------------------------------------- vlan
+
+
+class VLan:
+    """A virtual LAN. Beyond upstream: loss and delay for fault injection."""
+
+    def __init__(self, nr):
+        self.nr = nr
+
+    def __repr__(self):
+        return "<VLan {}>".format(self.nr)
+
+    def set_loss(self, percent):
+        _rpc("vlan.set_loss", {"vlan": self.nr, "percent": percent})
+
+    def set_delay(self, ms):
+        _rpc("vlan.set_delay", {"vlan": self.nr, "ms": ms})
+
+
+def _node_names(group):
+    if isinstance(group, (Machine, str)):
+        group = [group]
+    return [m.name if isinstance(m, Machine) else str(m) for m in group]
+
+
+def partition(group_a, group_b):
+    """Cut all traffic between the machines of group_a and those of group_b."""
+    _rpc(
+        "net.partition",
+        {"group_a": _node_names(group_a), "group_b": _node_names(group_b)},
+    )
+
+
+def heal():
+    """Undo every partition."""
+    _rpc("net.heal", {})
+
+
+# ------------------------------------------------------------------- globals
+
+
+def start_all():
+    """Start all machines (in parallel; does not wait for them to boot)."""
+    _rpc("driver.start_all", {})
+
+
+def join_all():
+    """Wait for all machines to shut down."""
+    _rpc("driver.join_all", {})
+
+
+def subtest(name):
+    """Context manager: a named subtest (a block in the log and the report)."""
+    return log.subtest(name)
+
+
+def serial_stdout_on():
+    _rpc("serial_stdout", {"on": True})
+
+
+def serial_stdout_off():
+    _rpc("serial_stdout", {"on": False})
+
+
+def create_machine(*args, **kwargs):
+    raise MachineError(
+        "create_machine() is not supported by vmrig yet: "
+        "declare the machine as a node in the test file instead"
+    )
+
+
+class AssertionTester(unittest.TestCase):
+    """`t`: unittest's assertions, raising RequestedAssertionFailed."""
+
+    failureException = RequestedAssertionFailed
+
+    def runTest(self):  # lets TestCase() be built without a test method
+        pass
+
+
+class _Debug:
+    def breakpoint(self):
+        pass
+
+
+class Driver:
+    """The `driver` object of a test script."""
+
+    def __init__(self, session):
+        self._session = session
+        self.machines = session.machines
+        self.machines_qemu = session.machines
+        self.machines_nspawn = []
+        self.vlans = session.vlans
+        self.out_dir = session.out_dir
+        self.logger = log
+
+    start_all = staticmethod(start_all)
+    join_all = staticmethod(join_all)
+    serial_stdout_on = staticmethod(serial_stdout_on)
+    serial_stdout_off = staticmethod(serial_stdout_off)
+    polling_condition = staticmethod(polling_condition)
+    create_machine = staticmethod(create_machine)
+
+    def subtest(self, name):
+        return subtest(name)
+
+    def test_script(self):
+        self._session.test_script()
+
+    def run_tests(self):
+        self._session.test_script()
+
+
+# -------------------------------------------------------------------- session
+
+
+def pythonize_name(name):
+    return re.sub(r"^[^A-Za-z_]|[^A-Za-z0-9_]", "_", name)
+
+
+class _Session:
+    def __init__(self, init, rpc):
+        self.init = init
+        self.rpc = rpc
+        self.out_dir = Path(init.get("out_dir") or ".")
+        self.machines = []
+        self.python_names = []
+        for m in init.get("machines", []):
+            self.machines.append(Machine(m["name"], self.out_dir))
+            self.python_names.append(m.get("python_name") or pythonize_name(m["name"]))
+        self.vlans = [VLan(nr) for nr in init.get("vlans", [])]
+        script = init.get("script") or {}
+        self.filename = script.get("filename", "<test script>")
+        self.first_line = max(1, int(script.get("first_line", 1)))
+        text = ""
+        if script.get("path"):
+            with open(script["path"], encoding="utf-8") as f:
+                text = f.read()
+        self.source = "\n" * (self.first_line - 1) + text
+        if not self.source.endswith("\n"):
+            self.source += "\n"
+        # Tracebacks show the script's lines even when the script is inline
+        # in a TOML file or the file changed since.
+        linecache.cache[self.filename] = (
+            len(self.source),
+            None,
+            self.source.splitlines(True),
+            self.filename,
+        )
+        self.code = None
+        self.driver = Driver(self)
+
+    def symbols(self):
+        s = {
+            "start_all": start_all,
+            "join_all": join_all,
+            "test_script": self.test_script,
+            "run_tests": self.test_script,
+            "machines": self.machines,
+            "machines_qemu": self.machines,
+            "machines_nspawn": [],
+            "vlans": self.vlans,
+            "driver": self.driver,
+            "log": log,
+            "os": os,
+            "create_machine": create_machine,
+            "subtest": subtest,
+            "retry": retry,
+            "serial_stdout_on": serial_stdout_on,
+            "serial_stdout_off": serial_stdout_off,
+            "polling_condition": polling_condition,
+            "partition": partition,
+            "heal": heal,
+            "BaseMachine": Machine,
+            "Machine": Machine,
+            "t": AssertionTester(),
+            "debug": _Debug(),
+            "RequestedAssertionFailed": RequestedAssertionFailed,
+            "MachineError": MachineError,
+            "TestScriptError": TestScriptError,
+            "PollingConditionError": PollingConditionError,
+        }
+        for vlan in self.vlans:
+            s["vlan{}".format(vlan.nr)] = vlan
+        for machine, pyname in zip(self.machines, self.python_names):
+            s[pyname] = machine
+        if len(self.machines) == 1:
+            s["machine"] = self.machines[0]
+        return s
+
+    def test_script(self):
+        """Run the test script (again, in interactive mode)."""
+        if self.code is None:
+            self.code = compile(self.source, self.filename, "exec", dont_inherit=True)
+        namespace = self.symbols()
+        namespace["__name__"] = "__main__"
+        namespace["__file__"] = self.filename
+        with log.nested("run the VM test script"):
+            exec(self.code, namespace)
+
+    def failure_report(self, exc):
+        frames = traceback.extract_tb(exc.__traceback__)
+        user = [f for f in frames if f.filename == self.filename]
+        if isinstance(exc, TestScriptError):
+            shown = user
+        else:
+            ours = (_module_file(), os.path.abspath(sys.argv[0] if sys.argv else ""))
+            shown = [f for f in frames if os.path.abspath(f.filename) not in ours]
+        line = user[-1].lineno if user else None
+        if (
+            line is None
+            and isinstance(exc, SyntaxError)
+            and exc.filename == self.filename
+        ):
+            line = exc.lineno
+        text = ""
+        if shown:
+            text = "Traceback (most recent call last):\n" + "".join(
+                traceback.format_list(shown)
+            )
+        return {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "line": line,
+            "traceback": text,
+        }
+
+    def interact(self):
+        namespace = self.symbols()
+        history = None
+        try:
+            import readline
+            import rlcompleter
+
+            readline.set_completer(rlcompleter.Completer(namespace).complete)
+            readline.parse_and_bind("tab: complete")
+            state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser(
+                "~/.local/state"
+            )
+            history = os.path.join(state, "vmrig", "history")
+            try:
+                os.makedirs(os.path.dirname(history), exist_ok=True)
+                readline.read_history_file(history)
+            except OSError:
+                pass
+            readline.set_history_length(10000)
+        except ImportError:
+            readline = None
+        names = ", ".join(
+            pyname for pyname in self.python_names
+        ) or "(none)"
+        banner = (
+            "vmrig interactive test driver (Python {}.{})\n"
+            "machines: {}\n"
+            "vlans: {}\n"
+            "run the test script with test_script(); Ctrl-D ends the session"
+        ).format(
+            sys.version_info[0],
+            sys.version_info[1],
+            names,
+            ", ".join("vlan{}".format(v.nr) for v in self.vlans) or "(none)",
+        )
+        try:
+            code.interact(banner=banner, local=namespace, exitmsg="")
+        except SystemExit:
+            pass
+        finally:
+            if readline is not None and history is not None:
+                try:
+                    readline.write_history_file(history)
+                except OSError:
+                    pass
+
+
+def _module_file():
+    return os.path.abspath(__file__)
+
+
+def _install_compat_modules():
+    """`from test_driver.errors import RequestedAssertionFailed` and friends
+    keep working in scripts written for the upstream driver."""
+    me = sys.modules[__name__]
+    package = types.ModuleType("test_driver")
+    package.__path__ = []
+    errors = types.ModuleType("test_driver.errors")
+    for name in ("TestScriptError", "RequestedAssertionFailed", "MachineError"):
+        setattr(errors, name, getattr(me, name))
+    machine = types.ModuleType("test_driver.machine")
+    machine.retry = retry
+    machine.Machine = machine.BaseMachine = machine.QemuMachine = Machine
+    polling = types.ModuleType("test_driver.polling_condition")
+    polling.PollingCondition = PollingCondition
+    polling.PollingConditionError = PollingConditionError
+    package.errors = errors
+    package.machine = machine
+    package.polling_condition = polling
+    for mod in (package, errors, machine, polling):
+        sys.modules.setdefault(mod.__name__, mod)
+
+
+def main():
+    global _session
+    init = json.loads(os.environ["VMRIG_INIT"])
+    rpc = _Rpc(int(os.environ.get("VMRIG_RPC_FD", "3")))
+    _session = _Session(init, rpc)
+    _install_compat_modules()
+    try:
+        if init.get("mode") == "interactive":
+            _session.interact()
+        else:
+            try:
+                _session.test_script()
+            except SystemExit as e:
+                if e.code not in (None, 0):
+                    raise
+        rpc.call("script.finished", {})
+    except _ConnectionLost:
+        os._exit(3)
+    except BaseException as e:
+        try:
+            rpc.call("script.failed", _session.failure_report(e))
+        except _ConnectionLost:
+            os._exit(3)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
