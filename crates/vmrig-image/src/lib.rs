@@ -170,12 +170,27 @@ impl<'a> ImageBuilder<'a> {
         self.observer.step_started(step);
         let start = std::time::Instant::now();
         let mut built_here = false;
-        let path = self.store.build(key, |tmp| {
-            built_here = true;
-            build(tmp)
-        })?;
+        let path = self
+            .store
+            .build(key, |tmp| {
+                built_here = true;
+                build(tmp)
+            })
+            .map_err(unwrap_build_error)?;
         let outcome = if built_here { StepOutcome::Built(start.elapsed()) } else { StepOutcome::Cached };
         self.observer.step_finished(step, outcome);
         Ok(path)
+    }
+}
+
+/// A builder's own error comes back wrapped in the store's; unwrap it so callers see
+/// "unknown Debian package ..." rather than "build <store path>".
+fn unwrap_build_error(err: vmrig_store::StoreError) -> ImageError {
+    match err {
+        vmrig_store::StoreError::Build { source, path } => match source.downcast::<ImageError>() {
+            Ok(image_error) => *image_error,
+            Err(source) => ImageError::Store(vmrig_store::StoreError::Build { path, source }),
+        },
+        other => ImageError::Store(other),
     }
 }

@@ -122,8 +122,12 @@ impl FrameDecoder {
             return Ok(None);
         }
         let s = self.start;
-        let len = u32::from_be_bytes([self.buf[s], self.buf[s + 1], self.buf[s + 2], self.buf[s + 3]])
-            as usize;
+        let len = u32::from_be_bytes([
+            self.buf[s],
+            self.buf[s + 1],
+            self.buf[s + 2],
+            self.buf[s + 3],
+        ]) as usize;
         if len > MAX_FRAME {
             let e = FrameTooLarge(len as u64);
             self.broken = Some(e);

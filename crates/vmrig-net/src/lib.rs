@@ -140,7 +140,8 @@ impl Vlan {
             path: dir.clone(),
             source,
         })?;
-        let (wake, wake_rx) = UnixStream::pair().map_err(|source| NetError::Thread { vlan: nr, source })?;
+        let (wake, wake_rx) =
+            UnixStream::pair().map_err(|source| NetError::Thread { vlan: nr, source })?;
         for s in [&wake, &wake_rx] {
             s.set_nonblocking(true)
                 .map_err(|source| NetError::Thread { vlan: nr, source })?;
@@ -351,5 +352,14 @@ mod tests {
         assert!(!valid_name(""));
         assert!(!valid_name("../x"));
         assert!(!valid_name("a/b"));
+    }
+}
+
+#[cfg(test)]
+mod assert_traits {
+    fn send_sync<T: Send + Sync>() {}
+    #[test]
+    fn vlan_is_send_and_sync() {
+        send_sync::<super::Vlan>();
     }
 }

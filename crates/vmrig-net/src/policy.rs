@@ -15,7 +15,9 @@ pub fn dst_mac(frame: &[u8]) -> Mac {
 }
 
 pub fn src_mac(frame: &[u8]) -> Mac {
-    frame[6..12].try_into().expect("frame shorter than 14 bytes")
+    frame[6..12]
+        .try_into()
+        .expect("frame shorter than 14 bytes")
 }
 
 /// Broadcast and multicast addresses have the group bit (lowest bit of the first octet) set.
@@ -191,9 +193,9 @@ impl FaultPolicy {
     }
 
     pub fn separated(&self, x: PortId, y: PortId) -> bool {
-        self.partitions.iter().any(|(a, b)| {
-            (a.contains(&x) && b.contains(&y)) || (a.contains(&y) && b.contains(&x))
-        })
+        self.partitions
+            .iter()
+            .any(|(a, b)| (a.contains(&x) && b.contains(&y)) || (a.contains(&y) && b.contains(&x)))
     }
 
     /// Decision when a frame arrives from `src`. `sample` is uniform in [0, 1). Returns the delay
@@ -351,7 +353,11 @@ mod tests {
         assert_eq!(p.egress(0, 2), Err(DropReason::Partition));
         assert_eq!(p.egress(2, 1), Err(DropReason::Partition));
         assert_eq!(p.egress(0, 1), Ok(()));
-        assert_eq!(p.egress(3, 2), Ok(()), "ports outside both groups are unaffected");
+        assert_eq!(
+            p.egress(3, 2),
+            Ok(()),
+            "ports outside both groups are unaffected"
+        );
         p.heal();
         assert_eq!(p.egress(0, 2), Ok(()));
     }

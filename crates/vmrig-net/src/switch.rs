@@ -152,7 +152,9 @@ impl Core {
         self.policy.heal();
         for (a, b) in &self.partitions {
             let ids = |g: &Vec<String>| -> Vec<PortId> {
-                g.iter().filter_map(|n| self.by_name.get(n).copied()).collect()
+                g.iter()
+                    .filter_map(|n| self.by_name.get(n).copied())
+                    .collect()
             };
             self.policy.partition(ids(a), ids(b));
         }

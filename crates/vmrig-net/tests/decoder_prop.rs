@@ -2,7 +2,7 @@ use proptest::prelude::*;
 use vmrig_net::frame::{encode, FrameDecoder, MAX_FRAME};
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Whatever way the byte stream is cut into reads, the same frames come out, in order.
     #[test]

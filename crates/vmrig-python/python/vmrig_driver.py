@@ -103,11 +103,16 @@ class _Rpc:
         with self._lock:
             self._next_id += 1
             rid = self._next_id
-            line = json.dumps(
-                {"id": rid, "method": method, "params": params}, default=_to_json
-            )
+            # Strict JSON and strict UTF-8: a value the driver could not
+            # read (inf, a lone surrogate) fails here, at the script's call.
+            data = json.dumps(
+                {"id": rid, "method": method, "params": params},
+                default=_to_json,
+                allow_nan=False,
+                ensure_ascii=False,
+            ).encode("utf-8")
             try:
-                self._sock.sendall(line.encode("utf-8") + b"\n")
+                self._sock.sendall(data + b"\n")
             except OSError as e:
                 raise _ConnectionLost("lost the vmrig driver: {}".format(e))
             try:
@@ -118,8 +123,11 @@ class _Rpc:
                 raise
         error = msg.get("error")
         if error is not None:
-            cls = _ERROR_CLASSES.get(error.get("kind"), VmrigInternalError)
-            raise cls(error.get("message", ""))
+            kind = error.get("kind")
+            exc = _ERROR_CLASSES.get(kind, VmrigInternalError)(error.get("message", ""))
+            # Same class as upstream; the mark lets wait_for_qmp_event tell.
+            exc.timed_out = kind == "Timeout"
+            raise exc
         return msg.get("result")
 
     def _read_response(self, rid):
@@ -515,9 +523,13 @@ class Machine:
             try:
                 event = self._call("next_qmp_event", timeout=remaining)
             except RequestedAssertionFailed as e:
-                raise TimeoutError(str(e))
+                if getattr(e, "timed_out", False):
+                    raise TimeoutError(str(e))
+                raise
             if event is None:
-                continue
+                raise TimeoutError(
+                    "no matching QMP event within {} seconds".format(timeout)
+                )
             if event_filter(event):
                 return event
 
@@ -860,7 +872,8 @@ class _Session:
         except ImportError:
             readline = None
         names = ", ".join(
-            pyname for pyname in self.python_names
+            pyname if pyname == m.name else "{} (node {})".format(pyname, m.name)
+            for m, pyname in zip(self.machines, self.python_names)
         ) or "(none)"
         banner = (
             "vmrig interactive test driver (Python {}.{})\n"
@@ -913,7 +926,7 @@ def _install_compat_modules():
 
 def main():
     global _session
-    init = json.loads(os.environ["VMRIG_INIT"])
+    init = json.loads(os.environ.pop("VMRIG_INIT"))
     rpc = _Rpc(int(os.environ.get("VMRIG_RPC_FD", "3")))
     _session = _Session(init, rpc)
     _install_compat_modules()

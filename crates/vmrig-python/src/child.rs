@@ -222,7 +222,6 @@ impl ScriptChild {
         cmd.arg("-B")
             .arg("-u")
             .arg(&main)
-            .current_dir(dir)
             .env("VMRIG_RPC_FD", child_fd.to_string())
             .env("VMRIG_INIT", init.to_string())
             .stdout(Stdio::inherit())
@@ -344,8 +343,7 @@ impl ScriptChild {
         if let Some(report) = report {
             return Ok(report);
         }
-        if self.killer.state.killed.load(Ordering::SeqCst)
-            || status.signal() == Some(libc::SIGKILL)
+        if self.killer.state.killed.load(Ordering::SeqCst) || status.signal() == Some(libc::SIGKILL)
         {
             return Ok(ScriptOutcome::Killed);
         }

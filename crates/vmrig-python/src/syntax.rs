@@ -39,21 +39,38 @@ impl fmt::Display for PythonVersion {
     }
 }
 
+/// Where and why a script does not compile. `line`/`column` are 1-based and
+/// in `filename` (the user's file, with the script's offset applied); `text`
+/// is the offending line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyntaxDiagnostic {
+    pub filename: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub text: Option<String>,
+    /// Python's class name: `SyntaxError`, `IndentationError`, `TabError`, `ValueError`.
+    pub kind: String,
+    pub message: String,
+}
+
+impl fmt::Display for SyntaxDiagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&syntax_message(
+            &self.filename,
+            self.line,
+            self.column,
+            self.text.as_deref(),
+            &self.kind,
+            &self.message,
+        ))
+    }
+}
+
 /// Why a script cannot run: it does not compile, or Python could not check it.
 #[derive(Debug, thiserror::Error)]
 pub enum ScriptError {
-    /// The script does not compile. `line`/`column` are in `filename`
-    /// (1-based); `text` is the offending line.
-    #[error("{}", syntax_message(.filename, *.line, *.column, .text.as_deref(), .kind, .message))]
-    Syntax {
-        filename: PathBuf,
-        line: Option<usize>,
-        column: Option<usize>,
-        text: Option<String>,
-        /// Python's class name: `SyntaxError`, `IndentationError`, `TabError`, `ValueError`.
-        kind: String,
-        message: String,
-    },
+    #[error("{0}")]
+    Syntax(Box<SyntaxDiagnostic>),
     #[error(transparent)]
     Bridge(#[from] BridgeError),
 }
@@ -169,19 +186,20 @@ pub fn check_syntax(python: &Path, src: &ScriptSource) -> Result<(), ScriptError
         column: Option<usize>,
         text: Option<String>,
     }
-    let answer: Answer = serde_json::from_str(out.trim()).map_err(|e| BridgeError::PythonFailed {
-        python: python.to_path_buf(),
-        detail: format!("syntax check answered {out:?}: {e}"),
-    })?;
+    let answer: Answer =
+        serde_json::from_str(out.trim()).map_err(|e| BridgeError::PythonFailed {
+            python: python.to_path_buf(),
+            detail: format!("syntax check answered {out:?}: {e}"),
+        })?;
     if answer.ok {
         return Ok(());
     }
-    Err(ScriptError::Syntax {
+    Err(ScriptError::Syntax(Box::new(SyntaxDiagnostic {
         filename: src.filename.clone(),
         line: answer.line,
         column: answer.column,
         text: answer.text,
         kind: answer.kind,
         message: answer.message,
-    })
+    })))
 }

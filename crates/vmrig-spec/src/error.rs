@@ -46,7 +46,10 @@ impl ErrorKind {
 /// when the problem has no single place, e.g. a missing key); with miette the source line is
 /// shown with a label under the offending text, and a `help`.
 #[derive(Debug)]
-pub struct SpecError {
+pub struct SpecError(Box<Inner>);
+
+#[derive(Debug)]
+struct Inner {
     kind: ErrorKind,
     path: PathBuf,
     message: String,
@@ -69,7 +72,7 @@ impl SpecError {
             (Some(src), Some(span)) => Some(line_col(src, span.start)),
             _ => None,
         };
-        SpecError {
+        SpecError(Box::new(Inner {
             kind,
             path: path.to_path_buf(),
             message: message.into(),
@@ -78,60 +81,67 @@ impl SpecError {
             label: String::new(),
             help: None,
             src: src.map(|s| NamedSource::new(path.display().to_string(), s.to_string())),
-        }
+        }))
     }
 
     pub(crate) fn label(mut self, label: impl Into<String>) -> Self {
-        self.label = label.into();
+        self.0.label = label.into();
         self
     }
 
     pub(crate) fn help(mut self, help: impl Into<String>) -> Self {
-        self.help = Some(help.into());
+        self.0.help = Some(help.into());
         self
     }
 
     /// What kind of problem this is.
     pub fn kind(&self) -> ErrorKind {
-        self.kind
+        self.0.kind
     }
 
     /// The file the problem is in.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.0.path
     }
 
     /// The message without the place.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     /// 1-based line, if the problem has a place.
     pub fn line(&self) -> Option<usize> {
-        self.location.map(|(l, _)| l)
+        self.0.location.map(|(l, _)| l)
     }
 
     /// 1-based column (in characters), if the problem has a place.
     pub fn column(&self) -> Option<usize> {
-        self.location.map(|(_, c)| c)
+        self.0.location.map(|(_, c)| c)
     }
 
     /// Byte range in the file, if the problem has a place.
     pub fn span(&self) -> Option<Range<usize>> {
-        self.span.clone()
+        self.0.span.clone()
     }
 
     /// The hint shown under the message, if any.
     pub fn help_text(&self) -> Option<&str> {
-        self.help.as_deref()
+        self.0.help.as_deref()
     }
 }
 
 impl fmt::Display for SpecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.location {
-            Some((line, col)) => write!(f, "{}:{line}:{col}: {}", self.path.display(), self.message),
-            None => write!(f, "{}: {}", self.path.display(), self.message),
+        match self.0.location {
+            Some((line, col)) => {
+                write!(
+                    f,
+                    "{}:{line}:{col}: {}",
+                    self.0.path.display(),
+                    self.0.message
+                )
+            }
+            None => write!(f, "{}: {}", self.0.path.display(), self.0.message),
         }
     }
 }
@@ -140,31 +150,31 @@ impl std::error::Error for SpecError {}
 
 impl Diagnostic for SpecError {
     fn code<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        Some(Box::new(self.kind.code()))
+        Some(Box::new(self.0.kind.code()))
     }
 
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        self.help
+        self.0
+            .help
             .as_ref()
             .map(|h| Box::new(h) as Box<dyn fmt::Display + 'a>)
     }
 
     fn source_code(&self) -> Option<&dyn SourceCode> {
-        self.src.as_ref().map(|s| s as &dyn SourceCode)
+        self.0.src.as_ref().map(|s| s as &dyn SourceCode)
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
-        let span = self.span.as_ref()?;
-        self.src.as_ref()?;
-        let label = if self.label.is_empty() {
+        let span = self.0.span.as_ref()?;
+        self.0.src.as_ref()?;
+        let label = if self.0.label.is_empty() {
             None
         } else {
-            Some(self.label.clone())
+            Some(self.0.label.clone())
         };
-        Some(Box::new(std::iter::once(LabeledSpan::new_primary_with_span(
-            label,
-            span.start..span.end.max(span.start),
-        ))))
+        Some(Box::new(std::iter::once(
+            LabeledSpan::new_primary_with_span(label, span.start..span.end.max(span.start)),
+        )))
     }
 }
 

@@ -68,8 +68,14 @@ pub use parse::{
 /// Read and parse the test file at `path` (and its `test_script_file`, if any).
 pub fn load(path: &Path) -> Result<TestSpec, SpecError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        SpecError::new(ErrorKind::Io, path, None, None, format!("cannot read test file: {e}"))
-            .help("check the path of the test file")
+        SpecError::new(
+            ErrorKind::Io,
+            path,
+            None,
+            None,
+            format!("cannot read test file: {e}"),
+        )
+        .help("check the path of the test file")
     })?;
     parse(&text, path)
 }

@@ -42,7 +42,11 @@ pub struct ScriptSource {
     /// The file that holds it: the test file for an inline `test_script`, otherwise the
     /// `test_script_file` (joined onto the test file's directory).
     pub filename: PathBuf,
-    /// 1-based line of `filename` on which the first line of `text` is written.
+    /// 1-based line of `filename` on which the first line of `text` is written: for an
+    /// inline script, the line of the opening quotes, or the next line when a newline follows
+    /// `'''` / `"""` (TOML drops that newline); for `test_script_file`, 1. Line `i` of `text`
+    /// (from 0) is line `first_line + i` of the file, except in a `"""` string that uses
+    /// escapes such as `\n` or a line-ending backslash (use `'''` for scripts).
     pub first_line: usize,
 }
 
@@ -165,8 +169,17 @@ impl ServiceSpec {
     /// The unit file name: the name as written if it has a unit suffix, else `<name>.service`.
     pub fn unit_name(name: &str) -> String {
         const SUFFIXES: &[&str] = &[
-            ".service", ".socket", ".timer", ".target", ".path", ".mount", ".slice", ".scope",
-            ".automount", ".swap", ".device",
+            ".service",
+            ".socket",
+            ".timer",
+            ".target",
+            ".path",
+            ".mount",
+            ".slice",
+            ".scope",
+            ".automount",
+            ".swap",
+            ".device",
         ];
         if SUFFIXES.iter().any(|s| name.ends_with(s)) {
             name.to_string()
@@ -187,9 +200,8 @@ pub struct FirewallSpec {
 impl FirewallSpec {
     /// `enable` if given, otherwise whether any port is listed.
     pub fn is_enabled(&self) -> bool {
-        self.enable.unwrap_or(
-            !self.allowed_tcp_ports.is_empty() || !self.allowed_udp_ports.is_empty(),
-        )
+        self.enable
+            .unwrap_or(!self.allowed_tcp_ports.is_empty() || !self.allowed_udp_ports.is_empty())
     }
 }
 

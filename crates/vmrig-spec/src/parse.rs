@@ -367,10 +367,19 @@ impl<'a> Ctx<'a> {
             ),
         )
         .label(format!("expected {expected}"))
+        .help(format!("`{name}` takes {expected}"))
     }
 
-    fn invalid(&self, span: Span, message: impl Into<String>, label: &str) -> SpecError {
-        self.err(ErrorKind::Invalid, span, message).label(label)
+    fn invalid(
+        &self,
+        span: Span,
+        message: impl Into<String>,
+        label: &str,
+        help: impl Into<String>,
+    ) -> SpecError {
+        self.err(ErrorKind::Invalid, span, message)
+            .label(label)
+            .help(help)
     }
 
     fn string(&self, f: &Field, within: &str) -> Result<String> {
@@ -415,6 +424,7 @@ impl<'a> Ctx<'a> {
                 f.value_span(),
                 format!("invalid `{}`{}: {why}", f.name, in_(within)),
                 &label,
+                format!("`{}` takes a whole number from {min} to {max}", f.name),
             ));
         }
         Ok(i)
@@ -474,16 +484,13 @@ impl<'a> Ctx<'a> {
         let list = self.string_list(f, within)?;
         for (p, span) in &list {
             if !is_package_name(p) {
-                return Err(self
-                    .invalid(
-                        span.clone(),
-                        format!("invalid package name `{p}`{}", in_(within)),
-                        "not a Debian package name",
-                    )
-                    .help(
-                        "Debian package names are lowercase letters, digits, `+`, `-` and `.`, \
+                return Err(self.invalid(
+                    span.clone(),
+                    format!("invalid package name `{p}`{}", in_(within)),
+                    "not a Debian package name",
+                    "Debian package names are lowercase letters, digits, `+`, `-` and `.`, \
                          at least two characters, starting with a letter or digit",
-                    ));
+                ));
             }
         }
         Ok(list.into_iter().map(|(p, _)| p).collect())
@@ -493,16 +500,14 @@ impl<'a> Ctx<'a> {
         let list = self.int_list(f, within)?;
         list.into_iter()
             .map(|(p, span)| {
-                u16::try_from(p)
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| {
-                        self.invalid(
-                            span,
-                            format!("invalid port {p} in `{}`{}", f.name, in_(within)),
-                            "ports are 1..=65535",
-                        )
-                    })
+                u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| {
+                    self.invalid(
+                        span,
+                        format!("invalid port {p} in `{}`{}", f.name, in_(within)),
+                        "ports are 1..=65535",
+                        "a port is a number from 1 to 65535",
+                    )
+                })
             })
             .collect()
     }
@@ -515,17 +520,16 @@ impl<'a> Ctx<'a> {
                 "memory" => {
                     let m = self.integer(&f, within)?;
                     if m < i64::from(MIN_MEMORY) || m > i64::from(u32::MAX) {
-                        return Err(self
-                            .invalid(
-                                f.value_span(),
-                                format!(
-                                    "invalid `memory`{}: {m} MiB is below the minimum of \
+                        return Err(self.invalid(
+                            f.value_span(),
+                            format!(
+                                "invalid `memory`{}: {m} MiB is below the minimum of \
                                      {MIN_MEMORY} MiB",
-                                    in_(within)
-                                ),
-                                "at least 128 (MiB)",
-                            )
-                            .help("`memory` is in MiB, e.g. `memory = 2048` for 2 GiB"));
+                                in_(within)
+                            ),
+                            "at least 128 (MiB)",
+                            "`memory` is in MiB, e.g. `memory = 2048` for 2 GiB",
+                        ));
                     }
                     n.memory = Some(m as u32);
                 }
@@ -538,6 +542,7 @@ impl<'a> Ctx<'a> {
                                 span,
                                 format!("invalid VLAN {v}{}: VLANs are 1..=255", in_(within)),
                                 "VLANs are 1..=255",
+                                "VLAN numbers are 1 to 255",
                             ));
                         };
                         if vlans.contains(&v) {
@@ -545,6 +550,7 @@ impl<'a> Ctx<'a> {
                                 span,
                                 format!("VLAN {v} is listed twice{}", in_(within)),
                                 "duplicate VLAN",
+                                "list each VLAN once",
                             ));
                         }
                         vlans.push(v);
@@ -573,6 +579,7 @@ impl<'a> Ctx<'a> {
                             f.value_span(),
                             format!("invalid `suite` `{s}`{}", in_(within)),
                             "expected a Debian suite name such as `bookworm`",
+"a suite is a Debian code name (`bookworm`, `trixie`) or `stable`, `testing`, `unstable`",
                         ));
                     }
                     n.suite = Some(s);
@@ -584,6 +591,7 @@ impl<'a> Ctx<'a> {
                             f.value_span(),
                             format!("invalid `mirror` `{s}`{}: expected a URL", in_(within)),
                             "expected a URL such as http://host/debian",
+                            "`mirror` is the URL of a Debian mirror, e.g. `http://host/debian`",
                         ));
                     }
                     n.mirror = Some(s);
@@ -596,6 +604,7 @@ impl<'a> Ctx<'a> {
                             return Err(self.invalid(
                                 u.key_span(),
                                 format!("invalid user name `{}`{}", u.name, in_(within)),
+                                "not a user name",
                                 "user names match [a-z_][a-z0-9_-]*, at most 32 characters",
                             ));
                         }
@@ -608,17 +617,17 @@ impl<'a> Ctx<'a> {
                     let t = self.table(&f, "files", within)?;
                     for e in self.named_entries(t) {
                         if !is_guest_path(e.name) {
-                            return Err(self
-                                .invalid(
-                                    e.key_span(),
-                                    format!(
-                                        "file path `{}`{} is not absolute",
-                                        e.name,
-                                        in_(within)
-                                    ),
-                                    "must be an absolute guest path",
-                                )
-                                .help("write the full path in the guest, e.g. `files.\"/etc/motd\"`"));
+                            let why = if e.name.starts_with('/') {
+                                "is not a file path"
+                            } else {
+                                "is not absolute"
+                            };
+                            return Err(self.invalid(
+                                e.key_span(),
+                                format!("file path `{}`{} {why}", e.name, in_(within)),
+                                "must be an absolute guest path",
+                                "write the full path in the guest, e.g. `files.\"/etc/motd\"`",
+                            ));
                         }
                         let fw = format!("file `{}` of {within}", e.name);
                         let ft = self.table(&e, &format!("files.\"{}\"", e.name), within)?;
@@ -634,6 +643,7 @@ impl<'a> Ctx<'a> {
                                 e.key_span(),
                                 format!("invalid service name `{}`{}", e.name, in_(within)),
                                 "not a systemd unit name",
+"unit names are letters, digits and `:_.@-`, e.g. `web` or `web.service`",
                             ));
                         }
                         let sw = format!("service `{}` of {within}", e.name);
@@ -663,14 +673,17 @@ impl<'a> Ctx<'a> {
         let mut u = UserSpec::default();
         for f in self.entries(table, USER_KEYS, within)? {
             match f.name {
-                "uid" => u.uid = Some(self.int_in(&f, within, 0, i64::from(u32::MAX) - 1, "")? as u32),
+                "uid" => {
+                    u.uid = Some(self.int_in(&f, within, 0, i64::from(u32::MAX) - 1, "")? as u32)
+                }
                 "groups" => {
                     for (g, span) in self.string_list(&f, within)? {
                         if !is_user_name(&g) {
                             return Err(self.invalid(
                                 span,
                                 format!("invalid group name `{g}`{}", in_(within)),
-                                "group names match [a-z_][a-z0-9_-]*",
+                                "not a group name",
+                                "group names match [a-z_][a-z0-9_-]*, at most 32 characters",
                             ));
                         }
                         u.groups.push(g);
@@ -686,6 +699,7 @@ impl<'a> Ctx<'a> {
                             f.value_span(),
                             format!("`home` `{h}`{} is not absolute", in_(within)),
                             "must be an absolute path",
+                            "write the full path, e.g. `/home/alice`",
                         ));
                     }
                     u.home = Some(h);
@@ -733,13 +747,12 @@ impl<'a> Ctx<'a> {
                             .help("write the mode as an octal string, e.g. `mode = \"0644\"`"));
                     };
                     if !is_mode(m) {
-                        return Err(self
-                            .invalid(
-                                f.value_span(),
-                                format!("invalid `mode` `{m}`{}", in_(within)),
-                                "expected 3 or 4 octal digits",
-                            )
-                            .help("write the mode as an octal string, e.g. `mode = \"0644\"`"));
+                        return Err(self.invalid(
+                            f.value_span(),
+                            format!("invalid `mode` `{m}`{}", in_(within)),
+                            "expected 3 or 4 octal digits",
+                            "write the mode as an octal string, e.g. `mode = \"0644\"`",
+                        ));
                     }
                     spec.mode = Some(m.to_string());
                 }
@@ -823,16 +836,16 @@ impl<'a> Ctx<'a> {
                 "type" => {
                     let t = self.string(&f, within)?;
                     if !SERVICE_TYPES.contains(&t.as_str()) {
-                        let mut e = self.invalid(
+                        let help = match suggest(&t, SERVICE_TYPES) {
+                            Some(sug) => format!("did you mean `{sug}`?"),
+                            None => format!("one of: {}", SERVICE_TYPES.join(", ")),
+                        };
+                        return Err(self.invalid(
                             f.value_span(),
                             format!("invalid service `type` `{t}`{}", in_(within)),
                             "not a systemd service type",
-                        );
-                        e = match suggest(&t, SERVICE_TYPES) {
-                            Some(sug) => e.help(format!("did you mean `{sug}`?")),
-                            None => e.help(format!("one of: {}", SERVICE_TYPES.join(", "))),
-                        };
-                        return Err(e);
+                            help,
+                        ));
                     }
                     s.type_ = Some(t);
                 }
@@ -842,8 +855,13 @@ impl<'a> Ctx<'a> {
                         if !is_env_name(e.name) {
                             return Err(self.invalid(
                                 e.key_span(),
-                                format!("invalid environment variable name `{}`{}", e.name, in_(within)),
-                                "expected [A-Za-z_][A-Za-z0-9_]*",
+                                format!(
+                                    "invalid environment variable name `{}`{}",
+                                    e.name,
+                                    in_(within)
+                                ),
+                                "not a variable name",
+                                "environment variable names match [A-Za-z_][A-Za-z0-9_]*",
                             ));
                         }
                         let name = format!("environment.{}", e.name);
@@ -873,8 +891,8 @@ impl<'a> Ctx<'a> {
                                     e.key_span(),
                                     format!("invalid `[Service]` setting name `{}`{}", e.name, in_(within)),
                                     "expected a systemd setting such as `Restart`",
-                                )
-                                .help("`service_config` keys are written as in a unit file, e.g. `RestartSec`"));
+"`service_config` keys are written as in a unit file, e.g. `RestartSec`",
+));
                         }
                         let expected = "a string, number, boolean or an array of them";
                         let v = match e.item.as_value() {
@@ -952,7 +970,10 @@ pub(crate) fn merge(name: &str, d: &Partial, n: Partial) -> NodeSpec {
         packages: concat_dedup(&d.packages, &n.packages),
         memory: n.memory.or(d.memory).unwrap_or(DEFAULT_MEMORY),
         cpus: n.cpus.or(d.cpus).unwrap_or(DEFAULT_CPUS),
-        vlans: n.vlans.or_else(|| d.vlans.clone()).unwrap_or_else(|| vec![1]),
+        vlans: n
+            .vlans
+            .or_else(|| d.vlans.clone())
+            .unwrap_or_else(|| vec![1]),
         graphics: n.graphics.or(d.graphics).unwrap_or(false),
         kernel_params: [d.kernel_params.as_slice(), &n.kernel_params].concat(),
         users: map(&d.users, n.users),
@@ -987,7 +1008,11 @@ fn string_first_line(src: &str, span: &Range<usize>) -> usize {
 
 pub(crate) fn parse(text: &str, path: &Path) -> Result<TestSpec> {
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let cx = Ctx { src: text, path, dir };
+    let cx = Ctx {
+        src: text,
+        path,
+        dir,
+    };
     let doc = ImDocument::parse(text).map_err(|e| {
         let msg = e
             .message()
@@ -1019,6 +1044,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<TestSpec> {
                         f.value_span(),
                         "invalid `name`: it must be one non-empty line",
                         "empty or multi-line name",
+                        "give the test a short name, e.g. `name = \"client-server\"`",
                     ));
                 }
                 name = Some(s);
@@ -1059,9 +1085,9 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<TestSpec> {
         )
         .help("add `name = \"my-test\"` at the top of the file, before any [table] header"));
     };
-    let script = match (inline_script, script_file) {
-        (None, None) => {
-            return Err(SpecError::new(
+    let script =
+        match (inline_script, script_file) {
+            (None, None) => return Err(SpecError::new(
                 ErrorKind::Missing,
                 path,
                 Some(text),
@@ -1071,46 +1097,51 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<TestSpec> {
             .help(
                 "add `test_script = '''...'''` (or `test_script_file = \"test.py\"`) at the top \
                  of the file, before any [table] header",
-            ))
-        }
-        (Some(_), Some((_, key, _))) => {
-            return Err(cx
-                .err(
-                    ErrorKind::Conflict,
-                    key,
-                    "both `test_script` and `test_script_file` are set",
-                )
-                .label("second script")
-                .help("keep one of them"))
-        }
-        (Some((text_, _, value)), None) => ScriptSource {
-            text: text_,
-            filename: path.to_path_buf(),
-            first_line: value.map_or(1, |s| string_first_line(text, &s)),
-        },
-        (None, Some((file, _, value))) => {
-            let filename = cx.dir.join(&file);
-            let content = std::fs::read_to_string(&filename).map_err(|e| {
-                cx.err(
-                    ErrorKind::Io,
-                    value,
-                    format!("cannot read `test_script_file` {}: {e}", filename.display()),
-                )
-                .label("cannot read this file")
-                .help("`test_script_file` is relative to the directory of the test file")
-            })?;
-            ScriptSource {
-                text: content,
-                filename,
-                first_line: 1,
+            )),
+            (Some(_), Some((_, key, _))) => {
+                return Err(cx
+                    .err(
+                        ErrorKind::Conflict,
+                        key,
+                        "both `test_script` and `test_script_file` are set",
+                    )
+                    .label("second script")
+                    .help("keep one of them"))
             }
-        }
-    };
+            (Some((text_, _, value)), None) => ScriptSource {
+                text: text_,
+                filename: path.to_path_buf(),
+                first_line: value.map_or(1, |s| string_first_line(text, &s)),
+            },
+            (None, Some((file, _, value))) => {
+                let filename = cx.dir.join(&file);
+                let content = std::fs::read_to_string(&filename).map_err(|e| {
+                    cx.err(
+                        ErrorKind::Io,
+                        value,
+                        format!("cannot read `test_script_file` {}: {e}", filename.display()),
+                    )
+                    .label("cannot read this file")
+                    .help("`test_script_file` is relative to the directory of the test file")
+                })?;
+                ScriptSource {
+                    text: content,
+                    filename,
+                    first_line: 1,
+                }
+            }
+        };
     if nodes.is_empty() {
         return Err(cx
-            .err(ErrorKind::Missing, nodes_key, "no nodes: a test needs at least one node")
+            .err(
+                ErrorKind::Missing,
+                nodes_key,
+                "no nodes: a test needs at least one node",
+            )
             .label("no nodes here")
-            .help("add a node: `[nodes.machine]` followed by its keys, e.g. `packages = [\"curl\"]`"));
+            .help(
+                "add a node: `[nodes.machine]` followed by its keys, e.g. `packages = [\"curl\"]`",
+            ));
     }
     let nodes = nodes
         .into_iter()
@@ -1136,31 +1167,32 @@ fn check_node_name(cx: &Ctx, e: &Field) -> Result<()> {
         } else {
             "must match [a-z][a-z0-9-]*"
         };
-        return Err(cx
-            .invalid(span, format!("invalid node name `{name}`: {why}"), why)
-            .help(help));
+        return Err(cx.invalid(
+            span,
+            format!("invalid node name `{name}`: {why}"),
+            why,
+            help,
+        ));
     }
     let py = python_name(name);
     if PYTHON_KEYWORDS.contains(&py.as_str()) {
-        return Err(cx
-            .invalid(
-                span,
-                format!("invalid node name `{name}`: `{py}` is a Python keyword"),
-                "Python keyword",
-            )
-            .help("the script refers to each node by name; pick another name"));
+        return Err(cx.invalid(
+            span,
+            format!("invalid node name `{name}`: `{py}` is a Python keyword"),
+            "Python keyword",
+            "the script refers to each node by name; pick another name",
+        ));
     }
     if RESERVED_NAMES.contains(&py.as_str()) {
-        return Err(cx
-            .invalid(
-                span,
-                format!("invalid node name `{name}`: `{py}` is a test driver global"),
-                "clashes with a driver global",
-            )
-            .help(format!(
+        return Err(cx.invalid(
+            span,
+            format!("invalid node name `{name}`: `{py}` is a test driver global"),
+            "clashes with a driver global",
+            format!(
                 "the script's globals include {}; pick another name",
                 RESERVED_NAMES.join(", ")
-            )));
+            ),
+        ));
     }
     Ok(())
 }
