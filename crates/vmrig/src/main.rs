@@ -1,1 +1,84 @@
-fn main() {}
+//! `vmrig`: the command line front end over the vmrig library crates.
+//!
+//! The binary is thin: it parses arguments, calls into `vmrig-spec`, `vmrig-store`,
+//! `vmrig-image` (and, for `vmrig run`, the driver), renders progress and errors, and maps
+//! the outcome to an exit code.
+//!
+//! # Exit codes
+//!
+//! | code | meaning |
+//! | ---: | --- |
+//! | 0 | success (every test passed, every image built, the store command did its work) |
+//! | 1 | a test failed (`vmrig run`) |
+//! | 2 | usage error (bad arguments) or an error in a test file (file, line, column and help on stderr) |
+//! | 3 | a guest image could not be built (missing host tool, unknown package, a builder failed) |
+//! | 4 | infrastructure error (store, QEMU, host resources, anything else) |
+//!
+//! Errors are classified by looking for a [`vmrig_spec::SpecError`] or a
+//! [`vmrig_image::ImageError`] in the error's chain, so `run_cmd` only has to return them
+//! (wrapped in `anyhow` with context if it likes) to get codes 2 and 3; a test failure is
+//! reported by returning `Ok(1)`.
+
+mod build_cmd;
+mod exit;
+mod progress;
+mod run_cmd;
+mod store_cmd;
+mod units;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use clap::{Parser, Subcommand};
+
+static VERBOSITY: AtomicU8 = AtomicU8::new(0);
+
+/// How many times `-v` was given (0 when not). For `vmrig run`, whose arguments are its own.
+#[allow(dead_code)]
+pub fn verbosity() -> u8 {
+    VERBOSITY.load(Ordering::Relaxed)
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmrig",
+    version,
+    about = "Run multi-machine integration tests in QEMU virtual machines",
+    long_about = "Run multi-machine integration tests in QEMU virtual machines.\n\n\
+        A test is one TOML file that declares named nodes (Debian guests) and a Python test \
+        script that drives them, as in the NixOS test framework.",
+    after_help = exit::EXIT_CODES_HELP,
+    after_long_help = exit::EXIT_CODES_HELP,
+    propagate_version = true
+)]
+struct Cli {
+    /// Show more output (every build tool line; more driver detail). Repeat for more.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build (or find in the store) the guest images of tests, boot their VMs and run the scripts.
+    Run(run_cmd::RunArgs),
+    /// Build (or find in the store) the guest images of tests without running them.
+    Build(build_cmd::BuildArgs),
+    /// Inspect and clean the image store.
+    Store {
+        #[command(subcommand)]
+        command: store_cmd::StoreCommand,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse(); // exits 2 on a usage error, 0 on --help/--version
+    VERBOSITY.store(cli.verbose, Ordering::Relaxed);
+    let result = match cli.command {
+        Command::Run(args) => run_cmd::run(args),
+        Command::Build(args) => build_cmd::run(args),
+        Command::Store { command } => store_cmd::run(command),
+    };
+    std::process::exit(exit::finish(result));
+}

@@ -1,0 +1,180 @@
+//! Child processes that never outlive the driver.
+//!
+//! Every child is started in its own process group with `PR_SET_PDEATHSIG(SIGKILL)`. The
+//! death signal fires when the *thread* that forked the child exits, so all children are
+//! forked by one long-lived spawner thread that lives as long as the process. A SIGKILL of
+//! the driver therefore kills every QEMU; on normal exits `Drop` kills the group and reaps.
+
+use std::io;
+use std::process::{Child, Command};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Mutex, OnceLock};
+
+type Request = (Command, Sender<io::Result<Child>>);
+
+fn spawner() -> &'static Mutex<Sender<Request>> {
+    static SPAWNER: OnceLock<Mutex<Sender<Request>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = channel::<Request>();
+        std::thread::Builder::new()
+            .name("vmrig-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("failed to start the spawner thread");
+        Mutex::new(tx)
+    })
+}
+
+/// Spawns `cmd` in a new process group, killed if this process dies.
+pub fn spawn_guarded(mut cmd: Command) -> io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setpgid(0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may already be gone between fork and prctl.
+            if libc::getppid() == 1 {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let (tx, rx) = channel();
+    spawner().lock().unwrap().send((cmd, tx)).map_err(|_| io::Error::other("spawner thread is gone"))?;
+    rx.recv().map_err(|_| io::Error::other("spawner thread is gone"))?
+}
+
+/// A child process group that is killed and reaped when dropped.
+#[derive(Debug)]
+pub struct GuardedChild {
+    child: Child,
+    reaped: bool,
+}
+
+impl GuardedChild {
+    pub fn spawn(cmd: Command) -> io::Result<GuardedChild> {
+        let child = spawn_guarded(cmd)?;
+        register(child.id());
+        Ok(GuardedChild { child, reaped: false })
+    }
+
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has exited (reaping it if so).
+    pub fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
+        let status = self.child.try_wait()?;
+        if status.is_some() {
+            self.reaped = true;
+            unregister(self.child.id());
+        }
+        Ok(status)
+    }
+
+    /// Waits for exit up to `timeout`; returns the status if it exited.
+    pub fn wait_timeout(&mut self, timeout: std::time::Duration) -> io::Result<Option<std::process::ExitStatus>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(Some(status));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILLs the whole process group and reaps the leader.
+    pub fn kill(&mut self) {
+        if !self.reaped {
+            kill_group(self.child.id());
+            let _ = self.child.wait();
+            self.reaped = true;
+            unregister(self.child.id());
+        }
+    }
+}
+
+impl Drop for GuardedChild {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn kill_group(pid: u32) {
+    // SAFETY: plain syscall; a negative pid addresses the process group.
+    unsafe {
+        libc::kill(-(pid as i32), libc::SIGKILL);
+    }
+}
+
+fn live_groups() -> &'static Mutex<Vec<u32>> {
+    static GROUPS: OnceLock<Mutex<Vec<u32>>> = OnceLock::new();
+    GROUPS.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+fn register(pid: u32) {
+    live_groups().lock().unwrap().push(pid);
+}
+
+fn unregister(pid: u32) {
+    live_groups().lock().unwrap().retain(|p| *p != pid);
+}
+
+/// Kills every live child group: for signal handlers (SIGINT, SIGTERM) before exiting.
+pub fn kill_all_children() {
+    let groups = live_groups().lock().map(|g| g.clone()).unwrap_or_default();
+    for pid in groups {
+        kill_group(pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_kills_the_whole_group() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 300 & echo $! ; wait"]).stdout(std::process::Stdio::piped());
+        let mut child = GuardedChild::spawn(cmd).unwrap();
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.child_mut().stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let grandchild: i32 = line.trim().parse().unwrap();
+        drop(child);
+        // The grandchild was in the group: it is gone (or a zombie being reaped by init).
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let stat = std::fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap_or_default();
+        assert!(stat.is_empty() || stat.contains(") Z "), "grandchild still alive: {stat}");
+    }
+
+    #[test]
+    fn children_run_in_their_own_process_group() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "ps -o pgid= -p $$"]).stdout(std::process::Stdio::piped());
+        let mut child = GuardedChild::spawn(cmd).unwrap();
+        let pid = child.id();
+        let out = {
+            let mut s = String::new();
+            use std::io::Read;
+            child.child_mut().stdout.take().unwrap().read_to_string(&mut s).unwrap();
+            s
+        };
+        assert_eq!(out.trim(), pid.to_string());
+    }
+}

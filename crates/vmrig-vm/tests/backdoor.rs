@@ -1,0 +1,139 @@
+//! The backdoor framing against fake guests on a socket pair: a real bash (the same
+//! program that runs in the guest) and scripted misbehaving guests.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmrig_vm::backdoor::{Shell, ShellError, BANNER};
+
+fn soon(secs: u64) -> Option<Instant> {
+    Some(Instant::now() + Duration::from_secs(secs))
+}
+
+/// A host shell wired like the guest's: bash reading commands from the socket.
+fn bash_guest() -> (Shell<UnixStream>, std::process::Child) {
+    let (host, guest) = UnixStream::pair().unwrap();
+    let guest_out = guest.try_clone().unwrap();
+    let mut child = Command::new("bash")
+        .args(["--norc", "-c", &format!("echo '{BANNER}'; exec bash --norc")])
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(guest)))
+        .stdout(Stdio::from(std::os::fd::OwnedFd::from(guest_out)))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut shell = Shell::new(host);
+    if let Err(e) = shell.wait_for_banner(Instant::now() + Duration::from_secs(10)) {
+        let _ = child.kill();
+        panic!("{e}");
+    }
+    (shell, child)
+}
+
+#[test]
+fn real_bash_runs_commands_with_status_and_output() {
+    let (mut shell, mut child) = bash_guest();
+    let out = shell.run("echo hello; exit 3", soon(10)).unwrap();
+    assert_eq!((out.status, out.text()), (3, "hello\n".into()));
+    let out = shell.run("printf '%s' \"it's quoted\"", soon(10)).unwrap();
+    assert_eq!(out.text(), "it's quoted");
+    let out = shell.run("echo one\necho two", soon(10)).unwrap();
+    assert_eq!(out.text(), "one\ntwo\n");
+    // Reading stdin gets EOF instead of the driver's next command.
+    let out = shell.run("cat; echo after", soon(10)).unwrap();
+    assert_eq!(out.text(), "after\n");
+    let _ = child.kill();
+}
+
+#[test]
+fn real_bash_huge_and_binary_output() {
+    let (mut shell, mut child) = bash_guest();
+    let out = shell.run("head -c 20000000 /dev/zero", soon(60)).unwrap();
+    assert_eq!(out.stdout.len(), 20_000_000);
+    let out = shell.run("printf '\\xff\\x00\\xfe'", soon(10)).unwrap();
+    assert_eq!(out.stdout, vec![0xff, 0, 0xfe]);
+    assert_eq!(out.text(), "\u{fffd}\0\u{fffd}");
+    let _ = child.kill();
+}
+
+/// A scripted guest: answers each command line with `reply`, written in small pieces.
+fn scripted_guest(reply: &'static [u8], chunk: usize) -> Shell<UnixStream> {
+    let (host, guest) = UnixStream::pair().unwrap();
+    std::thread::spawn(move || {
+        let mut writer = guest.try_clone().unwrap();
+        writer.write_all(b"noise before the banner\n").unwrap();
+        writer.write_all(format!("{BANNER}\n").as_bytes()).unwrap();
+        let mut reader = BufReader::new(guest);
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 0 {
+            for piece in reply.chunks(chunk) {
+                if writer.write_all(piece).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            line.clear();
+        }
+    });
+    let mut shell = Shell::new(host);
+    shell.wait_for_banner(Instant::now() + Duration::from_secs(5)).unwrap();
+    shell
+}
+
+#[test]
+fn replies_split_into_single_bytes_are_reassembled() {
+    let mut shell = scripted_guest(b"aGVsbG8K 0\n", 1);
+    let out = shell.run("x", soon(10)).unwrap();
+    assert_eq!(out.text(), "hello\n");
+}
+
+#[test]
+fn guest_closing_mid_reply_is_an_error() {
+    let (host, guest) = UnixStream::pair().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut g = guest;
+        g.write_all(format!("{BANNER}\naGVs").as_bytes()).unwrap();
+    });
+    let mut shell = Shell::new(host);
+    shell.wait_for_banner(Instant::now() + Duration::from_secs(5)).unwrap();
+    t.join().unwrap();
+    assert!(matches!(shell.run("x", soon(5)), Err(ShellError::Closed)));
+}
+
+#[test]
+fn silent_guest_times_out_and_the_shell_is_then_busy() {
+    let (host, guest) = UnixStream::pair().unwrap();
+    let mut g = guest.try_clone().unwrap();
+    g.write_all(format!("{BANNER}\n").as_bytes()).unwrap();
+    let mut shell = Shell::new(host);
+    shell.wait_for_banner(Instant::now() + Duration::from_secs(5)).unwrap();
+    let err = shell.run("sleep 1000", Some(Instant::now() + Duration::from_millis(100))).unwrap_err();
+    assert!(matches!(err, ShellError::Timeout(_)), "{err}");
+    assert!(matches!(shell.run("true", soon(1)), Err(ShellError::Busy(_))));
+    drop(guest);
+}
+
+#[test]
+fn endless_line_without_newline_is_bounded_by_the_deadline() {
+    let (host, guest) = UnixStream::pair().unwrap();
+    std::thread::spawn(move || {
+        let mut g = guest;
+        let _ = g.write_all(format!("{BANNER}\n").as_bytes());
+        let junk = vec![b'A'; 64 * 1024];
+        let stop = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < stop && g.write_all(&junk).is_ok() {}
+    });
+    let mut shell = Shell::new(host);
+    shell.wait_for_banner(Instant::now() + Duration::from_secs(5)).unwrap();
+    let err = shell.run("x", Some(Instant::now() + Duration::from_millis(300))).unwrap_err();
+    assert!(matches!(err, ShellError::Timeout(_)), "{err}");
+}
+
+#[test]
+fn banner_wait_is_bounded() {
+    let (host, _guest) = UnixStream::pair().unwrap();
+    let mut shell = Shell::new(host);
+    let err = shell.wait_for_banner(Instant::now() + Duration::from_millis(100)).unwrap_err();
+    assert!(matches!(err, ShellError::Timeout(_)));
+}

@@ -1,0 +1,140 @@
+//! `vmrig store list` and `vmrig store gc`.
+
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use clap::Subcommand;
+use vmrig_store::{GcPolicy, Store};
+
+use crate::exit;
+use crate::units::{format_age, format_bytes, parse_duration};
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// List the store's paths: name, size, last use, and whether something is using them.
+    List,
+    /// Remove store paths not used for a while (never those in use) and leftovers of
+    /// interrupted builds.
+    Gc {
+        /// Remove paths last used at least this long ago: 7d, 12h, 30m, 45s, or 0.
+        #[arg(long, value_name = "AGE", default_value = "7d", value_parser = parse_duration)]
+        older_than: Duration,
+        /// Remove every path not in use (same as --older-than 0).
+        #[arg(long, conflicts_with = "older_than")]
+        all: bool,
+        /// Show what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+pub fn run(command: StoreCommand) -> anyhow::Result<i32> {
+    let store = Store::open_default().context("failed to open the image store")?;
+    match command {
+        StoreCommand::List => list(&store),
+        StoreCommand::Gc {
+            older_than,
+            all,
+            dry_run,
+        } => gc(
+            &store,
+            &GcPolicy {
+                older_than: if all { Duration::ZERO } else { older_than },
+                dry_run,
+            },
+        ),
+    }
+}
+
+fn list(store: &Store) -> anyhow::Result<i32> {
+    let entries = store
+        .list()
+        .with_context(|| format!("failed to list the store {}", store.root().display()))?;
+    let mut out = std::io::stdout().lock();
+    if entries.is_empty() {
+        writeln!(out, "the store {} is empty", store.root().display())?;
+        return Ok(exit::OK);
+    }
+    let now = SystemTime::now();
+    let rows: Vec<[String; 4]> = entries
+        .iter()
+        .map(|e| {
+            [
+                format!("{}-{}", e.hash, e.name),
+                format_bytes(e.size_bytes),
+                format_age(e.last_used, now),
+                if e.in_use { "yes" } else { "no" }.to_owned(),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "SIZE", "LAST USED", "IN USE"].map(str::to_owned);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        writeln!(
+            out,
+            "{:<w0$}  {:>w1$}  {:<w2$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+        )?;
+    }
+    let total: u64 = entries.iter().map(|e| e.size_bytes).sum();
+    writeln!(
+        out,
+        "{} path{}, {} in {}",
+        entries.len(),
+        if entries.len() == 1 { "" } else { "s" },
+        format_bytes(total),
+        store.root().display()
+    )?;
+    Ok(exit::OK)
+}
+
+fn gc(store: &Store, policy: &GcPolicy) -> anyhow::Result<i32> {
+    let report = store
+        .gc(policy)
+        .with_context(|| format!("failed to collect garbage in {}", store.root().display()))?;
+    let mut out = std::io::stdout().lock();
+    let verb = if policy.dry_run { "would remove" } else { "removed" };
+    for entry in &report.removed {
+        writeln!(
+            out,
+            "{verb} {}-{} ({})",
+            entry.hash,
+            entry.name,
+            format_bytes(entry.size_bytes)
+        )?;
+    }
+    for tmp in &report.removed_tmp {
+        writeln!(out, "{verb} leftover {}", tmp.display())?;
+    }
+    for entry in &report.kept_in_use {
+        writeln!(out, "kept {}-{} (in use)", entry.hash, entry.name)?;
+    }
+    let count = report.removed.len();
+    writeln!(
+        out,
+        "{} {count} path{}, {} {}; kept {} in use and {} used recently",
+        if policy.dry_run { "would remove" } else { "removed" },
+        if count == 1 { "" } else { "s" },
+        if policy.dry_run {
+            "would free"
+        } else {
+            "freed"
+        },
+        format_bytes(report.freed_bytes),
+        report.kept_in_use.len(),
+        report.kept_recent.len(),
+    )?;
+    Ok(exit::OK)
+}
