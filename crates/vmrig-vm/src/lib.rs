@@ -8,4 +8,5 @@ pub mod backdoor;
 pub mod cmdline;
 pub mod machine;
 pub mod process;
+pub mod qmp;
 pub mod serial;
