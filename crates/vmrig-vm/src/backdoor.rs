@@ -140,10 +140,17 @@ impl<S: TimedStream> Shell<S> {
 
     /// Runs `command`; waits for its reply until `deadline` (None: no bound — callers pass one).
     pub fn run(&mut self, command: &str, deadline: Option<Instant>) -> Result<CommandOutput, ShellError> {
-        if let Some(earlier) = &self.busy {
-            return Err(ShellError::Busy(earlier.clone()));
-        }
         let line = frame(command)?;
+        if let Some(earlier) = self.busy.clone() {
+            // The reply of a command that outlived its deadline may have arrived since:
+            // then the shell is free again. Otherwise it is still running.
+            let wait = deadline.unwrap_or_else(Instant::now).min(Instant::now() + Duration::from_millis(50));
+            match self.read_line(wait, MAX_OUTPUT / 3 * 4 + 64) {
+                Ok(_) => self.busy = None,
+                Err(ShellError::Timeout(_)) => return Err(ShellError::Busy(earlier)),
+                Err(e) => return Err(e),
+            }
+        }
         self.stream.write_all(line.as_bytes()).map_err(closed_or_io)?;
         self.stream.flush().map_err(closed_or_io)?;
         let deadline = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));

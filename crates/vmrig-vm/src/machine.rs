@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::backdoor::{CommandOutput, Shell, ShellError};
 use crate::cmdline::{qemu_args, VmConfig};
 use crate::process::GuardedChild;
+use crate::qmp::{Qmp, QmpError};
 use crate::serial::{Console, LineSink};
 
 /// How long QEMU gets to connect its sockets after it starts.
@@ -41,6 +42,12 @@ pub enum VmError {
         #[source]
         source: ShellError,
     },
+    #[error("`{machine}`: {source}")]
+    Qmp {
+        machine: String,
+        #[source]
+        source: QmpError,
+    },
     #[error("`{machine}`: the machine is not running")]
     NotRunning { machine: String },
     #[error("{context}: {source}")]
@@ -64,8 +71,9 @@ pub struct Vm {
     stderr: Arc<Mutex<String>>,
     shell: Option<Shell<UnixStream>>,
     shell_listener: UnixListener,
-    qmp: Option<UnixStream>,
+    qmp: Option<Qmp<UnixStream>>,
     qmp_listener: UnixListener,
+    needs_banner: bool,
 }
 
 impl Vm {
@@ -110,7 +118,7 @@ impl Vm {
             .map_err(io_err(format!("opening {}", serial_log.display())))?;
         console.reopen();
         console.spawn_reader(&cfg.name, stdout, Some(log), sink);
-        Ok(Vm { cfg, qemu: child, console, stderr, shell: None, shell_listener, qmp: None, qmp_listener })
+        Ok(Vm { cfg, qemu: child, console, stderr, shell: None, shell_listener, qmp: None, qmp_listener, needs_banner: false })
     }
 
     pub fn name(&self) -> &str {
@@ -134,6 +142,8 @@ impl Vm {
         let connect_deadline = deadline.min(Instant::now() + CONNECT_TIMEOUT);
         let stream = self.accept(&self.shell_listener.try_clone().map_err(io_err("shell socket"))?, "shell", connect_deadline)?;
         let qmp = self.accept(&self.qmp_listener.try_clone().map_err(io_err("qmp socket"))?, "QMP", connect_deadline)?;
+        let qmp = Qmp::handshake(qmp, CONNECT_TIMEOUT)
+            .map_err(|source| VmError::Qmp { machine: self.cfg.name.clone(), source })?;
         self.qmp = Some(qmp);
         let mut shell = Shell::new(stream);
         let start = Instant::now();
@@ -193,6 +203,11 @@ impl Vm {
     pub fn execute(&mut self, command: &str, deadline: Option<Instant>) -> Result<CommandOutput, VmError> {
         let name = self.cfg.name.clone();
         let shell = self.shell.as_mut().ok_or(VmError::NotRunning { machine: name.clone() })?;
+        if self.needs_banner {
+            let deadline = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(600));
+            shell.wait_for_banner(deadline).map_err(|source| VmError::Shell { machine: name.clone(), source })?;
+            self.needs_banner = false;
+        }
         shell.run(command, deadline).map_err(|source| VmError::Shell { machine: name, source })
     }
 
@@ -206,9 +221,15 @@ impl Vm {
         Ok(())
     }
 
-    /// The QMP connection (raw; see the qmp module for a client).
-    pub fn qmp_stream(&mut self) -> Option<&mut UnixStream> {
-        self.qmp.as_mut()
+    /// The QMP client, once QEMU has connected.
+    pub fn qmp(&mut self) -> Result<&mut Qmp<UnixStream>, VmError> {
+        let machine = self.cfg.name.clone();
+        self.qmp.as_mut().ok_or(VmError::NotRunning { machine })
+    }
+
+    /// Marks the shell as gone until the guest announces a new one (after a reboot).
+    pub fn expect_new_shell(&mut self) {
+        self.needs_banner = true;
     }
 
     /// Whether QEMU is still running.

@@ -137,3 +137,15 @@ fn banner_wait_is_bounded() {
     let err = shell.wait_for_banner(Instant::now() + Duration::from_millis(100)).unwrap_err();
     assert!(matches!(err, ShellError::Timeout(_)));
 }
+
+#[test]
+fn shell_recovers_once_a_timed_out_command_finishes() {
+    let (mut shell, mut child) = bash_guest();
+    let err = shell.run("sleep 0.5; echo late", Some(Instant::now() + Duration::from_millis(100))).unwrap_err();
+    assert!(matches!(err, ShellError::Timeout(_)), "{err}");
+    assert!(matches!(shell.run("true", Some(Instant::now())), Err(ShellError::Busy(_))));
+    std::thread::sleep(Duration::from_millis(800));
+    let out = shell.run("echo fresh", soon(10)).unwrap();
+    assert_eq!(out.text(), "fresh\n");
+    let _ = child.kill();
+}
