@@ -1,1 +1,366 @@
-//! The per-node configuration layer (filled in by the driver issues).
+//! The per-node configuration layer: what changes from test to test without touching the
+//! package image (hostname, hosts, addresses, users, files, services, firewall).
+//!
+//! It is a small cpio archive appended to the initramfs at test start. The guest init
+//! copies `/vmrig/layer/**` onto the root filesystem and runs `/etc/vmrig/node-setup.sh`
+//! (chrooted, before systemd starts), which configures the VLAN interfaces, creates users
+//! and enables units. Changing a test's files or users therefore never rebuilds an image.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use vmrig_spec::{NodeSpec, ServiceSpec, TestSpec};
+
+use crate::cpio_writer::CpioWriter;
+
+/// A file of the layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerFile {
+    /// Absolute path in the guest.
+    pub path: String,
+    pub mode: u32,
+    pub contents: Vec<u8>,
+}
+
+/// The configuration layer of one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeLayer {
+    pub files: Vec<LayerFile>,
+    /// `(link, target)` symlinks.
+    pub symlinks: Vec<(String, String)>,
+}
+
+/// A node's address on one VLAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VlanAddress {
+    pub vlan: u8,
+    /// Interface in the guest: eth1, eth2, ... in the order of the node's `vlans`.
+    pub interface: String,
+    pub mac: String,
+    pub ipv4: String,
+    pub ipv6: String,
+}
+
+/// Node numbers: alphabetical order, from 1.
+pub fn node_number(spec: &TestSpec, node: &str) -> u8 {
+    spec.nodes.keys().position(|n| n == node).map(|i| i as u8 + 1).unwrap_or(0)
+}
+
+/// The node's addresses on its VLANs (DESIGN.md "Networks").
+pub fn vlan_addresses(spec: &TestSpec, node: &NodeSpec) -> Vec<VlanAddress> {
+    let k = node_number(spec, &node.name);
+    node.vlans
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| VlanAddress {
+            vlan: v,
+            interface: format!("eth{}", i + 1),
+            mac: format!("52:54:00:12:{v:02}:{k:02}"),
+            ipv4: format!("192.168.{v}.{k}"),
+            ipv6: format!("2001:db8:{v}::{k}"),
+        })
+        .collect()
+}
+
+/// `/etc/hosts`: every node's name at its address on the first VLAN it shares with `node`
+/// (else its own first VLAN).
+pub fn hosts_file(spec: &TestSpec, node: &NodeSpec) -> String {
+    let mut s = String::from("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n");
+    for other in spec.nodes.values() {
+        let shared = other.vlans.iter().find(|v| node.vlans.contains(v)).or(other.vlans.first());
+        if let Some(v) = shared {
+            let k = node_number(spec, &other.name);
+            let _ = writeln!(s, "192.168.{v}.{k} {}", other.name);
+            let _ = writeln!(s, "2001:db8:{v}::{k} {}", other.name);
+        } else if other.name == node.name {
+            let _ = writeln!(s, "127.0.1.1 {}", other.name);
+        }
+    }
+    s
+}
+
+/// Builds the layer of `node` in `spec`.
+pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io::Error> {
+    let mut layer = NodeLayer::default();
+    let mut add = |path: &str, mode: u32, contents: Vec<u8>| {
+        layer.files.push(LayerFile { path: path.to_owned(), mode, contents });
+    };
+    add("/etc/hostname", 0o644, format!("{}\n", node.name).into_bytes());
+    add("/etc/hosts", 0o644, hosts_file(spec, node).into_bytes());
+    let id = hex::encode(&Sha256::digest(format!("vmrig-machine-id:{}", node.name).as_bytes())[..16]);
+    add("/etc/machine-id", 0o444, format!("{id}\n").into_bytes());
+
+    let mut script = setup_script_header();
+    script.push_str(&network_setup(&vlan_addresses(spec, node)));
+    script.push_str(&users_setup(node));
+
+    for (path, file) in &node.files {
+        let contents = match (&file.text, &file.source) {
+            (Some(text), _) => text.clone().into_bytes(),
+            (None, Some(source)) => std::fs::read(source)?,
+            (None, None) => Vec::new(),
+        };
+        add(path, file.mode_bits().unwrap_or(0o644), contents);
+        if file.owner.is_some() || file.group.is_some() {
+            let owner = file.owner.as_deref().unwrap_or("root");
+            let group = file.group.as_deref().map(|g| format!(":{g}")).unwrap_or_default();
+            let _ = writeln!(script, "chown {} {}", q(&format!("{owner}{group}")), q(path));
+        }
+    }
+
+    for (name, service) in &node.services {
+        let unit = ServiceSpec::unit_name(name);
+        if service.is_new() {
+            if let Some(body) = &service.script {
+                add(&format!("/etc/vmrig/services/{name}.sh"), 0o755, format!("#!/bin/bash\nset -e\n{body}\n").into_bytes());
+            }
+            add(&format!("/etc/systemd/system/{unit}"), 0o644, unit_file(name, service).into_bytes());
+            if service.enable {
+                for target in &service.wanted_by {
+                    layer.symlinks.push((format!("/etc/systemd/system/{target}.wants/{unit}"), format!("../{unit}")));
+                }
+            }
+        } else if service.enable {
+            let _ = writeln!(script, "systemctl enable --quiet {} 2>&1 || echo \"vmrig: could not enable {unit}\"", q(&unit));
+        } else {
+            let _ = writeln!(script, "systemctl disable --quiet {} 2>&1 || true", q(&unit));
+        }
+    }
+
+    if node.firewall.is_enabled() {
+        add("/etc/nftables.conf", 0o755, firewall_rules(node).into_bytes());
+        layer.symlinks.push((
+            "/etc/systemd/system/sysinit.target.wants/nftables.service".into(),
+            "/lib/systemd/system/nftables.service".into(),
+        ));
+    }
+
+    let mut layer = layer;
+    layer.files.push(LayerFile { path: "/etc/vmrig/node-setup.sh".into(), mode: 0o755, contents: script.into_bytes() });
+    Ok(layer)
+}
+
+fn setup_script_header() -> String {
+    "# vmrig node setup: run by the guest init, chrooted, before systemd starts.\n".into()
+}
+
+fn network_setup(addresses: &[VlanAddress]) -> String {
+    let mut s = String::from("ip link set lo up\n");
+    // eth0 is QEMU user networking: reachable from the host (forward_port), no route out.
+    s.push_str("ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 2>/dev/null\n");
+    for a in addresses {
+        let _ = writeln!(
+            s,
+            "ip link set {i} up && ip addr add {v4}/24 dev {i} && ip -6 addr add {v6}/64 dev {i} nodad || echo \"vmrig: could not configure {i} ({mac})\"",
+            i = a.interface,
+            v4 = a.ipv4,
+            v6 = a.ipv6,
+            mac = a.mac
+        );
+    }
+    s
+}
+
+fn users_setup(node: &NodeSpec) -> String {
+    let mut s = String::new();
+    let mut groups: Vec<&String> = node.users.values().flat_map(|u| &u.groups).collect();
+    groups.sort();
+    groups.dedup();
+    for g in groups {
+        let _ = writeln!(s, "getent group {g} >/dev/null || groupadd {g}", g = q(g));
+    }
+    for (name, user) in &node.users {
+        let mut cmd = String::from("useradd");
+        if user.system {
+            cmd.push_str(" --system");
+        } else {
+            cmd.push_str(" --create-home");
+        }
+        if let Some(uid) = user.uid {
+            let _ = write!(cmd, " --uid {uid}");
+        }
+        if !user.groups.is_empty() {
+            let _ = write!(cmd, " --groups {}", q(&user.groups.join(",")));
+        }
+        let _ = write!(cmd, " --shell {}", q(user.shell.as_deref().unwrap_or("/bin/bash")));
+        if let Some(home) = &user.home {
+            let _ = write!(cmd, " --home-dir {}", q(home));
+        }
+        let _ = writeln!(s, "id {n} >/dev/null 2>&1 || {cmd} {n}", n = q(name));
+        if let Some(password) = &user.password {
+            let _ = writeln!(s, "echo {} | chpasswd", q(&format!("{name}:{password}")));
+        }
+    }
+    s
+}
+
+/// The unit file of a new service.
+pub fn unit_file(name: &str, service: &ServiceSpec) -> String {
+    let mut s = format!("[Unit]\nDescription=vmrig test service {name}\n");
+    for a in &service.after {
+        let _ = writeln!(s, "After={a}");
+    }
+    for r in &service.requires {
+        let _ = writeln!(s, "Requires={r}");
+    }
+    s.push_str("\n[Service]\n");
+    if let Some(t) = &service.type_ {
+        let _ = writeln!(s, "Type={t}");
+    }
+    match (&service.script, &service.exec_start) {
+        (Some(_), _) => {
+            let _ = writeln!(s, "ExecStart=/etc/vmrig/services/{name}.sh");
+        }
+        (None, Some(exec)) => {
+            let _ = writeln!(s, "ExecStart={exec}");
+        }
+        (None, None) => {}
+    }
+    if let Some(user) = &service.user {
+        let _ = writeln!(s, "User={user}");
+    }
+    for (k, v) in &service.environment {
+        let _ = writeln!(s, "Environment=\"{k}={}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
+    }
+    for (k, v) in &service.service_config {
+        for value in v.values() {
+            let _ = writeln!(s, "{k}={value}");
+        }
+    }
+    s
+}
+
+/// nftables rules: on VLAN interfaces accept only established traffic, ICMP and the listed
+/// ports; loopback and eth0 (host-only user networking) are not filtered.
+pub fn firewall_rules(node: &NodeSpec) -> String {
+    let set = |ports: &[u16]| ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+    let mut s = String::from(
+        "#!/usr/sbin/nft -f\nflush ruleset\ntable inet vmrig_firewall {\n  chain input {\n    type filter hook input priority filter; policy accept;\n    iifname { \"lo\", \"eth0\" } accept\n    ct state established,related accept\n    meta l4proto { icmp, ipv6-icmp } accept\n",
+    );
+    if !node.firewall.allowed_tcp_ports.is_empty() {
+        let _ = writeln!(s, "    tcp dport {{ {} }} accept", set(&node.firewall.allowed_tcp_ports));
+    }
+    if !node.firewall.allowed_udp_ports.is_empty() {
+        let _ = writeln!(s, "    udp dport {{ {} }} accept", set(&node.firewall.allowed_udp_ports));
+    }
+    s.push_str("    drop\n  }\n}\n");
+    s
+}
+
+fn q(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Writes the layer as a cpio archive (entries under `vmrig/layer/`).
+pub fn write_cpio(layer: &NodeLayer, out: impl Write) -> std::io::Result<()> {
+    let mut cpio = CpioWriter::new(out);
+    cpio.dir("vmrig", 0o755)?;
+    cpio.dir("vmrig/layer", 0o755)?;
+    let mut entries: BTreeMap<String, &LayerFile> = BTreeMap::new();
+    for f in &layer.files {
+        entries.insert(format!("vmrig/layer{}", f.path), f);
+    }
+    for (path, f) in entries {
+        cpio.parents(&path)?;
+        cpio.file(&path, f.mode, &f.contents)?;
+    }
+    for (link, target) in &layer.symlinks {
+        let path = format!("vmrig/layer{link}");
+        cpio.parents(&path)?;
+        cpio.symlink(&path, target)?;
+    }
+    cpio.finish()?.flush()
+}
+
+/// Writes the VM's initrd: the store's initramfs followed by the node's layer.
+pub fn write_initrd(base: &Path, layer: &NodeLayer, out: &Path) -> std::io::Result<()> {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(out)?);
+    std::io::copy(&mut std::fs::File::open(base)?, &mut file)?;
+    write_cpio(layer, &mut file)?;
+    file.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str) -> TestSpec {
+        vmrig_spec::parse(text, Path::new("t.toml")).unwrap()
+    }
+
+    const TWO: &str = "name = \"t\"\ntest_script = \"start_all()\"\n[nodes.server]\nfirewall.allowed_tcp_ports = [80]\n[nodes.client]\nvlans = [1, 2]\n[nodes.router]\nvlans = [2]\n";
+
+    #[test]
+    fn addresses_follow_alphabetical_node_numbers() {
+        let s = spec(TWO);
+        let client = vlan_addresses(&s, &s.nodes["client"]);
+        assert_eq!(client[0], VlanAddress { vlan: 1, interface: "eth1".into(), mac: "52:54:00:12:01:01".into(), ipv4: "192.168.1.1".into(), ipv6: "2001:db8:1::1".into() });
+        assert_eq!(client[1].interface, "eth2");
+        assert_eq!(client[1].ipv4, "192.168.2.1");
+        assert_eq!(vlan_addresses(&s, &s.nodes["server"])[0].ipv4, "192.168.1.3");
+    }
+
+    #[test]
+    fn hosts_use_the_first_shared_vlan() {
+        let s = spec(TWO);
+        let hosts = hosts_file(&s, &s.nodes["router"]);
+        assert!(hosts.contains("192.168.2.1 client\n"), "{hosts}");
+        assert!(hosts.contains("192.168.2.2 router\n"), "{hosts}");
+        assert!(hosts.contains("192.168.1.3 server\n"), "{hosts}");
+    }
+
+    #[test]
+    fn firewall_lists_ports_and_drops_the_rest() {
+        let s = spec(TWO);
+        let rules = firewall_rules(&s.nodes["server"]);
+        assert!(rules.contains("tcp dport { 80 } accept"));
+        assert!(rules.trim_end().ends_with("drop\n  }\n}"));
+        let layer = node_layer(&s, &s.nodes["server"]).unwrap();
+        assert!(layer.symlinks.iter().any(|(l, _)| l.ends_with("nftables.service")));
+        assert!(node_layer(&s, &s.nodes["client"]).unwrap().symlinks.is_empty());
+    }
+
+    #[test]
+    fn users_files_and_services() {
+        let s = spec("name = \"t\"\ntest_script = \"x\"\n[nodes.m.users.alice]\ngroups = [\"wheel\"]\npassword = \"pw\"\n[nodes.m.files.\"/etc/motd\"]\ntext = \"hi\"\nmode = \"0600\"\nowner = \"alice\"\n[nodes.m.services.hello]\nscript = \"echo hi\"\nuser = \"alice\"\nenvironment = { A = \"b c\" }\n[nodes.m.services.ssh]\nenable = false\n");
+        let layer = node_layer(&s, &s.nodes["m"]).unwrap();
+        let setup = String::from_utf8(layer.files.iter().find(|f| f.path == "/etc/vmrig/node-setup.sh").unwrap().contents.clone()).unwrap();
+        assert!(setup.contains("getent group 'wheel' >/dev/null || groupadd 'wheel'"), "{setup}");
+        assert!(setup.contains("id 'alice' >/dev/null 2>&1 || useradd --create-home --groups 'wheel' --shell '/bin/bash' 'alice'"), "{setup}");
+        assert!(setup.contains("echo 'alice:pw' | chpasswd"));
+        assert!(setup.contains("chown 'alice' '/etc/motd'"));
+        assert!(setup.contains("systemctl disable --quiet 'ssh.service'"));
+        let motd = layer.files.iter().find(|f| f.path == "/etc/motd").unwrap();
+        assert_eq!((motd.mode, motd.contents.as_slice()), (0o600, b"hi".as_slice()));
+        let unit = String::from_utf8(layer.files.iter().find(|f| f.path == "/etc/systemd/system/hello.service").unwrap().contents.clone()).unwrap();
+        assert!(unit.contains("ExecStart=/etc/vmrig/services/hello.sh\nUser=alice\nEnvironment=\"A=b c\"\n"), "{unit}");
+        assert!(layer.symlinks.contains(&("/etc/systemd/system/multi-user.target.wants/hello.service".into(), "../hello.service".into())));
+    }
+
+    #[test]
+    fn setup_script_is_valid_sh() {
+        let s = spec(TWO);
+        let layer = node_layer(&s, &s.nodes["client"]).unwrap();
+        let setup = layer.files.iter().find(|f| f.path == "/etc/vmrig/node-setup.sh").unwrap();
+        let status = std::process::Command::new("sh").arg("-n").arg("-c").arg(String::from_utf8_lossy(&setup.contents).as_ref()).status().unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
+    fn initrd_is_base_plus_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        std::fs::write(&base, vec![7u8; 1024]).unwrap();
+        let s = spec(TWO);
+        let layer = node_layer(&s, &s.nodes["client"]).unwrap();
+        let out = dir.path().join("initrd");
+        write_initrd(&base, &layer, &out).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        assert_eq!(&bytes[..1024], &[7u8; 1024][..]);
+        assert!(bytes[1024..].starts_with(b"070701"));
+        assert!(bytes.windows(20).any(|w| w == b"vmrig/layer/etc/host"));
+    }
+}
