@@ -206,7 +206,7 @@ impl ScriptChild {
             "script": {
                 "path": script.to_string_lossy(),
                 "filename": src.filename.to_string_lossy(),
-                "first_line": src.first_line(),
+                "first_line": crate::syntax::first_line(src),
             },
         });
 

@@ -9,21 +9,11 @@ use std::process::{Command, Stdio};
 
 const CHECK_SYNTAX_PY: &str = include_str!("../python/check_syntax.py");
 
-/// A test script and where it lives, so errors point at the user's file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScriptSource {
-    pub text: String,
-    /// The file the script is in (the TOML file for an inline script).
-    pub filename: PathBuf,
-    /// 1-based line of `filename` where `text` starts.
-    pub first_line: usize,
-}
+pub use vmrig_spec::ScriptSource;
 
-impl ScriptSource {
-    /// `first_line` below 1 is taken as 1.
-    pub(crate) fn first_line(&self) -> usize {
-        self.first_line.max(1)
-    }
+/// `first_line` below 1 is taken as 1.
+pub(crate) fn first_line(src: &ScriptSource) -> usize {
+    src.first_line.max(1)
 }
 
 /// A CPython version.
@@ -169,7 +159,7 @@ pub fn probe_python(python: &Path) -> Result<PythonVersion, BridgeError> {
 pub fn check_syntax(python: &Path, src: &ScriptSource) -> Result<(), ScriptError> {
     probe_python(python)?;
     let filename = src.filename.to_string_lossy().into_owned();
-    let first_line = src.first_line().to_string();
+    let first_line = crate::syntax::first_line(src).to_string();
     let out = run_python(
         python,
         &["-B", "-c", CHECK_SYNTAX_PY, &filename, &first_line],
