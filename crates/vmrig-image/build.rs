@@ -14,8 +14,14 @@ fn main() {
     println!("cargo:rerun-if-env-changed=VMRIG_GUEST_INIT");
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let init_crate = manifest.join("../vmrig-guest-init");
-    println!("cargo:rerun-if-changed={}", init_crate.join("src").display());
-    println!("cargo:rerun-if-changed={}", init_crate.join("Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        init_crate.join("src").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        init_crate.join("Cargo.toml").display()
+    );
 
     let binary = match env::var_os("VMRIG_GUEST_INIT") {
         Some(path) => PathBuf::from(path),
@@ -45,6 +51,9 @@ fn build_guest_init(init_crate: &std::path::Path) -> PathBuf {
         .env_remove("CARGO_MAKEFLAGS")
         .status()
         .expect("failed to run cargo for vmrig-guest-init");
-    assert!(status.success(), "building the static vmrig-guest-init failed");
+    assert!(
+        status.success(),
+        "building the static vmrig-guest-init failed"
+    );
     target_dir.join(target).join("release/vmrig-guest-init")
 }

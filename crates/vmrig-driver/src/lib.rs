@@ -1,1 +1,43 @@
-//! vmrig-driver
+//! The test driver: a run of one test (machines, networks, the script) and its reports.
+//!
+//! The driver never prints; it emits [`events::Event`]s that reporters turn into the
+//! terminal log and `events.jsonl`.
+
+pub mod api;
+pub mod cleanup;
+mod copy;
+pub mod events;
+pub mod logger;
+pub mod machine;
+pub mod reporters;
+pub mod rpc;
+pub mod run;
+
+pub use run::{run_test, RunOptions, RunOutcome};
+
+/// Why a machine call failed; becomes the script's exception.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The test's expectation failed (`RequestedAssertionFailed`).
+    #[error("{0}")]
+    Assertion(String),
+    /// Something went wrong with the machine (`MachineError`).
+    #[error("{0}")]
+    Machine(String),
+    /// A wait ran out of time.
+    #[error("{0}")]
+    Timeout(String),
+}
+
+/// Why a run could not take place (as opposed to a test that ran and failed).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Script(vmrig_python::ScriptError),
+    #[error("{0}")]
+    Python(vmrig_python::BridgeError),
+    #[error(transparent)]
+    Image(vmrig_image::ImageError),
+    #[error("{0}")]
+    Infra(String),
+}

@@ -22,7 +22,12 @@ pub struct CpioWriter<W: Write> {
 
 impl<W: Write> CpioWriter<W> {
     pub fn new(out: W) -> Self {
-        CpioWriter { out, ino: 1, written: 0, dirs: BTreeSet::new() }
+        CpioWriter {
+            out,
+            ino: 1,
+            written: 0,
+            dirs: BTreeSet::new(),
+        }
     }
 
     pub fn dir(&mut self, path: &str, mode: u32) -> io::Result<()> {
@@ -67,7 +72,14 @@ impl<W: Write> CpioWriter<W> {
         Ok(self.out)
     }
 
-    fn entry(&mut self, name: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) -> io::Result<()> {
+    fn entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> io::Result<()> {
         let ino = if name == "TRAILER!!!" { 0 } else { self.ino };
         self.ino += 1;
         let fields = [
@@ -117,7 +129,9 @@ mod tests {
     /// The host's `cpio` reads our archive back (skipped when cpio is not installed).
     #[test]
     fn host_cpio_lists_and_extracts_entries() {
-        let Some(cpio) = crate::tools::find_program("cpio") else { return };
+        let Some(cpio) = crate::tools::find_program("cpio") else {
+            return;
+        };
         let mut w = CpioWriter::new(Vec::new());
         w.parents("a/b/c.txt").unwrap();
         w.file("a/b/c.txt", 0o640, b"hello\n").unwrap();
@@ -128,12 +142,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("x.cpio");
         std::fs::write(&archive, &bytes).unwrap();
-        let out = Command::new(cpio).args(["-itv", "-F"]).arg(&archive).output().unwrap();
+        let out = Command::new(cpio)
+            .args(["-itv", "-F"])
+            .arg(&archive)
+            .output()
+            .unwrap();
         let listing = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(listing.contains("-rw-r----- ") && listing.contains("a/b/c.txt"), "{listing}");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            listing.contains("-rw-r----- ") && listing.contains("a/b/c.txt"),
+            "{listing}"
+        );
         assert!(listing.contains("a/link -> b/c.txt"), "{listing}");
-        assert!(listing.contains("crw-------") && listing.contains("5,") , "{listing}");
+        assert!(
+            listing.contains("crw-------") && listing.contains("5,"),
+            "{listing}"
+        );
         let extract = dir.path().join("x");
         std::fs::create_dir(&extract).unwrap();
         let status = Command::new(crate::tools::find_program("cpio").unwrap())
@@ -143,8 +171,15 @@ mod tests {
             .arg("a/b/c.txt")
             .output()
             .unwrap();
-        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-        assert_eq!(std::fs::read(extract.join("a/b/c.txt")).unwrap(), b"hello\n");
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        assert_eq!(
+            std::fs::read(extract.join("a/b/c.txt")).unwrap(),
+            b"hello\n"
+        );
     }
 
     #[test]

@@ -45,19 +45,42 @@ WantedBy=sysinit.target
 
 /// Files every image gets. Symlinks are in [`GUEST_SYMLINKS`].
 pub const GUEST_FILES: &[GuestFile] = &[
-    GuestFile { path: "/usr/local/lib/vmrig/backdoor", mode: 0o755, text: BACKDOOR_SCRIPT },
-    GuestFile { path: "/etc/systemd/system/vmrig-backdoor.service", mode: 0o644, text: BACKDOOR_UNIT },
+    GuestFile {
+        path: "/usr/local/lib/vmrig/backdoor",
+        mode: 0o755,
+        text: BACKDOOR_SCRIPT,
+    },
+    GuestFile {
+        path: "/etc/systemd/system/vmrig-backdoor.service",
+        mode: 0o644,
+        text: BACKDOOR_UNIT,
+    },
     // An empty fstab: the root is mounted by the guest init, nothing else is.
-    GuestFile { path: "/etc/fstab", mode: 0o644, text: "# mounted by vmrig's guest init\n" },
+    GuestFile {
+        path: "/etc/fstab",
+        mode: 0o644,
+        text: "# mounted by vmrig's guest init\n",
+    },
     // The same id in every image; the per-node layer gives each node its own. A set id
     // keeps systemd out of its slow first-boot path.
-    GuestFile { path: "/etc/machine-id", mode: 0o444, text: "8e1a5c4f0d9b4f7e9a3c2b1d0e6f7a8b\n" },
-    GuestFile { path: "/etc/hostname", mode: 0o644, text: "vmrig\n" },
+    GuestFile {
+        path: "/etc/machine-id",
+        mode: 0o444,
+        text: "8e1a5c4f0d9b4f7e9a3c2b1d0e6f7a8b\n",
+    },
+    GuestFile {
+        path: "/etc/hostname",
+        mode: 0o644,
+        text: "vmrig\n",
+    },
 ];
 
 /// `(link, target)` pairs: the backdoor enabled, and units a test VM must not run.
 pub const GUEST_SYMLINKS: &[(&str, &str)] = &[
-    ("/etc/systemd/system/sysinit.target.wants/vmrig-backdoor.service", "../vmrig-backdoor.service"),
+    (
+        "/etc/systemd/system/sysinit.target.wants/vmrig-backdoor.service",
+        "../vmrig-backdoor.service",
+    ),
     // Debian's getty generator starts a login on hvc0 and would steal the backdoor's console.
     ("/etc/systemd/system/serial-getty@hvc0.service", "/dev/null"),
 ];
@@ -67,7 +90,11 @@ pub fn install_script() -> String {
     let mut s = String::new();
     for f in GUEST_FILES {
         let dir = f.path.rsplit_once('/').map(|(d, _)| d).unwrap_or("/");
-        assert!(!f.text.contains("VMRIG_EOF"), "heredoc delimiter in {}", f.path);
+        assert!(
+            !f.text.contains("VMRIG_EOF"),
+            "heredoc delimiter in {}",
+            f.path
+        );
         s.push_str(&format!(
             "mkdir -p \"$1{dir}\"\nrm -f \"$1{p}\"\ncat > \"$1{p}\" <<'VMRIG_EOF'\n{t}VMRIG_EOF\nchmod {m:o} \"$1{p}\"\n",
             p = f.path,
@@ -77,7 +104,9 @@ pub fn install_script() -> String {
     }
     for (link, target) in GUEST_SYMLINKS {
         let dir = link.rsplit_once('/').map(|(d, _)| d).unwrap_or("/");
-        s.push_str(&format!("mkdir -p \"$1{dir}\"\nln -sfn '{target}' \"$1{link}\"\n"));
+        s.push_str(&format!(
+            "mkdir -p \"$1{dir}\"\nln -sfn '{target}' \"$1{link}\"\n"
+        ));
     }
     s
 }
@@ -100,9 +129,17 @@ mod tests {
         let backdoor = dir.path().join("usr/local/lib/vmrig/backdoor");
         assert_eq!(std::fs::read_to_string(&backdoor).unwrap(), BACKDOOR_SCRIPT);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&backdoor).unwrap().permissions().mode() & 0o777, 0o755);
-        let masked = dir.path().join("etc/systemd/system/serial-getty@hvc0.service");
-        assert_eq!(std::fs::read_link(masked).unwrap().to_str(), Some("/dev/null"));
+        assert_eq!(
+            std::fs::metadata(&backdoor).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let masked = dir
+            .path()
+            .join("etc/systemd/system/serial-getty@hvc0.service");
+        assert_eq!(
+            std::fs::read_link(masked).unwrap().to_str(),
+            Some("/dev/null")
+        );
     }
 
     #[test]

@@ -39,11 +39,21 @@ fn write_initramfs(kernel: &Path, out: &Path) -> Result<(), ImageError> {
     );
     let order = index.resolve(GUEST_MODULES)?;
 
-    let file = std::fs::File::create(out.join("initrd")).map_err(ImageError::io("creating initrd"))?;
+    let file =
+        std::fs::File::create(out.join("initrd")).map_err(ImageError::io("creating initrd"))?;
     let mut cpio = CpioWriter::new(std::io::BufWriter::new(file));
     let io = ImageError::io("writing initrd");
     (|| -> std::io::Result<()> {
-        for dir in ["dev", "proc", "sys", "newroot", "etc", "etc/vmrig", "lib", "lib/modules"] {
+        for dir in [
+            "dev",
+            "proc",
+            "sys",
+            "newroot",
+            "etc",
+            "etc/vmrig",
+            "lib",
+            "lib/modules",
+        ] {
             cpio.dir(dir, 0o755)?;
         }
         cpio.char_device("dev/console", 0o600, 5, 1)?;

@@ -90,7 +90,11 @@ pub struct ImageBuilder<'a> {
 impl<'a> ImageBuilder<'a> {
     pub fn new(store: &'a Store, observer: &'a dyn BuildObserver) -> Self {
         let mirror_override = std::env::var("VMRIG_MIRROR").ok().filter(|m| !m.is_empty());
-        ImageBuilder { store, observer, mirror_override }
+        ImageBuilder {
+            store,
+            observer,
+            mirror_override,
+        }
     }
 
     /// Checks that the host has every build tool, with one message naming all missing ones.
@@ -118,10 +122,10 @@ impl<'a> ImageBuilder<'a> {
         let mut kernels = BTreeMap::new();
         for (inputs, _) in groups.values() {
             let key = (inputs.suite.clone(), self.mirror_for(inputs));
-            if !kernels.contains_key(&key) {
-                let built = kernel::build(self, &inputs.suite, key.1.as_deref())?;
+            if let std::collections::btree_map::Entry::Vacant(slot) = kernels.entry(key) {
+                let built = kernel::build(self, &inputs.suite, slot.key().1.as_deref())?;
                 let initramfs = initramfs::build(self, &built)?;
-                kernels.insert(key, (built, initramfs));
+                slot.insert((built, initramfs));
             }
         }
         let results: Vec<Result<(Vec<String>, NodeImage), ImageError>> = std::thread::scope(|s| {
@@ -132,11 +136,21 @@ impl<'a> ImageBuilder<'a> {
                         kernels[&(inputs.suite.clone(), self.mirror_for(inputs))].clone();
                     s.spawn(move || {
                         let rootfs = rootfs::build(self, inputs, &kernel, nodes)?;
-                        Ok((nodes.clone(), NodeImage { kernel, initramfs, rootfs }))
+                        Ok((
+                            nodes.clone(),
+                            NodeImage {
+                                kernel,
+                                initramfs,
+                                rootfs,
+                            },
+                        ))
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("builder thread panicked")).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("builder thread panicked"))
+                .collect()
         });
         let mut images = BTreeMap::new();
         for result in results {
@@ -177,7 +191,11 @@ impl<'a> ImageBuilder<'a> {
                 build(tmp)
             })
             .map_err(unwrap_build_error)?;
-        let outcome = if built_here { StepOutcome::Built(start.elapsed()) } else { StepOutcome::Cached };
+        let outcome = if built_here {
+            StepOutcome::Built(start.elapsed())
+        } else {
+            StepOutcome::Cached
+        };
         self.observer.step_finished(step, outcome);
         Ok(path)
     }

@@ -6,10 +6,7 @@ use std::path::Path;
 /// The first archive URI in the host's apt sources that serves `suite`'s distribution
 /// (not a security or updates-only source), if any.
 pub fn host_mirror(suite: &str) -> Option<String> {
-    let mut texts = Vec::new();
-    for file in ["/etc/apt/sources.list"] {
-        texts.push(read(Path::new(file)));
-    }
+    let mut texts = vec![read(Path::new("/etc/apt/sources.list"))];
     if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
         let mut paths: Vec<_> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
         paths.sort();
@@ -35,7 +32,7 @@ pub fn mirror_in(text: &str, suite: &str) -> Option<String> {
 }
 
 fn serves(suites: &[&str], suite: &str) -> bool {
-    suites.iter().any(|s| *s == suite) && !suites.iter().any(|s| s.ends_with("-security"))
+    suites.contains(&suite) && !suites.iter().any(|s| s.ends_with("-security"))
 }
 
 fn one_line(text: &str, suite: &str) -> Option<String> {
@@ -87,14 +84,26 @@ mod tests {
     #[test]
     fn deb822_archive_not_security() {
         let text = "Types: deb\n# c\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n";
-        assert_eq!(mirror_in(text, "bookworm").as_deref(), Some("http://mirror.example/debian"));
+        assert_eq!(
+            mirror_in(text, "bookworm").as_deref(),
+            Some("http://mirror.example/debian")
+        );
         assert_eq!(mirror_in(text, "trixie"), None);
     }
 
     #[test]
     fn one_line_with_options() {
         let text = "# x\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main\n";
-        assert_eq!(mirror_in(text, "bookworm").as_deref(), Some("http://m.example/debian"));
-        assert_eq!(mirror_in("deb http://m.example/sec bookworm-security main", "bookworm"), None);
+        assert_eq!(
+            mirror_in(text, "bookworm").as_deref(),
+            Some("http://m.example/debian")
+        );
+        assert_eq!(
+            mirror_in(
+                "deb http://m.example/sec bookworm-security main",
+                "bookworm"
+            ),
+            None
+        );
     }
 }

@@ -49,10 +49,14 @@ impl ModuleIndex {
     pub fn parse(dep: &str, softdep: &str, alias: &str, builtin: &str) -> ModuleIndex {
         let mut index = ModuleIndex::default();
         for line in dep.lines() {
-            let Some((path, rest)) = line.split_once(':') else { continue };
+            let Some((path, rest)) = line.split_once(':') else {
+                continue;
+            };
             let path = path.trim();
             let deps = rest.split_whitespace().map(str::to_owned).collect();
-            index.deps.insert(module_name(path), (path.to_owned(), deps));
+            index
+                .deps
+                .insert(module_name(path), (path.to_owned(), deps));
         }
         for line in softdep.lines() {
             let mut words = line.split_whitespace();
@@ -181,7 +185,10 @@ mod tests {
             ("failover", "net_failover"),
             ("net_failover", "virtio_net"),
         ] {
-            assert!(position(&order, before) < position(&order, after), "{before} after {after}: {order:?}");
+            assert!(
+                position(&order, before) < position(&order, after),
+                "{before} after {after}: {order:?}"
+            );
         }
     }
 
@@ -202,7 +209,10 @@ mod tests {
     #[test]
     fn builtin_modules_are_skipped_and_unknown_ones_reported() {
         let index = fixture();
-        assert_eq!(index.resolve(&["crc16_builtin"]).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            index.resolve(&["crc16_builtin"]).unwrap(),
+            Vec::<String>::new()
+        );
         assert_eq!(
             index.resolve(&["no_such_module"]),
             Err(UnknownModule("no_such_module".into()))
@@ -211,7 +221,10 @@ mod tests {
 
     #[test]
     fn module_names_are_normalised() {
-        assert_eq!(module_name("kernel/arch/x86/crypto/crc32c-intel.ko"), "crc32c_intel");
+        assert_eq!(
+            module_name("kernel/arch/x86/crypto/crc32c-intel.ko"),
+            "crc32c_intel"
+        );
         assert_eq!(module_name("kernel/fs/ext4/ext4.ko.xz"), "ext4");
     }
 }

@@ -46,7 +46,11 @@ pub struct VlanAddress {
 
 /// Node numbers: alphabetical order, from 1.
 pub fn node_number(spec: &TestSpec, node: &str) -> u8 {
-    spec.nodes.keys().position(|n| n == node).map(|i| i as u8 + 1).unwrap_or(0)
+    spec.nodes
+        .keys()
+        .position(|n| n == node)
+        .map(|i| i as u8 + 1)
+        .unwrap_or(0)
 }
 
 /// The node's addresses on its VLANs (DESIGN.md "Networks").
@@ -70,7 +74,11 @@ pub fn vlan_addresses(spec: &TestSpec, node: &NodeSpec) -> Vec<VlanAddress> {
 pub fn hosts_file(spec: &TestSpec, node: &NodeSpec) -> String {
     let mut s = String::from("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n");
     for other in spec.nodes.values() {
-        let shared = other.vlans.iter().find(|v| node.vlans.contains(v)).or(other.vlans.first());
+        let shared = other
+            .vlans
+            .iter()
+            .find(|v| node.vlans.contains(v))
+            .or(other.vlans.first());
         if let Some(v) = shared {
             let k = node_number(spec, &other.name);
             let _ = writeln!(s, "192.168.{v}.{k} {}", other.name);
@@ -86,11 +94,20 @@ pub fn hosts_file(spec: &TestSpec, node: &NodeSpec) -> String {
 pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io::Error> {
     let mut layer = NodeLayer::default();
     let mut add = |path: &str, mode: u32, contents: Vec<u8>| {
-        layer.files.push(LayerFile { path: path.to_owned(), mode, contents });
+        layer.files.push(LayerFile {
+            path: path.to_owned(),
+            mode,
+            contents,
+        });
     };
-    add("/etc/hostname", 0o644, format!("{}\n", node.name).into_bytes());
+    add(
+        "/etc/hostname",
+        0o644,
+        format!("{}\n", node.name).into_bytes(),
+    );
     add("/etc/hosts", 0o644, hosts_file(spec, node).into_bytes());
-    let id = hex::encode(&Sha256::digest(format!("vmrig-machine-id:{}", node.name).as_bytes())[..16]);
+    let id =
+        hex::encode(&Sha256::digest(format!("vmrig-machine-id:{}", node.name).as_bytes())[..16]);
     add("/etc/machine-id", 0o444, format!("{id}\n").into_bytes());
 
     let mut script = setup_script_header();
@@ -106,8 +123,17 @@ pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io
         add(path, file.mode_bits().unwrap_or(0o644), contents);
         if file.owner.is_some() || file.group.is_some() {
             let owner = file.owner.as_deref().unwrap_or("root");
-            let group = file.group.as_deref().map(|g| format!(":{g}")).unwrap_or_default();
-            let _ = writeln!(script, "chown {} {}", q(&format!("{owner}{group}")), q(path));
+            let group = file
+                .group
+                .as_deref()
+                .map(|g| format!(":{g}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                script,
+                "chown {} {}",
+                q(&format!("{owner}{group}")),
+                q(path)
+            );
         }
     }
 
@@ -115,31 +141,57 @@ pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io
         let unit = ServiceSpec::unit_name(name);
         if service.is_new() {
             if let Some(body) = &service.script {
-                add(&format!("/etc/vmrig/services/{name}.sh"), 0o755, format!("#!/bin/bash\nset -e\n{body}\n").into_bytes());
+                add(
+                    &format!("/etc/vmrig/services/{name}.sh"),
+                    0o755,
+                    format!("#!/bin/bash\nset -e\n{body}\n").into_bytes(),
+                );
             }
-            add(&format!("/etc/systemd/system/{unit}"), 0o644, unit_file(name, service).into_bytes());
+            add(
+                &format!("/etc/systemd/system/{unit}"),
+                0o644,
+                unit_file(name, service).into_bytes(),
+            );
             if service.enable {
                 for target in &service.wanted_by {
-                    layer.symlinks.push((format!("/etc/systemd/system/{target}.wants/{unit}"), format!("../{unit}")));
+                    layer.symlinks.push((
+                        format!("/etc/systemd/system/{target}.wants/{unit}"),
+                        format!("../{unit}"),
+                    ));
                 }
             }
         } else if service.enable {
-            let _ = writeln!(script, "systemctl enable --quiet {} 2>&1 || echo \"vmrig: could not enable {unit}\"", q(&unit));
+            let _ = writeln!(
+                script,
+                "systemctl enable --quiet {} 2>&1 || echo \"vmrig: could not enable {unit}\"",
+                q(&unit)
+            );
         } else {
-            let _ = writeln!(script, "systemctl disable --quiet {} 2>&1 || true", q(&unit));
+            let _ = writeln!(
+                script,
+                "systemctl disable --quiet {} 2>&1 || true",
+                q(&unit)
+            );
         }
     }
 
     if node.firewall.is_enabled() {
-        add("/etc/nftables.conf", 0o755, firewall_rules(node).into_bytes());
+        add(
+            "/etc/nftables.conf",
+            0o755,
+            firewall_rules(node).into_bytes(),
+        );
         layer.symlinks.push((
             "/etc/systemd/system/sysinit.target.wants/nftables.service".into(),
             "/lib/systemd/system/nftables.service".into(),
         ));
     }
 
-    let mut layer = layer;
-    layer.files.push(LayerFile { path: "/etc/vmrig/node-setup.sh".into(), mode: 0o755, contents: script.into_bytes() });
+    layer.files.push(LayerFile {
+        path: "/etc/vmrig/node-setup.sh".into(),
+        mode: 0o755,
+        contents: script.into_bytes(),
+    });
     Ok(layer)
 }
 
@@ -150,7 +202,9 @@ fn setup_script_header() -> String {
 fn network_setup(addresses: &[VlanAddress]) -> String {
     let mut s = String::from("ip link set lo up\n");
     // eth0 is QEMU user networking: reachable from the host (forward_port), no route out.
-    s.push_str("ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 2>/dev/null\n");
+    s.push_str(
+        "ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 2>/dev/null\n",
+    );
     for a in addresses {
         let _ = writeln!(
             s,
@@ -185,7 +239,11 @@ fn users_setup(node: &NodeSpec) -> String {
         if !user.groups.is_empty() {
             let _ = write!(cmd, " --groups {}", q(&user.groups.join(",")));
         }
-        let _ = write!(cmd, " --shell {}", q(user.shell.as_deref().unwrap_or("/bin/bash")));
+        let _ = write!(
+            cmd,
+            " --shell {}",
+            q(user.shell.as_deref().unwrap_or("/bin/bash"))
+        );
         if let Some(home) = &user.home {
             let _ = write!(cmd, " --home-dir {}", q(home));
         }
@@ -223,7 +281,11 @@ pub fn unit_file(name: &str, service: &ServiceSpec) -> String {
         let _ = writeln!(s, "User={user}");
     }
     for (k, v) in &service.environment {
-        let _ = writeln!(s, "Environment=\"{k}={}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
+        let _ = writeln!(
+            s,
+            "Environment=\"{k}={}\"",
+            v.replace('\\', "\\\\").replace('"', "\\\"")
+        );
     }
     for (k, v) in &service.service_config {
         for value in v.values() {
@@ -236,15 +298,29 @@ pub fn unit_file(name: &str, service: &ServiceSpec) -> String {
 /// nftables rules: on VLAN interfaces accept only established traffic, ICMP and the listed
 /// ports; loopback and eth0 (host-only user networking) are not filtered.
 pub fn firewall_rules(node: &NodeSpec) -> String {
-    let set = |ports: &[u16]| ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+    let set = |ports: &[u16]| {
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut s = String::from(
         "#!/usr/sbin/nft -f\nflush ruleset\ntable inet vmrig_firewall {\n  chain input {\n    type filter hook input priority filter; policy accept;\n    iifname { \"lo\", \"eth0\" } accept\n    ct state established,related accept\n    meta l4proto { icmp, ipv6-icmp } accept\n",
     );
     if !node.firewall.allowed_tcp_ports.is_empty() {
-        let _ = writeln!(s, "    tcp dport {{ {} }} accept", set(&node.firewall.allowed_tcp_ports));
+        let _ = writeln!(
+            s,
+            "    tcp dport {{ {} }} accept",
+            set(&node.firewall.allowed_tcp_ports)
+        );
     }
     if !node.firewall.allowed_udp_ports.is_empty() {
-        let _ = writeln!(s, "    udp dport {{ {} }} accept", set(&node.firewall.allowed_udp_ports));
+        let _ = writeln!(
+            s,
+            "    udp dport {{ {} }} accept",
+            set(&node.firewall.allowed_udp_ports)
+        );
     }
     s.push_str("    drop\n  }\n}\n");
     s
@@ -297,10 +373,22 @@ mod tests {
     fn addresses_follow_alphabetical_node_numbers() {
         let s = spec(TWO);
         let client = vlan_addresses(&s, &s.nodes["client"]);
-        assert_eq!(client[0], VlanAddress { vlan: 1, interface: "eth1".into(), mac: "52:54:00:12:01:01".into(), ipv4: "192.168.1.1".into(), ipv6: "2001:db8:1::1".into() });
+        assert_eq!(
+            client[0],
+            VlanAddress {
+                vlan: 1,
+                interface: "eth1".into(),
+                mac: "52:54:00:12:01:01".into(),
+                ipv4: "192.168.1.1".into(),
+                ipv6: "2001:db8:1::1".into()
+            }
+        );
         assert_eq!(client[1].interface, "eth2");
         assert_eq!(client[1].ipv4, "192.168.2.1");
-        assert_eq!(vlan_addresses(&s, &s.nodes["server"])[0].ipv4, "192.168.1.3");
+        assert_eq!(
+            vlan_addresses(&s, &s.nodes["server"])[0].ipv4,
+            "192.168.1.3"
+        );
     }
 
     #[test]
@@ -319,33 +407,80 @@ mod tests {
         assert!(rules.contains("tcp dport { 80 } accept"));
         assert!(rules.trim_end().ends_with("drop\n  }\n}"));
         let layer = node_layer(&s, &s.nodes["server"]).unwrap();
-        assert!(layer.symlinks.iter().any(|(l, _)| l.ends_with("nftables.service")));
-        assert!(node_layer(&s, &s.nodes["client"]).unwrap().symlinks.is_empty());
+        assert!(layer
+            .symlinks
+            .iter()
+            .any(|(l, _)| l.ends_with("nftables.service")));
+        assert!(node_layer(&s, &s.nodes["client"])
+            .unwrap()
+            .symlinks
+            .is_empty());
     }
 
     #[test]
     fn users_files_and_services() {
         let s = spec("name = \"t\"\ntest_script = \"x\"\n[nodes.m.users.alice]\ngroups = [\"wheel\"]\npassword = \"pw\"\n[nodes.m.files.\"/etc/motd\"]\ntext = \"hi\"\nmode = \"0600\"\nowner = \"alice\"\n[nodes.m.services.hello]\nscript = \"echo hi\"\nuser = \"alice\"\nenvironment = { A = \"b c\" }\n[nodes.m.services.ssh]\nenable = false\n");
         let layer = node_layer(&s, &s.nodes["m"]).unwrap();
-        let setup = String::from_utf8(layer.files.iter().find(|f| f.path == "/etc/vmrig/node-setup.sh").unwrap().contents.clone()).unwrap();
-        assert!(setup.contains("getent group 'wheel' >/dev/null || groupadd 'wheel'"), "{setup}");
+        let setup = String::from_utf8(
+            layer
+                .files
+                .iter()
+                .find(|f| f.path == "/etc/vmrig/node-setup.sh")
+                .unwrap()
+                .contents
+                .clone(),
+        )
+        .unwrap();
+        assert!(
+            setup.contains("getent group 'wheel' >/dev/null || groupadd 'wheel'"),
+            "{setup}"
+        );
         assert!(setup.contains("id 'alice' >/dev/null 2>&1 || useradd --create-home --groups 'wheel' --shell '/bin/bash' 'alice'"), "{setup}");
         assert!(setup.contains("echo 'alice:pw' | chpasswd"));
         assert!(setup.contains("chown 'alice' '/etc/motd'"));
         assert!(setup.contains("systemctl disable --quiet 'ssh.service'"));
         let motd = layer.files.iter().find(|f| f.path == "/etc/motd").unwrap();
-        assert_eq!((motd.mode, motd.contents.as_slice()), (0o600, b"hi".as_slice()));
-        let unit = String::from_utf8(layer.files.iter().find(|f| f.path == "/etc/systemd/system/hello.service").unwrap().contents.clone()).unwrap();
-        assert!(unit.contains("ExecStart=/etc/vmrig/services/hello.sh\nUser=alice\nEnvironment=\"A=b c\"\n"), "{unit}");
-        assert!(layer.symlinks.contains(&("/etc/systemd/system/multi-user.target.wants/hello.service".into(), "../hello.service".into())));
+        assert_eq!(
+            (motd.mode, motd.contents.as_slice()),
+            (0o600, b"hi".as_slice())
+        );
+        let unit = String::from_utf8(
+            layer
+                .files
+                .iter()
+                .find(|f| f.path == "/etc/systemd/system/hello.service")
+                .unwrap()
+                .contents
+                .clone(),
+        )
+        .unwrap();
+        assert!(
+            unit.contains(
+                "ExecStart=/etc/vmrig/services/hello.sh\nUser=alice\nEnvironment=\"A=b c\"\n"
+            ),
+            "{unit}"
+        );
+        assert!(layer.symlinks.contains(&(
+            "/etc/systemd/system/multi-user.target.wants/hello.service".into(),
+            "../hello.service".into()
+        )));
     }
 
     #[test]
     fn setup_script_is_valid_sh() {
         let s = spec(TWO);
         let layer = node_layer(&s, &s.nodes["client"]).unwrap();
-        let setup = layer.files.iter().find(|f| f.path == "/etc/vmrig/node-setup.sh").unwrap();
-        let status = std::process::Command::new("sh").arg("-n").arg("-c").arg(String::from_utf8_lossy(&setup.contents).as_ref()).status().unwrap();
+        let setup = layer
+            .files
+            .iter()
+            .find(|f| f.path == "/etc/vmrig/node-setup.sh")
+            .unwrap();
+        let status = std::process::Command::new("sh")
+            .arg("-n")
+            .arg("-c")
+            .arg(String::from_utf8_lossy(&setup.contents).as_ref())
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 

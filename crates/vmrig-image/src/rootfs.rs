@@ -79,7 +79,8 @@ pub fn build(
     let step = format!("root image for {}", nodes.join(", "));
     let mirror = b.mirror_for(inputs);
     b.cached_step(&step, &key, |out| {
-        bootstrap(b, &step, inputs, mirror.as_deref(), &script, out).map_err(|e| unknown_package(e, nodes))
+        bootstrap(b, &step, inputs, mirror.as_deref(), &script, out)
+            .map_err(|e| unknown_package(e, nodes))
     })
 }
 
@@ -100,7 +101,11 @@ fn bootstrap(
     let mut cmd = Command::new("mmdebstrap");
     cmd.env("TMPDIR", out)
         .arg("--variant=minbase")
-        .arg(if is_root() { "--mode=root" } else { "--mode=unshare" })
+        .arg(if is_root() {
+            "--mode=root"
+        } else {
+            "--mode=unshare"
+        })
         .arg(format!("--include={}", include.join(",")))
         .arg(format!("--customize-hook=sh {} \"$1\"", hook.display()))
         .arg(&inputs.suite)
@@ -132,7 +137,8 @@ fn in_namespace(program: &Path) -> Command {
         Command::new(program)
     } else {
         let mut cmd = Command::new("unshare");
-        cmd.args(["--map-root-user", "--map-auto", "--"]).arg(program);
+        cmd.args(["--map-root-user", "--map-auto", "--"])
+            .arg(program);
         cmd
     }
 }
@@ -141,9 +147,13 @@ fn dir_size(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for entry in entries.flatten() {
-            let Ok(meta) = entry.path().symlink_metadata() else { continue };
+            let Ok(meta) = entry.path().symlink_metadata() else {
+                continue;
+            };
             if meta.is_dir() {
                 stack.push(entry.path());
             } else {
@@ -184,7 +194,10 @@ fn unknown_package(err: ImageError, nodes: &[String]) -> ImageError {
     if let ImageError::Tool { lines, .. } = &err {
         for line in lines {
             if let Some(package) = unknown_package_in(line) {
-                return ImageError::UnknownPackage { package, nodes: nodes.join(", ") };
+                return ImageError::UnknownPackage {
+                    package,
+                    nodes: nodes.join(", "),
+                };
             }
         }
     }
@@ -196,7 +209,11 @@ pub fn unknown_package_in(line: &str) -> Option<String> {
     let rest = line
         .split_once("Unable to locate package ")
         .map(|(_, r)| r)
-        .or_else(|| line.split_once("Package '").map(|(_, r)| r).filter(|r| r.contains("has no installation candidate")))?;
+        .or_else(|| {
+            line.split_once("Package '")
+                .map(|(_, r)| r)
+                .filter(|r| r.contains("has no installation candidate"))
+        })?;
     let name: String = rest
         .chars()
         .take_while(|c| c.is_ascii_alphanumeric() || "+-.:".contains(*c))
@@ -210,7 +227,10 @@ mod tests {
 
     #[test]
     fn finds_the_unknown_package_in_apt_output() {
-        assert_eq!(unknown_package_in("E: Unable to locate package nosuchpkg").as_deref(), Some("nosuchpkg"));
+        assert_eq!(
+            unknown_package_in("E: Unable to locate package nosuchpkg").as_deref(),
+            Some("nosuchpkg")
+        );
         assert_eq!(
             unknown_package_in("E: Package 'foo' has no installation candidate").as_deref(),
             Some("foo")

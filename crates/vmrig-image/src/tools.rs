@@ -12,9 +12,18 @@ pub struct HostTool {
 
 /// What `vmrig build` runs on the host.
 pub const BUILD_TOOLS: &[HostTool] = &[
-    HostTool { program: "mmdebstrap", package: "mmdebstrap" },
-    HostTool { program: "mke2fs", package: "e2fsprogs" },
-    HostTool { program: "depmod", package: "kmod" },
+    HostTool {
+        program: "mmdebstrap",
+        package: "mmdebstrap",
+    },
+    HostTool {
+        program: "mke2fs",
+        package: "e2fsprogs",
+    },
+    HostTool {
+        program: "depmod",
+        package: "kmod",
+    },
 ];
 
 /// Finds `program` on `PATH` (and in the sbin directories, which non-root PATHs lack).
@@ -35,7 +44,11 @@ fn is_executable(path: &std::path::Path) -> bool {
 
 /// The tools of `tools` that are missing, as `(program, package)`.
 pub fn missing(tools: &[HostTool]) -> Vec<HostTool> {
-    tools.iter().copied().filter(|t| find_program(t.program).is_none()).collect()
+    tools
+        .iter()
+        .copied()
+        .filter(|t| find_program(t.program).is_none())
+        .collect()
 }
 
 /// One line that names every missing program and the command that installs them all.
@@ -57,8 +70,14 @@ mod tests {
     #[test]
     fn message_names_programs_and_packages() {
         let msg = missing_message(&[
-            HostTool { program: "mmdebstrap", package: "mmdebstrap" },
-            HostTool { program: "mke2fs", package: "e2fsprogs" },
+            HostTool {
+                program: "mmdebstrap",
+                package: "mmdebstrap",
+            },
+            HostTool {
+                program: "mke2fs",
+                package: "e2fsprogs",
+            },
         ]);
         assert_eq!(
             msg,

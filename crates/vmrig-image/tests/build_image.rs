@@ -72,7 +72,13 @@ fn unknown_package_names_the_package_and_node() {
     };
     let mirror = builder.mirror_for(&inputs);
     let kernel = vmrig_image::kernel::build(&builder, "bookworm", mirror.as_deref()).unwrap();
-    let err = vmrig_image::rootfs::build(&builder, &inputs, &kernel, &["server".into()]).unwrap_err();
+    let err =
+        vmrig_image::rootfs::build(&builder, &inputs, &kernel, &["server".into()]).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.starts_with("unknown Debian package `vmrig-no-such-package` (asked for by node server)"), "{msg}");
+    assert!(
+        msg.starts_with(
+            "unknown Debian package `vmrig-no-such-package` (asked for by node server)"
+        ),
+        "{msg}"
+    );
 }

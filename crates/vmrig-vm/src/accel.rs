@@ -39,7 +39,9 @@ impl std::str::FromStr for AccelChoice {
             "auto" => Ok(AccelChoice::Auto),
             "kvm" => Ok(AccelChoice::Kvm),
             "tcg" => Ok(AccelChoice::Tcg),
-            other => Err(format!("unknown accelerator `{other}` (expected auto, kvm or tcg)")),
+            other => Err(format!(
+                "unknown accelerator `{other}` (expected auto, kvm or tcg)"
+            )),
         }
     }
 }
@@ -67,15 +69,24 @@ pub fn decide_with(
     kvm_dev: &Path,
     sys_module: &Path,
 ) -> Result<AccelDecision, KvmUnusable> {
-    let tcg = |reason: String| AccelDecision { accel: Accel::Tcg, reason };
+    let tcg = |reason: String| AccelDecision {
+        accel: Accel::Tcg,
+        reason,
+    };
     match choice {
         AccelChoice::Tcg => Ok(tcg("requested with --accel tcg".into())),
         AccelChoice::Kvm => match kvm_problem(kvm_dev, sys_module) {
-            None => Ok(AccelDecision { accel: Accel::Kvm, reason: "requested with --accel kvm".into() }),
+            None => Ok(AccelDecision {
+                accel: Accel::Kvm,
+                reason: "requested with --accel kvm".into(),
+            }),
             Some(problem) => Err(KvmUnusable(problem)),
         },
         AccelChoice::Auto => Ok(match kvm_problem(kvm_dev, sys_module) {
-            None => AccelDecision { accel: Accel::Kvm, reason: format!("{} is usable", kvm_dev.display()) },
+            None => AccelDecision {
+                accel: Accel::Kvm,
+                reason: format!("{} is usable", kvm_dev.display()),
+            },
             Some(problem) => tcg(problem),
         }),
     }
@@ -83,7 +94,10 @@ pub fn decide_with(
 
 fn kvm_problem(kvm_dev: &Path, sys_module: &Path) -> Option<String> {
     if !kvm_dev.exists() {
-        return Some(format!("{} does not exist (no hardware virtualisation here)", kvm_dev.display()));
+        return Some(format!(
+            "{} does not exist (no hardware virtualisation here)",
+            kvm_dev.display()
+        ));
     }
     if sys_module.join("kvm_pvm").exists() {
         return Some(format!(
@@ -92,7 +106,11 @@ fn kvm_problem(kvm_dev: &Path, sys_module: &Path) -> Option<String> {
             sys_module.display()
         ));
     }
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(kvm_dev) {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(kvm_dev)
+    {
         return Some(format!(
             "{} is not accessible ({e}); add yourself to the `kvm` group",
             kvm_dev.display()
@@ -127,14 +145,23 @@ mod tests {
         let d = decide_on(dir.path(), AccelChoice::Auto).unwrap();
         assert_eq!(d.accel, Accel::Tcg);
         assert!(d.reason.contains("PVM"), "{}", d.reason);
-        assert!(decide_on(dir.path(), AccelChoice::Kvm).unwrap_err().0.contains("PVM"));
+        assert!(decide_on(dir.path(), AccelChoice::Kvm)
+            .unwrap_err()
+            .0
+            .contains("PVM"));
     }
 
     #[test]
     fn usable_kvm_is_chosen_unless_tcg_is_forced() {
         let dir = host(true, false);
-        assert_eq!(decide_on(dir.path(), AccelChoice::Auto).unwrap().accel, Accel::Kvm);
-        assert_eq!(decide_on(dir.path(), AccelChoice::Tcg).unwrap().accel, Accel::Tcg);
+        assert_eq!(
+            decide_on(dir.path(), AccelChoice::Auto).unwrap().accel,
+            Accel::Kvm
+        );
+        assert_eq!(
+            decide_on(dir.path(), AccelChoice::Tcg).unwrap().accel,
+            Accel::Tcg
+        );
     }
 
     #[test]

@@ -95,7 +95,9 @@ pub fn parse_reply(line: &[u8]) -> Result<CommandOutput, ShellError> {
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
         .ok_or_else(garbled)?;
-    let stdout = base64::engine::general_purpose::STANDARD.decode(&line[..space]).map_err(|_| garbled())?;
+    let stdout = base64::engine::general_purpose::STANDARD
+        .decode(&line[..space])
+        .map_err(|_| garbled())?;
     Ok(CommandOutput { status, stdout })
 }
 
@@ -125,7 +127,11 @@ pub struct Shell<S: TimedStream> {
 
 impl<S: TimedStream> Shell<S> {
     pub fn new(stream: S) -> Self {
-        Shell { stream, pending: Vec::new(), busy: None }
+        Shell {
+            stream,
+            pending: Vec::new(),
+            busy: None,
+        }
     }
 
     /// Reads until the banner line; anything before it is discarded.
@@ -139,21 +145,30 @@ impl<S: TimedStream> Shell<S> {
     }
 
     /// Runs `command`; waits for its reply until `deadline` (None: no bound — callers pass one).
-    pub fn run(&mut self, command: &str, deadline: Option<Instant>) -> Result<CommandOutput, ShellError> {
+    pub fn run(
+        &mut self,
+        command: &str,
+        deadline: Option<Instant>,
+    ) -> Result<CommandOutput, ShellError> {
         let line = frame(command)?;
         if let Some(earlier) = self.busy.clone() {
             // The reply of a command that outlived its deadline may have arrived since:
             // then the shell is free again. Otherwise it is still running.
-            let wait = deadline.unwrap_or_else(Instant::now).min(Instant::now() + Duration::from_millis(50));
+            let wait = deadline
+                .unwrap_or_else(Instant::now)
+                .min(Instant::now() + Duration::from_millis(50));
             match self.read_line(wait, MAX_OUTPUT / 3 * 4 + 64) {
                 Ok(_) => self.busy = None,
                 Err(ShellError::Timeout(_)) => return Err(ShellError::Busy(earlier)),
                 Err(e) => return Err(e),
             }
         }
-        self.stream.write_all(line.as_bytes()).map_err(closed_or_io)?;
+        self.stream
+            .write_all(line.as_bytes())
+            .map_err(closed_or_io)?;
         self.stream.flush().map_err(closed_or_io)?;
-        let deadline = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
+        let deadline =
+            deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
         match self.read_line(deadline, MAX_OUTPUT / 3 * 4 + 64) {
             Ok(reply) => parse_reply(&reply),
             Err(e) => {
@@ -195,7 +210,11 @@ impl<S: TimedStream> Shell<S> {
             match self.stream.read(&mut buf) {
                 Ok(0) => return Err(ShellError::Closed),
                 Ok(n) => self.pending.extend_from_slice(&buf[..n]),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
@@ -219,10 +238,28 @@ mod tests {
 
     #[test]
     fn replies_parse() {
-        assert_eq!(parse_reply(b"aGkK 0").unwrap(), CommandOutput { status: 0, stdout: b"hi\n".to_vec() });
-        assert_eq!(parse_reply(b" 3").unwrap(), CommandOutput { status: 3, stdout: vec![] });
-        assert!(matches!(parse_reply(b"garbage"), Err(ShellError::Protocol(_))));
-        assert!(matches!(parse_reply(b"!!!! 0"), Err(ShellError::Protocol(_))));
+        assert_eq!(
+            parse_reply(b"aGkK 0").unwrap(),
+            CommandOutput {
+                status: 0,
+                stdout: b"hi\n".to_vec()
+            }
+        );
+        assert_eq!(
+            parse_reply(b" 3").unwrap(),
+            CommandOutput {
+                status: 3,
+                stdout: vec![]
+            }
+        );
+        assert!(matches!(
+            parse_reply(b"garbage"),
+            Err(ShellError::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_reply(b"!!!! 0"),
+            Err(ShellError::Protocol(_))
+        ));
     }
 
     proptest! {

@@ -84,10 +84,17 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         "pc".into(),
     ];
     match cfg.accel {
-        Accel::Kvm => a.extend(["-accel", "kvm", "-cpu", "host,arch-capabilities=off"].map(String::from)),
+        Accel::Kvm => {
+            a.extend(["-accel", "kvm", "-cpu", "host,arch-capabilities=off"].map(String::from))
+        }
         Accel::Tcg => a.extend(["-accel", "tcg,thread=multi", "-cpu", "max"].map(String::from)),
     }
-    a.extend(["-m".into(), cfg.memory_mib.to_string(), "-smp".into(), cfg.cpus.to_string()]);
+    a.extend([
+        "-m".into(),
+        cfg.memory_mib.to_string(),
+        "-smp".into(),
+        cfg.cpus.to_string(),
+    ]);
     if let Some(fw) = &cfg.firmware {
         a.extend(["-bios".into(), qemu_escape(fw)]);
     }
@@ -102,7 +109,10 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         "-append".into(),
         kernel_command_line(cfg),
         "-drive".into(),
-        format!("file={},if=virtio,format=qcow2,cache=unsafe,discard=unmap", qemu_escape(&cfg.disk)),
+        format!(
+            "file={},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
+            qemu_escape(&cfg.disk)
+        ),
         // Serial console on stdout: the driver reads it line by line.
         "-serial".into(),
         "stdio".into(),
@@ -121,9 +131,19 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         "virtio-rng-pci".into(),
     ]);
     if cfg.graphics {
-        a.extend(["-vga".into(), "std".into(), "-display".into(), "none".into()]);
+        a.extend([
+            "-vga".into(),
+            "std".into(),
+            "-display".into(),
+            "none".into(),
+        ]);
     } else {
-        a.extend(["-vga".into(), "none".into(), "-display".into(), "none".into()]);
+        a.extend([
+            "-vga".into(),
+            "none".into(),
+            "-display".into(),
+            "none".into(),
+        ]);
     }
     // eth0: QEMU user networking, restricted (no route out: tests are hermetic), only for
     // forward_port. Fixed PCI slots keep eth0, eth1, ... in this order.
@@ -141,9 +161,16 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         let id = format!("vlan{}", nic.vlan);
         a.extend([
             "-netdev".into(),
-            format!("stream,id={id},server=off,addr.type=unix,addr.path={}", qemu_escape(&nic.socket)),
+            format!(
+                "stream,id={id},server=off,addr.type=unix,addr.path={}",
+                qemu_escape(&nic.socket)
+            ),
             "-device".into(),
-            format!("virtio-net-pci,netdev={id},addr={:#x},mac={}", 0x11 + i, nic.mac),
+            format!(
+                "virtio-net-pci,netdev={id},addr={:#x},mac={}",
+                0x11 + i,
+                nic.mac
+            ),
         ]);
     }
     a.into_iter().map(OsString::from).collect()
@@ -171,7 +198,11 @@ mod tests {
             kernel_params: vec!["foo=bar".into()],
             shell_socket: "/run/server/shell".into(),
             qmp_socket: "/run/server/qmp".into(),
-            vlans: vec![VlanNic { vlan: 1, mac: vlan_mac(1, 2), socket: "/run/vlan1/server.sock".into() }],
+            vlans: vec![VlanNic {
+                vlan: 1,
+                mac: vlan_mac(1, 2),
+                socket: "/run/vlan1/server.sock".into(),
+            }],
             graphics: false,
             firmware: Some("/usr/share/qemu/qboot.rom".into()),
             allow_reboot: false,
@@ -180,7 +211,11 @@ mod tests {
     }
 
     fn joined(cfg: &VmConfig) -> String {
-        qemu_args(cfg).iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        qemu_args(cfg)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
@@ -210,7 +245,11 @@ mod tests {
     #[test]
     fn nics_get_consecutive_slots_in_vlan_order() {
         let mut cfg = config();
-        cfg.vlans.push(VlanNic { vlan: 2, mac: vlan_mac(2, 2), socket: "/run/vlan2/server.sock".into() });
+        cfg.vlans.push(VlanNic {
+            vlan: 2,
+            mac: vlan_mac(2, 2),
+            socket: "/run/vlan2/server.sock".into(),
+        });
         let line = joined(&cfg);
         assert!(line.contains("netdev=vlan1,addr=0x11,mac=52:54:00:12:01:02"));
         assert!(line.contains("netdev=vlan2,addr=0x12,mac=52:54:00:12:02:02"));

@@ -29,13 +29,31 @@ pub enum VmError {
         source: std::io::Error,
     },
     #[error("QEMU for `{machine}` exited during start-up ({status}):\n{stderr}")]
-    EarlyExit { machine: String, status: String, stderr: String },
+    EarlyExit {
+        machine: String,
+        status: String,
+        stderr: String,
+    },
     #[error("QEMU for `{machine}` did not connect its {what} socket within {timeout:?}")]
-    ConnectTimeout { machine: String, what: &'static str, timeout: Duration },
+    ConnectTimeout {
+        machine: String,
+        what: &'static str,
+        timeout: Duration,
+    },
     #[error("`{machine}` did not start its backdoor shell within {timeout:?}; last console lines:\n{console}")]
-    BootTimeout { machine: String, timeout: Duration, console: String },
-    #[error("`{machine}` stopped before its shell came up ({status}); last console lines:\n{console}")]
-    DiedBooting { machine: String, status: String, console: String },
+    BootTimeout {
+        machine: String,
+        timeout: Duration,
+        console: String,
+    },
+    #[error(
+        "`{machine}` stopped before its shell came up ({status}); last console lines:\n{console}"
+    )]
+    DiedBooting {
+        machine: String,
+        status: String,
+        console: String,
+    },
     #[error("`{machine}`: {source}")]
     Shell {
         machine: String,
@@ -90,7 +108,10 @@ impl Vm {
         let shell_listener = listen(&cfg.shell_socket)?;
         let qmp_listener = listen(&cfg.qmp_socket)?;
         let mut cmd = Command::new(qemu);
-        cmd.args(qemu_args(&cfg)).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(qemu_args(&cfg))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = GuardedChild::spawn(cmd).map_err(|source| VmError::Spawn {
             program: qemu.display().to_string(),
             source,
@@ -118,7 +139,17 @@ impl Vm {
             .map_err(io_err(format!("opening {}", serial_log.display())))?;
         console.reopen();
         console.spawn_reader(&cfg.name, stdout, Some(log), sink);
-        Ok(Vm { cfg, qemu: child, console, stderr, shell: None, shell_listener, qmp: None, qmp_listener, needs_banner: false })
+        Ok(Vm {
+            cfg,
+            qemu: child,
+            console,
+            stderr,
+            shell: None,
+            shell_listener,
+            qmp: None,
+            qmp_listener,
+            needs_banner: false,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -140,10 +171,26 @@ impl Vm {
     /// Waits for QEMU to connect and the guest's shell to announce itself.
     pub fn wait_until_ready(&mut self, deadline: Instant) -> Result<(), VmError> {
         let connect_deadline = deadline.min(Instant::now() + CONNECT_TIMEOUT);
-        let stream = self.accept(&self.shell_listener.try_clone().map_err(io_err("shell socket"))?, "shell", connect_deadline)?;
-        let qmp = self.accept(&self.qmp_listener.try_clone().map_err(io_err("qmp socket"))?, "QMP", connect_deadline)?;
-        let qmp = Qmp::handshake(qmp, CONNECT_TIMEOUT)
-            .map_err(|source| VmError::Qmp { machine: self.cfg.name.clone(), source })?;
+        let stream = self.accept(
+            &self
+                .shell_listener
+                .try_clone()
+                .map_err(io_err("shell socket"))?,
+            "shell",
+            connect_deadline,
+        )?;
+        let qmp = self.accept(
+            &self
+                .qmp_listener
+                .try_clone()
+                .map_err(io_err("qmp socket"))?,
+            "QMP",
+            connect_deadline,
+        )?;
+        let qmp = Qmp::handshake(qmp, CONNECT_TIMEOUT).map_err(|source| VmError::Qmp {
+            machine: self.cfg.name.clone(),
+            source,
+        })?;
         self.qmp = Some(qmp);
         let mut shell = Shell::new(stream);
         let start = Instant::now();
@@ -158,17 +205,28 @@ impl Vm {
                 console: self.console_tail(),
             }),
             Err(_) => {
-                let status = self.qemu.wait_timeout(Duration::from_secs(2)).ok().flatten();
+                let status = self
+                    .qemu
+                    .wait_timeout(Duration::from_secs(2))
+                    .ok()
+                    .flatten();
                 Err(VmError::DiedBooting {
                     machine: self.cfg.name.clone(),
-                    status: status.map(|s| s.to_string()).unwrap_or_else(|| "still running".into()),
+                    status: status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "still running".into()),
                     console: self.console_tail(),
                 })
             }
         }
     }
 
-    fn accept(&mut self, listener: &UnixListener, what: &'static str, deadline: Instant) -> Result<UnixStream, VmError> {
+    fn accept(
+        &mut self,
+        listener: &UnixListener,
+        what: &'static str,
+        deadline: Instant,
+    ) -> Result<UnixStream, VmError> {
         listener.set_nonblocking(true).map_err(io_err("socket"))?;
         loop {
             match listener.accept() {
@@ -188,7 +246,11 @@ impl Vm {
                 });
             }
             if Instant::now() >= deadline {
-                return Err(VmError::ConnectTimeout { machine: self.cfg.name.clone(), what, timeout: CONNECT_TIMEOUT });
+                return Err(VmError::ConnectTimeout {
+                    machine: self.cfg.name.clone(),
+                    what,
+                    timeout: CONNECT_TIMEOUT,
+                });
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -200,15 +262,31 @@ impl Vm {
     }
 
     /// Runs a command in the guest's shell.
-    pub fn execute(&mut self, command: &str, deadline: Option<Instant>) -> Result<CommandOutput, VmError> {
+    pub fn execute(
+        &mut self,
+        command: &str,
+        deadline: Option<Instant>,
+    ) -> Result<CommandOutput, VmError> {
         let name = self.cfg.name.clone();
-        let shell = self.shell.as_mut().ok_or(VmError::NotRunning { machine: name.clone() })?;
+        let shell = self.shell.as_mut().ok_or(VmError::NotRunning {
+            machine: name.clone(),
+        })?;
         if self.needs_banner {
             let deadline = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(600));
-            shell.wait_for_banner(deadline).map_err(|source| VmError::Shell { machine: name.clone(), source })?;
+            shell
+                .wait_for_banner(deadline)
+                .map_err(|source| VmError::Shell {
+                    machine: name.clone(),
+                    source,
+                })?;
             self.needs_banner = false;
         }
-        shell.run(command, deadline).map_err(|source| VmError::Shell { machine: name, source })
+        shell
+            .run(command, deadline)
+            .map_err(|source| VmError::Shell {
+                machine: name,
+                source,
+            })
     }
 
     /// Sends a command without waiting for a reply (e.g. `poweroff`), dropping the shell.
@@ -216,7 +294,10 @@ impl Vm {
         use std::io::Write;
         if let Some(mut shell) = self.shell.take() {
             let line = format!("{command}\n");
-            shell.stream_mut().write_all(line.as_bytes()).map_err(io_err("writing to the guest shell"))?;
+            shell
+                .stream_mut()
+                .write_all(line.as_bytes())
+                .map_err(io_err("writing to the guest shell"))?;
         }
         Ok(())
     }
@@ -239,7 +320,10 @@ impl Vm {
 
     /// Waits for QEMU to exit, up to `timeout`.
     pub fn wait_for_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, VmError> {
-        let status = self.qemu.wait_timeout(timeout).map_err(io_err("waiting for QEMU"))?;
+        let status = self
+            .qemu
+            .wait_timeout(timeout)
+            .map_err(io_err("waiting for QEMU"))?;
         if status.is_some() {
             self.shell = None;
         }
@@ -259,7 +343,11 @@ pub fn console_tail(console: &Console) -> String {
     if lines.is_empty() {
         return "    (no console output)".into();
     }
-    lines.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+    lines
+        .iter()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn listen(path: &PathBuf) -> Result<UnixListener, VmError> {

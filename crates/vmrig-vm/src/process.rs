@@ -37,7 +37,14 @@ pub fn spawn_guarded(mut cmd: Command) -> io::Result<Child> {
             if libc::setpgid(0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             // The parent may already be gone between fork and prctl.
@@ -48,8 +55,13 @@ pub fn spawn_guarded(mut cmd: Command) -> io::Result<Child> {
         });
     }
     let (tx, rx) = channel();
-    spawner().lock().unwrap().send((cmd, tx)).map_err(|_| io::Error::other("spawner thread is gone"))?;
-    rx.recv().map_err(|_| io::Error::other("spawner thread is gone"))?
+    spawner()
+        .lock()
+        .unwrap()
+        .send((cmd, tx))
+        .map_err(|_| io::Error::other("spawner thread is gone"))?;
+    rx.recv()
+        .map_err(|_| io::Error::other("spawner thread is gone"))?
 }
 
 /// A child process group that is killed and reaped when dropped.
@@ -63,7 +75,10 @@ impl GuardedChild {
     pub fn spawn(cmd: Command) -> io::Result<GuardedChild> {
         let child = spawn_guarded(cmd)?;
         register(child.id());
-        Ok(GuardedChild { child, reaped: false })
+        Ok(GuardedChild {
+            child,
+            reaped: false,
+        })
     }
 
     pub fn child_mut(&mut self) -> &mut Child {
@@ -85,7 +100,10 @@ impl GuardedChild {
     }
 
     /// Waits for exit up to `timeout`; returns the status if it exited.
-    pub fn wait_timeout(&mut self, timeout: std::time::Duration) -> io::Result<Option<std::process::ExitStatus>> {
+    pub fn wait_timeout(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> io::Result<Option<std::process::ExitStatus>> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_wait()? {
@@ -150,29 +168,42 @@ mod tests {
     #[test]
     fn drop_kills_the_whole_group() {
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "sleep 300 & echo $! ; wait"]).stdout(std::process::Stdio::piped());
+        cmd.args(["-c", "sleep 300 & echo $! ; wait"])
+            .stdout(std::process::Stdio::piped());
         let mut child = GuardedChild::spawn(cmd).unwrap();
         let mut line = String::new();
         use std::io::BufRead;
-        std::io::BufReader::new(child.child_mut().stdout.take().unwrap()).read_line(&mut line).unwrap();
+        std::io::BufReader::new(child.child_mut().stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let grandchild: i32 = line.trim().parse().unwrap();
         drop(child);
         // The grandchild was in the group: it is gone (or a zombie being reaped by init).
         std::thread::sleep(std::time::Duration::from_millis(100));
         let stat = std::fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap_or_default();
-        assert!(stat.is_empty() || stat.contains(") Z "), "grandchild still alive: {stat}");
+        assert!(
+            stat.is_empty() || stat.contains(") Z "),
+            "grandchild still alive: {stat}"
+        );
     }
 
     #[test]
     fn children_run_in_their_own_process_group() {
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "ps -o pgid= -p $$"]).stdout(std::process::Stdio::piped());
+        cmd.args(["-c", "ps -o pgid= -p $$"])
+            .stdout(std::process::Stdio::piped());
         let mut child = GuardedChild::spawn(cmd).unwrap();
         let pid = child.id();
         let out = {
             let mut s = String::new();
             use std::io::Read;
-            child.child_mut().stdout.take().unwrap().read_to_string(&mut s).unwrap();
+            child
+                .child_mut()
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut s)
+                .unwrap();
             s
         };
         assert_eq!(out.trim(), pid.to_string());

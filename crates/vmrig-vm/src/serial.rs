@@ -118,7 +118,9 @@ impl Console {
         h.bytes += line.len();
         h.lines.push_back(line);
         while h.bytes > MAX_HISTORY_BYTES {
-            let Some(old) = h.lines.pop_front() else { break };
+            let Some(old) = h.lines.pop_front() else {
+                break;
+            };
             h.bytes -= old.len();
             h.first += 1;
         }
@@ -146,7 +148,11 @@ impl Console {
     /// The last `n` lines.
     pub fn tail(&self, n: usize) -> Vec<String> {
         let h = self.history.lock().unwrap();
-        h.lines.iter().skip(h.lines.len().saturating_sub(n)).cloned().collect()
+        h.lines
+            .iter()
+            .skip(h.lines.len().saturating_sub(n))
+            .cloned()
+            .collect()
     }
 
     /// All kept lines, joined with newlines.
@@ -235,10 +241,18 @@ mod tests {
         let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
-        let t = console.spawn_reader("m", rx, None, Arc::new(move |l: &str| seen2.lock().unwrap().push(l.to_owned())));
+        let t = console.spawn_reader(
+            "m",
+            rx,
+            None,
+            Arc::new(move |l: &str| seen2.lock().unwrap().push(l.to_owned())),
+        );
         tx.write_all(b"booting\nlogin: ").unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        assert_eq!(console.wait_for(0, deadline, |l| l.contains("booting")), Ok(0));
+        assert_eq!(
+            console.wait_for(0, deadline, |l| l.contains("booting")),
+            Ok(0)
+        );
         tx.write_all(b"\nready\n").unwrap();
         assert_eq!(console.wait_for(1, deadline, |l| l == "ready"), Ok(2));
         drop(tx);
@@ -253,7 +267,10 @@ mod tests {
     fn wait_times_out_when_nothing_matches() {
         let console = Console::new();
         console.push("x".into());
-        assert_eq!(console.wait_for(0, Instant::now() + Duration::from_millis(20), |l| l == "y"), Err(false));
+        assert_eq!(
+            console.wait_for(0, Instant::now() + Duration::from_millis(20), |l| l == "y"),
+            Err(false)
+        );
     }
 
     #[test]

@@ -17,7 +17,11 @@ fn bash_guest() -> (Shell<UnixStream>, std::process::Child) {
     let (host, guest) = UnixStream::pair().unwrap();
     let guest_out = guest.try_clone().unwrap();
     let mut child = Command::new("bash")
-        .args(["--norc", "-c", &format!("echo '{BANNER}'; exec bash --norc")])
+        .args([
+            "--norc",
+            "-c",
+            &format!("echo '{BANNER}'; exec bash --norc"),
+        ])
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(guest)))
         .stdout(Stdio::from(std::os::fd::OwnedFd::from(guest_out)))
         .stderr(Stdio::null())
@@ -77,7 +81,9 @@ fn scripted_guest(reply: &'static [u8], chunk: usize) -> Shell<UnixStream> {
         }
     });
     let mut shell = Shell::new(host);
-    shell.wait_for_banner(Instant::now() + Duration::from_secs(5)).unwrap();
+    shell
+        .wait_for_banner(Instant::now() + Duration::from_secs(5))
+        .unwrap();
     shell
 }
 
@@ -96,7 +102,9 @@ fn guest_closing_mid_reply_is_an_error() {
         g.write_all(format!("{BANNER}\naGVs").as_bytes()).unwrap();
     });
     let mut shell = Shell::new(host);
-    shell.wait_for_banner(Instant::now() + Duration::from_secs(5)).unwrap();
+    shell
+        .wait_for_banner(Instant::now() + Duration::from_secs(5))
+        .unwrap();
     t.join().unwrap();
     assert!(matches!(shell.run("x", soon(5)), Err(ShellError::Closed)));
 }
@@ -107,10 +115,20 @@ fn silent_guest_times_out_and_the_shell_is_then_busy() {
     let mut g = guest.try_clone().unwrap();
     g.write_all(format!("{BANNER}\n").as_bytes()).unwrap();
     let mut shell = Shell::new(host);
-    shell.wait_for_banner(Instant::now() + Duration::from_secs(5)).unwrap();
-    let err = shell.run("sleep 1000", Some(Instant::now() + Duration::from_millis(100))).unwrap_err();
+    shell
+        .wait_for_banner(Instant::now() + Duration::from_secs(5))
+        .unwrap();
+    let err = shell
+        .run(
+            "sleep 1000",
+            Some(Instant::now() + Duration::from_millis(100)),
+        )
+        .unwrap_err();
     assert!(matches!(err, ShellError::Timeout(_)), "{err}");
-    assert!(matches!(shell.run("true", soon(1)), Err(ShellError::Busy(_))));
+    assert!(matches!(
+        shell.run("true", soon(1)),
+        Err(ShellError::Busy(_))
+    ));
     drop(guest);
 }
 
@@ -125,8 +143,12 @@ fn endless_line_without_newline_is_bounded_by_the_deadline() {
         while Instant::now() < stop && g.write_all(&junk).is_ok() {}
     });
     let mut shell = Shell::new(host);
-    shell.wait_for_banner(Instant::now() + Duration::from_secs(5)).unwrap();
-    let err = shell.run("x", Some(Instant::now() + Duration::from_millis(300))).unwrap_err();
+    shell
+        .wait_for_banner(Instant::now() + Duration::from_secs(5))
+        .unwrap();
+    let err = shell
+        .run("x", Some(Instant::now() + Duration::from_millis(300)))
+        .unwrap_err();
     assert!(matches!(err, ShellError::Timeout(_)), "{err}");
 }
 
@@ -134,16 +156,26 @@ fn endless_line_without_newline_is_bounded_by_the_deadline() {
 fn banner_wait_is_bounded() {
     let (host, _guest) = UnixStream::pair().unwrap();
     let mut shell = Shell::new(host);
-    let err = shell.wait_for_banner(Instant::now() + Duration::from_millis(100)).unwrap_err();
+    let err = shell
+        .wait_for_banner(Instant::now() + Duration::from_millis(100))
+        .unwrap_err();
     assert!(matches!(err, ShellError::Timeout(_)));
 }
 
 #[test]
 fn shell_recovers_once_a_timed_out_command_finishes() {
     let (mut shell, mut child) = bash_guest();
-    let err = shell.run("sleep 0.5; echo late", Some(Instant::now() + Duration::from_millis(100))).unwrap_err();
+    let err = shell
+        .run(
+            "sleep 0.5; echo late",
+            Some(Instant::now() + Duration::from_millis(100)),
+        )
+        .unwrap_err();
     assert!(matches!(err, ShellError::Timeout(_)), "{err}");
-    assert!(matches!(shell.run("true", Some(Instant::now())), Err(ShellError::Busy(_))));
+    assert!(matches!(
+        shell.run("true", Some(Instant::now())),
+        Err(ShellError::Busy(_))
+    ));
     std::thread::sleep(Duration::from_millis(800));
     let out = shell.run("echo fresh", soon(10)).unwrap();
     assert_eq!(out.text(), "fresh\n");

@@ -108,9 +108,15 @@ mod tests {
         let spec = vmrig_spec::parse("nme = 1", std::path::Path::new("t.toml")).unwrap_err();
         assert_eq!(code_of(&anyhow::Error::new(spec).context("loading")), USAGE);
         let image = ImageError::MissingTools("missing host tools: x".into());
-        assert_eq!(code_of(&anyhow::Error::new(image).context("building")), IMAGE);
+        assert_eq!(
+            code_of(&anyhow::Error::new(image).context("building")),
+            IMAGE
+        );
         assert_eq!(code_of(&anyhow::anyhow!("qemu died")), INFRA);
-        assert_eq!(code_of(&anyhow::Error::new(Reported(TEST_FAILED))), TEST_FAILED);
+        assert_eq!(
+            code_of(&anyhow::Error::new(Reported(TEST_FAILED))),
+            TEST_FAILED
+        );
         assert_eq!(OK, 0);
     }
 }

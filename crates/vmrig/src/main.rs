@@ -33,7 +33,6 @@ use clap::{Parser, Subcommand};
 static VERBOSITY: AtomicU8 = AtomicU8::new(0);
 
 /// How many times `-v` was given (0 when not). For `vmrig run`, whose arguments are its own.
-#[allow(dead_code)]
 pub fn verbosity() -> u8 {
     VERBOSITY.load(Ordering::Relaxed)
 }

@@ -49,7 +49,10 @@ impl Progress {
 
     /// Plain lines on stderr, one per event.
     pub fn plain(verbose: bool) -> Progress {
-        Progress { verbose, fancy: None }
+        Progress {
+            verbose,
+            fancy: None,
+        }
     }
 
     /// Spinners on stderr.
@@ -83,7 +86,10 @@ impl Progress {
             let running = std::mem::take(&mut *lock(&fancy.running));
             for (step, bar) in running {
                 bar.set_style(done_style());
-                bar.abandon_with_message(format!("✗ {step}: failed after {}", format_elapsed(bar.elapsed())));
+                bar.abandon_with_message(format!(
+                    "✗ {step}: failed after {}",
+                    format_elapsed(bar.elapsed())
+                ));
             }
         }
     }
@@ -169,7 +175,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The part of a tool line that a terminal shows last (after any `\r`), without control
 /// characters or escape sequences.
 fn clean(line: &str) -> String {
-    let line = line.rsplit('\r').find(|s| !s.trim().is_empty()).unwrap_or("");
+    let line = line
+        .rsplit('\r')
+        .find(|s| !s.trim().is_empty())
+        .unwrap_or("");
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars().peekable();
     while let Some(c) = chars.next() {

@@ -105,7 +105,11 @@ fn gc(store: &Store, policy: &GcPolicy) -> anyhow::Result<i32> {
         .gc(policy)
         .with_context(|| format!("failed to collect garbage in {}", store.root().display()))?;
     let mut out = std::io::stdout().lock();
-    let verb = if policy.dry_run { "would remove" } else { "removed" };
+    let verb = if policy.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
     for entry in &report.removed {
         writeln!(
             out,
@@ -125,7 +129,11 @@ fn gc(store: &Store, policy: &GcPolicy) -> anyhow::Result<i32> {
     writeln!(
         out,
         "{} {count} path{}, {} {}; kept {} in use and {} used recently",
-        if policy.dry_run { "would remove" } else { "removed" },
+        if policy.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        },
         if count == 1 { "" } else { "s" },
         if policy.dry_run {
             "would free"

@@ -8,7 +8,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if text == "0" {
         return Ok(Duration::ZERO);
     }
-    let bad = || format!("invalid duration `{text}`: use a number with a unit, such as 7d, 12h, 30m, 45s or 0");
+    let bad = || {
+        format!(
+            "invalid duration `{text}`: use a number with a unit, such as 7d, 12h, 30m, 45s or 0"
+        )
+    };
     if text.is_empty() {
         return Err(bad());
     }
@@ -91,7 +95,10 @@ mod tests {
         assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
         assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(parse_duration("45s"), Ok(Duration::from_secs(45)));
-        assert_eq!(parse_duration("1d12h"), Ok(Duration::from_secs(86_400 + 12 * 3600)));
+        assert_eq!(
+            parse_duration("1d12h"),
+            Ok(Duration::from_secs(86_400 + 12 * 3600))
+        );
         for bad in ["", "7", "d", "7x", "-1d", "1.5d", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
@@ -110,8 +117,14 @@ mod tests {
         let now = SystemTime::now();
         assert_eq!(format_age(None, now), "never");
         assert_eq!(format_age(Some(now), now), "just now");
-        assert_eq!(format_age(Some(now - Duration::from_secs(300)), now), "5m ago");
-        assert_eq!(format_age(Some(now - Duration::from_secs(3 * 86_400)), now), "3d ago");
+        assert_eq!(
+            format_age(Some(now - Duration::from_secs(300)), now),
+            "5m ago"
+        );
+        assert_eq!(
+            format_age(Some(now - Duration::from_secs(3 * 86_400)), now),
+            "3d ago"
+        );
         assert_eq!(format_elapsed(Duration::from_millis(41_230)), "41.2s");
         assert_eq!(format_elapsed(Duration::from_secs(185)), "3m 05s");
     }

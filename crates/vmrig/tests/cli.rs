@@ -24,7 +24,10 @@ fn help_lists_subcommands_and_exit_codes() {
     assert_eq!(out.status.code(), Some(0));
     let stdout = text(&out.stdout);
     for word in ["run", "build", "store", "Exit codes", "infrastructure"] {
-        assert!(stdout.contains(word), "{word:?} missing from --help:\n{stdout}");
+        assert!(
+            stdout.contains(word),
+            "{word:?} missing from --help:\n{stdout}"
+        );
     }
     let out = vmrig(dir.path(), &["store", "--help"]);
     let stdout = text(&out.stdout);
@@ -57,7 +60,10 @@ fn every_bad_file_is_reported() {
     let a = dir.path().join("a.toml");
     std::fs::write(&a, "nme = \"a\"\n").unwrap();
     let b = dir.path().join("b.toml");
-    let out = vmrig(dir.path(), &["build", a.to_str().unwrap(), b.to_str().unwrap()]);
+    let out = vmrig(
+        dir.path(),
+        &["build", a.to_str().unwrap(), b.to_str().unwrap()],
+    );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("a.toml:1:1"), "{stderr}");
@@ -103,7 +109,10 @@ fn store_list_shows_paths() {
     let out = vmrig(&store, &["store", "list"]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(stdout.contains("NAME") && stdout.contains("SIZE"), "{stdout}");
+    assert!(
+        stdout.contains("NAME") && stdout.contains("SIZE"),
+        "{stdout}"
+    );
     assert!(stdout.contains("-kernel-bookworm"), "{stdout}");
     assert!(stdout.contains("1 path,"), "{stdout}");
 }
@@ -118,11 +127,18 @@ fn store_gc_all_dry_run_removes_nothing() {
     assert!(stdout.contains("would remove"), "{stdout}");
     assert!(stdout.contains("-kernel-bookworm"), "{stdout}");
     let listed = text(&vmrig(&store, &["store", "list"]).stdout);
-    assert!(listed.contains("-kernel-bookworm"), "dry run removed it:\n{listed}");
+    assert!(
+        listed.contains("-kernel-bookworm"),
+        "dry run removed it:\n{listed}"
+    );
 
     let out = vmrig(&store, &["store", "gc", "--all"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("removed"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("removed"),
+        "{}",
+        text(&out.stdout)
+    );
     assert!(text(&vmrig(&store, &["store", "list"]).stdout).contains("empty"));
 }
 
@@ -151,11 +167,15 @@ fn vmrig_store_dir_with_one_path(dir: &Path) -> std::path::PathBuf {
     let store = vmrig_store::Store::open(&root).unwrap();
     let key = vmrig_store::StoreKey::new("kernel-bookworm", b"test");
     store
-        .build(&key, |tmp| std::fs::write(tmp.join("vmlinuz"), b"not a kernel"))
+        .build(&key, |tmp| {
+            std::fs::write(tmp.join("vmlinuz"), b"not a kernel")
+        })
         .unwrap();
     root
 }
 
 fn vmrig_spec_load(path: &Path) -> Result<(), String> {
-    vmrig_spec::load(path).map(|_| ()).map_err(|e| e.to_string())
+    vmrig_spec::load(path)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }

@@ -1,0 +1,445 @@
+//! The NixOS machine API on top of [`Machine::execute`]: succeed/fail, the waits, units.
+//!
+//! Upstream semantics (nixos/lib/test-driver, machine/__init__.py), with its quirks fixed:
+//! each attempt of a wait is bounded by the time left (not by the whole budget), waits poll
+//! quickly at first (100 ms, growing to 1 s) instead of once a second, every wait has an
+//! upper bound (the global timeout at most), and arguments are shell-quoted.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use vmrig_vm::backdoor::shell_quote;
+
+use crate::machine::Machine;
+use crate::ApiError;
+
+/// Default budget of upstream's waits.
+pub const DEFAULT_WAIT: f64 = 900.0;
+/// Output shown in a failure message.
+const OUTPUT_EXCERPT: usize = 4000;
+
+fn excerpt(output: &str) -> String {
+    let trimmed = output.trim_end();
+    if trimmed.is_empty() {
+        return "(no output)".into();
+    }
+    if trimmed.len() <= OUTPUT_EXCERPT {
+        return trimmed.to_owned();
+    }
+    let mut cut = trimmed.len() - OUTPUT_EXCERPT;
+    while !trimmed.is_char_boundary(cut) {
+        cut += 1;
+    }
+    format!("[... {cut} bytes cut ...]\n{}", &trimmed[cut..])
+}
+
+impl Machine {
+    /// `succeed(*commands)`: each must exit 0; returns the concatenated output.
+    pub fn succeed(
+        &mut self,
+        commands: &[String],
+        timeout: Option<f64>,
+    ) -> Result<String, ApiError> {
+        let mut all = String::new();
+        for command in commands {
+            let logger = self.logger().clone();
+            let name = self.name.clone();
+            let output = logger.nested(format!("must succeed: {command}"), Some(&name), || {
+                let (status, output) = self.execute(command, timeout)?;
+                if status != 0 {
+                    return Err(ApiError::Assertion(format!(
+                        "command `{command}` failed (exit code {status}) on `{name}`\noutput:\n{}\nlast console lines of `{name}`:\n{}",
+                        excerpt(&output),
+                        vmrig_vm::machine::console_tail(self.console())
+                    )));
+                }
+                Ok(output)
+            })?;
+            all.push_str(&output);
+        }
+        Ok(all)
+    }
+
+    /// `fail(*commands)`: each must exit non-zero.
+    pub fn fail(&mut self, commands: &[String], timeout: Option<f64>) -> Result<String, ApiError> {
+        let mut all = String::new();
+        for command in commands {
+            let logger = self.logger().clone();
+            let name = self.name.clone();
+            let output = logger.nested(format!("must fail: {command}"), Some(&name), || {
+                let (status, output) = self.execute(command, timeout)?;
+                if status == 0 {
+                    return Err(ApiError::Assertion(format!(
+                        "command `{command}` unexpectedly succeeded on `{name}`\noutput:\n{}",
+                        excerpt(&output)
+                    )));
+                }
+                Ok(output)
+            })?;
+            all.push_str(&output);
+        }
+        Ok(all)
+    }
+
+    /// Polls `attempt` until it returns `Some`, each attempt bounded by the time left.
+    /// On timeout the error tells what was awaited and the last attempt's diagnosis.
+    pub fn poll<T>(
+        &mut self,
+        what: &str,
+        timeout: f64,
+        mut attempt: impl FnMut(&mut Machine, f64) -> Result<Result<T, String>, ApiError>,
+    ) -> Result<T, ApiError> {
+        let start = Instant::now();
+        let deadline = self.deadline_in(Some(timeout));
+        let mut interval = Duration::from_millis(100);
+        loop {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64();
+            let last = match attempt(self, left.max(0.001)) {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(diagnosis)) => diagnosis,
+                Err(ApiError::Timeout(_)) if Instant::now() >= deadline => {
+                    String::from("the last attempt was still running")
+                }
+                Err(e) => return Err(e),
+            };
+            if Instant::now() + interval >= deadline {
+                return Err(ApiError::Timeout(format!(
+                    "timed out after {:.0} s {what} on `{}`; {last}",
+                    start.elapsed().as_secs_f64(),
+                    self.name
+                )));
+            }
+            std::thread::sleep(interval);
+            interval = (interval * 3 / 2).min(Duration::from_secs(1));
+        }
+    }
+
+    pub fn wait_until_succeeds(&mut self, command: &str, timeout: f64) -> Result<String, ApiError> {
+        let logger = self.logger().clone();
+        let name = self.name.clone();
+        logger.nested(
+            format!("waiting for success: {command}"),
+            Some(&name),
+            || {
+                self.poll(
+                    &format!("waiting for success of `{command}`"),
+                    timeout,
+                    |m, left| {
+                        let (status, output) = m.execute(command, Some(left))?;
+                        Ok(if status == 0 {
+                            Ok(output)
+                        } else {
+                            Err(format!(
+                                "last exit code {status}, output:\n{}",
+                                excerpt(&output)
+                            ))
+                        })
+                    },
+                )
+            },
+        )
+    }
+
+    pub fn wait_until_fails(&mut self, command: &str, timeout: f64) -> Result<String, ApiError> {
+        let logger = self.logger().clone();
+        let name = self.name.clone();
+        logger.nested(
+            format!("waiting for failure: {command}"),
+            Some(&name),
+            || {
+                self.poll(
+                    &format!("waiting for failure of `{command}`"),
+                    timeout,
+                    |m, left| {
+                        let (status, output) = m.execute(command, Some(left))?;
+                        Ok(if status != 0 {
+                            Ok(output)
+                        } else {
+                            Err(format!("it still succeeds, output:\n{}", excerpt(&output)))
+                        })
+                    },
+                )
+            },
+        )
+    }
+
+    /// `systemctl(q, user)`: as root, or in `user`'s systemd instance.
+    pub fn systemctl(&mut self, q: &str, user: Option<&str>) -> Result<(i32, String), ApiError> {
+        let command = match user {
+            Some(user) => format!(
+                "su -l {} --shell /bin/sh -c {}",
+                shell_quote(user),
+                shell_quote(&format!(
+                    "XDG_RUNTIME_DIR=/run/user/`id -u` systemctl --user {q}"
+                ))
+            ),
+            None => format!("systemctl {q}"),
+        };
+        self.execute(&command, None)
+    }
+
+    /// `systemctl show` as a map.
+    pub fn get_unit_info(
+        &mut self,
+        unit: &str,
+        user: Option<&str>,
+    ) -> Result<BTreeMap<String, String>, ApiError> {
+        let (status, output) =
+            self.systemctl(&format!("--no-pager show {}", shell_quote(unit)), user)?;
+        if status != 0 {
+            let who = user
+                .map(|u| format!(" under user `{u}`"))
+                .unwrap_or_default();
+            return Err(ApiError::Assertion(format!(
+                "retrieving systemctl info for unit `{unit}`{who} failed with exit code {status}"
+            )));
+        }
+        Ok(parse_properties(&output))
+    }
+
+    pub fn get_unit_property(
+        &mut self,
+        unit: &str,
+        property: &str,
+        user: Option<&str>,
+    ) -> Result<String, ApiError> {
+        let (status, output) = self.systemctl(
+            &format!(
+                "--no-pager show {} --property={}",
+                shell_quote(unit),
+                shell_quote(property)
+            ),
+            user,
+        )?;
+        if status != 0 {
+            return Err(ApiError::Assertion(format!(
+                "retrieving systemctl property `{property}` for unit `{unit}` failed with exit code {status}"
+            )));
+        }
+        parse_properties(&output).remove(property).ok_or_else(|| {
+            ApiError::Assertion(format!("unit `{unit}` has no property `{property}`"))
+        })
+    }
+
+    /// Waits until `unit` is active; fails at once if it failed, or if it is inactive
+    /// with no jobs pending (it will never start).
+    pub fn wait_for_unit(
+        &mut self,
+        unit: &str,
+        user: Option<&str>,
+        timeout: f64,
+    ) -> Result<(), ApiError> {
+        let logger = self.logger().clone();
+        let name = self.name.clone();
+        let who = user.map(|u| format!(" with user {u}")).unwrap_or_default();
+        logger.nested(format!("waiting for unit {unit}{who}"), Some(&name), || {
+            self.poll(&format!("waiting for unit `{unit}`"), timeout, |m, _| {
+                let info = m.get_unit_info(unit, user)?;
+                let state = info.get("ActiveState").cloned().unwrap_or_default();
+                match state.as_str() {
+                    "active" => Ok(Ok(())),
+                    "failed" => Err(ApiError::Assertion(format!(
+                        "unit `{unit}` reached state \"failed\"{}",
+                        m.unit_log_hint(unit)
+                    ))),
+                    "inactive" => {
+                        let (_, jobs) = m.systemctl("list-jobs --full 2>&1", user)?;
+                        if jobs.contains("No jobs") {
+                            let again = m.get_unit_info(unit, user)?;
+                            if again.get("ActiveState").map(String::as_str) == Some("inactive") {
+                                return Err(ApiError::Assertion(format!(
+                                    "unit `{unit}` is inactive and there are no pending jobs{}",
+                                    m.unit_log_hint(unit)
+                                )));
+                            }
+                        }
+                        Ok(Err(format!("unit `{unit}` is {state}")))
+                    }
+                    other => Ok(Err(format!("unit `{unit}` is {other}"))),
+                }
+            })
+        })
+    }
+
+    /// The unit's last journal lines, for failure messages.
+    fn unit_log_hint(&mut self, unit: &str) -> String {
+        match self.execute(
+            &format!("journalctl --no-pager -n 15 -u {} 2>&1", shell_quote(unit)),
+            Some(10.0),
+        ) {
+            Ok((_, out)) if !out.trim().is_empty() => {
+                format!("\njournal of {unit}:\n{}", excerpt(&out))
+            }
+            _ => String::new(),
+        }
+    }
+
+    pub fn require_unit_state(&mut self, unit: &str, require_state: &str) -> Result<(), ApiError> {
+        let logger = self.logger().clone();
+        let name = self.name.clone();
+        logger.nested(format!("checking if unit '{unit}' has reached state '{require_state}'"), Some(&name), || {
+            let info = self.get_unit_info(unit, None)?;
+            let state = info.get("ActiveState").cloned().unwrap_or_default();
+            if state != require_state {
+                return Err(ApiError::Assertion(format!(
+                    "expected unit `{unit}` to be in state \"{require_state}\" but it is in state \"{state}\""
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    pub fn wait_for_file(&mut self, filename: &str, timeout: f64) -> Result<(), ApiError> {
+        let logger = self.logger().clone();
+        let name = self.name.clone();
+        logger.nested(
+            format!("waiting for file '{filename}'"),
+            Some(&name),
+            || {
+                self.poll(
+                    &format!("waiting for file `{filename}`"),
+                    timeout,
+                    |m, left| {
+                        let (status, _) =
+                            m.execute(&format!("test -e {}", shell_quote(filename)), Some(left))?;
+                        Ok(if status == 0 {
+                            Ok(())
+                        } else {
+                            Err("it does not exist".into())
+                        })
+                    },
+                )
+            },
+        )
+    }
+
+    pub fn wait_for_port(
+        &mut self,
+        port: u16,
+        addr: &str,
+        open: bool,
+        timeout: f64,
+    ) -> Result<(), ApiError> {
+        let logger = self.logger().clone();
+        let name = self.name.clone();
+        let verb = if open { "open" } else { "closed" };
+        logger.nested(
+            format!("waiting for TCP port {port} on {addr} to be {verb}"),
+            Some(&name),
+            || {
+                self.poll(
+                    &format!("waiting for port {port} on {addr} to be {verb}"),
+                    timeout,
+                    |m, left| {
+                        let (status, _) =
+                            m.execute(&format!("nc -z {} {port}", shell_quote(addr)), Some(left))?;
+                        Ok(if (status == 0) == open {
+                            Ok(())
+                        } else {
+                            Err(format!("port {port} is not {verb}"))
+                        })
+                    },
+                )
+            },
+        )
+    }
+
+    pub fn wait_for_open_unix_socket(
+        &mut self,
+        addr: &str,
+        is_datagram: bool,
+        timeout: f64,
+    ) -> Result<(), ApiError> {
+        let logger = self.logger().clone();
+        let name = self.name.clone();
+        let flags = if is_datagram { "-uzU" } else { "-zU" };
+        logger.nested(
+            format!("waiting for UNIX socket {addr} to be open"),
+            Some(&name),
+            || {
+                self.poll(
+                    &format!("waiting for UNIX socket {addr}"),
+                    timeout,
+                    |m, left| {
+                        let (status, _) =
+                            m.execute(&format!("nc {flags} {}", shell_quote(addr)), Some(left))?;
+                        Ok(if status == 0 {
+                            Ok(())
+                        } else {
+                            Err("it is not open".into())
+                        })
+                    },
+                )
+            },
+        )
+    }
+
+    /// Waits for a console line matching `regex` among the lines not consumed by an
+    /// earlier wait (whole lines, unlike upstream's chunk matching).
+    pub fn wait_for_console_text(
+        &mut self,
+        regex: &str,
+        timeout: Option<f64>,
+    ) -> Result<(), ApiError> {
+        let re = regex::Regex::new(regex)
+            .map_err(|e| ApiError::Assertion(format!("invalid regex {regex:?}: {e}")))?;
+        let logger = self.logger().clone();
+        let name = self.name.clone();
+        logger.nested(
+            format!("waiting for {regex:?} to appear on the console"),
+            Some(&name),
+            || {
+                let deadline = self.deadline_in(timeout);
+                match self
+                    .console()
+                    .wait_for(self.console_cursor, deadline, |line| re.is_match(line))
+                {
+                    Ok(index) => {
+                        self.console_cursor = index + 1;
+                        Ok(())
+                    }
+                    Err(closed) => Err(ApiError::Timeout(format!(
+                    "{} waiting for {regex:?} on the console of `{name}`; last console lines:\n{}",
+                    if closed { "the machine stopped" } else { "timed out" },
+                    vmrig_vm::machine::console_tail(self.console())
+                ))),
+                }
+            },
+        )
+    }
+}
+
+/// Parses `Key=Value` lines (systemctl show).
+pub fn parse_properties(output: &str) -> BTreeMap<String, String> {
+    output
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_parse_values_with_equals_signs() {
+        let p = parse_properties(
+            "ActiveState=active\nExecStart={ path=/bin/x ; argv[]=x a=b }\n\nJunk\n",
+        );
+        assert_eq!(p["ActiveState"], "active");
+        assert_eq!(p["ExecStart"], "{ path=/bin/x ; argv[]=x a=b }");
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn long_output_is_cut_from_the_front() {
+        let long = format!("{}end", "x".repeat(10_000));
+        let e = excerpt(&long);
+        assert!(e.starts_with("[... "));
+        assert!(e.ends_with("end"));
+        assert_eq!(excerpt("  \n"), "(no output)");
+    }
+}

@@ -1,0 +1,376 @@
+//! A test's machine: one node of the spec, booted lazily, with its console and state dir.
+//!
+//! NixOS semantics: `start()` launches QEMU and returns; the first command waits for the
+//! backdoor shell (`connect`). `start_all()` therefore boots every machine in parallel.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmrig_image::node_layer::{self, NodeLayer};
+use vmrig_image::NodeImage;
+use vmrig_spec::NodeSpec;
+use vmrig_vm::accel::Accel;
+use vmrig_vm::backdoor::ShellError;
+use vmrig_vm::cmdline::{VlanNic, VmConfig};
+use vmrig_vm::machine::{Vm, VmError};
+use vmrig_vm::serial::Console;
+
+use crate::events::BlockKind;
+use crate::logger::Logger;
+use crate::ApiError;
+
+/// The longest a boot may take before the machine counts as hung (TCG is slow; KVM boots
+/// in a few seconds).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest wait for a guest to power off after `poweroff`.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What every machine of a run shares.
+pub struct RunContext {
+    pub qemu: PathBuf,
+    pub qemu_img: PathBuf,
+    pub accel: Accel,
+    pub firmware: Option<PathBuf>,
+    pub logger: Logger,
+    pub out_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub serial_stdout: Arc<AtomicBool>,
+    /// The global timeout.
+    pub deadline: Instant,
+}
+
+/// One machine of the test.
+pub struct Machine {
+    pub name: String,
+    ctx: Arc<RunContext>,
+    node: NodeSpec,
+    image: NodeImage,
+    layer: NodeLayer,
+    vlans: Vec<VlanNic>,
+    dir: PathBuf,
+    console: Arc<Console>,
+    /// First console line `wait_for_console_text` has not consumed yet.
+    pub(crate) console_cursor: usize,
+    vm: Option<Vm>,
+    connected: bool,
+    started_at: Option<Instant>,
+    forwards: Vec<(u16, u16)>,
+}
+
+impl Machine {
+    pub fn new(
+        ctx: Arc<RunContext>,
+        node: NodeSpec,
+        image: NodeImage,
+        layer: NodeLayer,
+        vlans: Vec<VlanNic>,
+    ) -> Machine {
+        let dir = ctx.run_dir.join(&node.name);
+        Machine {
+            name: node.name.clone(),
+            ctx,
+            node,
+            image,
+            layer,
+            vlans,
+            dir,
+            console: Console::new(),
+            console_cursor: 0,
+            vm: None,
+            connected: false,
+            started_at: None,
+            forwards: Vec::new(),
+        }
+    }
+
+    pub fn logger(&self) -> &Logger {
+        &self.ctx.logger
+    }
+
+    pub fn console(&self) -> &Arc<Console> {
+        &self.console
+    }
+
+    pub fn out_dir(&self) -> &PathBuf {
+        &self.ctx.out_dir
+    }
+
+    pub fn vlan_numbers(&self) -> Vec<u8> {
+        self.vlans.iter().map(|v| v.vlan).collect()
+    }
+
+    /// Whether QEMU is running.
+    pub fn is_booted(&mut self) -> bool {
+        match self.vm.as_mut() {
+            Some(vm) => vm.is_running(),
+            None => false,
+        }
+    }
+
+    pub fn is_up(&mut self) -> bool {
+        self.is_booted() && self.connected
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The global deadline, or `secs` from now if sooner.
+    pub fn deadline_in(&self, secs: Option<f64>) -> Instant {
+        match secs {
+            Some(s) if s.is_finite() && s >= 0.0 => {
+                (Instant::now() + Duration::from_secs_f64(s.min(1e9))).min(self.ctx.deadline)
+            }
+            _ => self.ctx.deadline,
+        }
+    }
+
+    /// Launches QEMU unless it is running.
+    pub fn start(&mut self, allow_reboot: bool) -> Result<(), ApiError> {
+        if self.is_booted() {
+            return Ok(());
+        }
+        self.connected = false;
+        let log = self.ctx.logger.clone();
+        let name = self.name.clone();
+        log.nested("starting vm", Some(&name), || self.launch(allow_reboot))
+    }
+
+    fn launch(&mut self, allow_reboot: bool) -> Result<(), ApiError> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| ApiError::Machine(format!("creating {}: {e}", self.dir.display())))?;
+        let disk = self.dir.join("disk.qcow2");
+        if !disk.exists() {
+            let out = Command::new(&self.ctx.qemu_img)
+                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                .arg(self.image.root_image())
+                .arg(&disk)
+                .output()
+                .map_err(|e| {
+                    ApiError::Machine(format!(
+                        "running {}: {e} (install qemu-utils)",
+                        self.ctx.qemu_img.display()
+                    ))
+                })?;
+            if !out.status.success() {
+                return Err(ApiError::Machine(format!(
+                    "qemu-img create failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+        }
+        let initrd = self.dir.join("initrd");
+        if !initrd.exists() {
+            node_layer::write_initrd(&self.image.initrd_file(), &self.layer, &initrd)
+                .map_err(|e| ApiError::Machine(format!("writing {}: {e}", initrd.display())))?;
+        }
+        let cfg = VmConfig {
+            name: self.name.clone(),
+            accel: self.ctx.accel,
+            memory_mib: self.node.memory,
+            cpus: self.node.cpus,
+            kernel: self.image.kernel_file(),
+            initrd,
+            disk,
+            kernel_params: self.node.kernel_params.clone(),
+            shell_socket: self.dir.join("shell.sock"),
+            qmp_socket: self.dir.join("qmp.sock"),
+            vlans: self.vlans.clone(),
+            graphics: self.node.graphics,
+            firmware: self.ctx.firmware.clone(),
+            allow_reboot,
+            forwards: self.forwards.clone(),
+        };
+        let serial_log = self.ctx.out_dir.join(format!("serial-{}.log", self.name));
+        let logger = self.ctx.logger.clone();
+        let flag = self.ctx.serial_stdout.clone();
+        let name = self.name.clone();
+        let sink = Arc::new(move |line: &str| {
+            if flag.load(Ordering::Relaxed) {
+                logger.console(&name, line);
+            }
+        });
+        let vm = Vm::launch(&self.ctx.qemu, cfg, &serial_log, self.console.clone(), sink)
+            .map_err(vm_error)?;
+        self.ctx.logger.log(
+            crate::events::Level::Info,
+            format!("QEMU running (pid {}, {})", vm.pid(), self.ctx.accel),
+            Some(&self.name),
+        );
+        self.vm = Some(vm);
+        self.started_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Starts the machine if needed and waits for its shell.
+    pub fn connect(&mut self) -> Result<(), ApiError> {
+        if self.connected && self.is_booted() {
+            return Ok(());
+        }
+        self.start(false)?;
+        let deadline = self.deadline_in(Some(BOOT_TIMEOUT.as_secs_f64()));
+        let logger = self.ctx.logger.clone();
+        let id = logger.begin(
+            BlockKind::Nested,
+            "waiting for the VM to finish booting",
+            Some(&self.name),
+        );
+        let result = self
+            .vm
+            .as_mut()
+            .expect("started")
+            .wait_until_ready(deadline);
+        match result {
+            Ok(()) => {
+                self.connected = true;
+                let since = self
+                    .started_at
+                    .map(|t| t.elapsed().as_secs_f64())
+                    .unwrap_or_default();
+                logger.log(
+                    crate::events::Level::Info,
+                    format!("connected to guest root shell ({since:.2} s after QEMU started)"),
+                    Some(&self.name),
+                );
+                logger.end(id, None);
+                Ok(())
+            }
+            Err(e) => {
+                let e = vm_error(e);
+                logger.end(id, Some(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `command` in the guest: `(status, stdout)`.
+    pub fn execute(
+        &mut self,
+        command: &str,
+        timeout: Option<f64>,
+    ) -> Result<(i32, String), ApiError> {
+        self.connect()?;
+        let deadline = self.deadline_in(timeout);
+        let vm = self.vm.as_mut().expect("connected");
+        match vm.execute(command, Some(deadline)) {
+            Ok(out) => Ok((out.status, out.text())),
+            Err(VmError::Shell {
+                source: ShellError::Timeout(waited),
+                ..
+            }) => Err(ApiError::Timeout(format!(
+                "command `{command}` did not finish within {:.0} s{}",
+                waited.as_secs_f64(),
+                if Instant::now() >= self.ctx.deadline {
+                    " (global timeout)"
+                } else {
+                    ""
+                }
+            ))),
+            Err(VmError::Shell {
+                source: ShellError::Closed,
+                ..
+            }) => {
+                self.connected = false;
+                Err(ApiError::Machine(format!(
+                    "`{}`: the guest shell closed while running `{command}` (did the machine stop?); last console lines:\n{}",
+                    self.name,
+                    vmrig_vm::machine::console_tail(&self.console)
+                )))
+            }
+            Err(e) => Err(vm_error(e)),
+        }
+    }
+
+    /// Sends `poweroff` and waits for QEMU to exit.
+    pub fn shutdown(&mut self) -> Result<(), ApiError> {
+        if !self.is_booted() {
+            return Ok(());
+        }
+        self.connect()?;
+        if let Some(vm) = self.vm.as_mut() {
+            vm.send_and_forget("poweroff").map_err(vm_error)?;
+        }
+        self.wait_for_shutdown()
+    }
+
+    /// Waits (bounded) until QEMU has exited.
+    pub fn wait_for_shutdown(&mut self) -> Result<(), ApiError> {
+        let Some(vm) = self.vm.as_mut() else {
+            return Ok(());
+        };
+        let timeout = self
+            .ctx
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .min(SHUTDOWN_TIMEOUT);
+        let logger = self.ctx.logger.clone();
+        logger.nested(
+            "waiting for the VM to power off",
+            Some(&self.name),
+            || match vm.wait_for_exit(timeout) {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(ApiError::Timeout(format!(
+                    "`{}` did not power off within {:.0} s",
+                    self.name,
+                    timeout.as_secs_f64()
+                ))),
+                Err(e) => Err(vm_error(e)),
+            },
+        )?;
+        self.vm = None;
+        self.connected = false;
+        Ok(())
+    }
+
+    /// Kills QEMU at once.
+    pub fn crash(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            self.ctx.logger.log(
+                crate::events::Level::Info,
+                "simulating a crash (killing QEMU)",
+                Some(&self.name),
+            );
+            vm.kill();
+        }
+        self.connected = false;
+    }
+
+    /// The running VM, for QMP and the switch.
+    pub fn vm_mut(&mut self) -> Result<&mut Vm, ApiError> {
+        let name = self.name.clone();
+        self.vm
+            .as_mut()
+            .ok_or_else(|| ApiError::Machine(format!("`{name}` is not running")))
+    }
+
+    /// The machine will reconnect to a new shell after a guest-side reboot.
+    pub fn expect_reboot(&mut self) {
+        if let Some(vm) = self.vm.as_mut() {
+            vm.expect_new_shell();
+        }
+    }
+
+    pub fn add_forward(&mut self, host: u16, guest: u16) {
+        self.forwards.push((host, guest));
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.kill();
+        }
+    }
+}
+
+pub(crate) fn vm_error(e: VmError) -> ApiError {
+    match e {
+        VmError::BootTimeout { .. } | VmError::ConnectTimeout { .. } => {
+            ApiError::Timeout(e.to_string())
+        }
+        other => ApiError::Machine(other.to_string()),
+    }
+}

@@ -1,0 +1,315 @@
+//! One test run: images, networks, machines, the script, the outcome, cleanup.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmrig_image::{node_layer, BuildObserver, ImageBuilder};
+use vmrig_python::{MachineInfo, Mode, ScriptChild, ScriptContext, ScriptOutcome};
+use vmrig_spec::TestSpec;
+use vmrig_store::Store;
+use vmrig_vm::accel::{self, AccelChoice};
+use vmrig_vm::cmdline::VlanNic;
+
+use crate::cleanup::{self, RunDir};
+use crate::events::{Event, Reporter};
+use crate::logger::Logger;
+use crate::machine::{Machine, RunContext};
+use crate::reporters::{JsonLines, Terminal};
+use crate::rpc::DriverHandler;
+use crate::RunError;
+
+/// How to run a test (resolved from the command line).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Output directory; default `./vmrig-out/<test name>`.
+    pub out_dir: Option<PathBuf>,
+    pub keep_vm_state: bool,
+    pub accel: AccelChoice,
+    pub mode: Mode,
+    pub python: PathBuf,
+    pub qemu: PathBuf,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            out_dir: None,
+            keep_vm_state: false,
+            accel: AccelChoice::Auto,
+            mode: Mode::Script,
+            python: "python3".into(),
+            qemu: "qemu-system-x86_64".into(),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub passed: bool,
+    pub elapsed: Duration,
+    /// One line saying why it failed.
+    pub failure: Option<String>,
+    pub out_dir: PathBuf,
+}
+
+/// Finds a program on PATH (or returns None).
+pub fn find_program(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return program.exists().then(|| program.to_owned());
+    }
+    vmrig_image::tools::find_program(&program.to_string_lossy())
+}
+
+/// The firmware to boot with: qboot when QEMU ships it (about 1.7 s faster than SeaBIOS).
+pub fn firmware() -> Option<PathBuf> {
+    ["/usr/share/qemu/qboot.rom", "/usr/share/qboot/bios.bin"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// Runs `spec`: checks the script, builds images (progress to `observer`), boots, runs.
+pub fn run_test(
+    spec: &TestSpec,
+    opts: &RunOptions,
+    observer: &dyn BuildObserver,
+) -> Result<RunOutcome, RunError> {
+    let started = Instant::now();
+    cleanup::install_signal_handlers();
+    let python = find_program(&opts.python).ok_or_else(|| {
+        RunError::Python(vmrig_python::BridgeError::PythonNotFound {
+            python: opts.python.clone(),
+        })
+    })?;
+    vmrig_python::check_syntax(&python, &spec.script).map_err(RunError::Script)?;
+    let qemu = find_program(&opts.qemu).ok_or_else(|| {
+        RunError::Infra(format!(
+            "`{}` not found; install QEMU with `sudo apt-get install qemu-system-x86 qemu-utils`",
+            opts.qemu.display()
+        ))
+    })?;
+    let qemu_img = find_program(Path::new("qemu-img")).ok_or_else(|| {
+        RunError::Infra(
+            "`qemu-img` not found; install it with `sudo apt-get install qemu-utils`".into(),
+        )
+    })?;
+    let decision = accel::decide(opts.accel).map_err(|e| RunError::Infra(e.to_string()))?;
+
+    let store =
+        Store::open_default().map_err(|e| RunError::Infra(format!("opening the store: {e}")))?;
+    let builder = ImageBuilder::new(&store, observer);
+    builder.check_tools().map_err(RunError::Image)?;
+    let images = builder.build_test(spec).map_err(RunError::Image)?;
+    let mut guards = Vec::new();
+    for image in images.values() {
+        for path in image.store_paths() {
+            guards.push(
+                store
+                    .use_path(path)
+                    .map_err(|e| RunError::Infra(e.to_string()))?,
+            );
+        }
+    }
+
+    let out_dir = opts
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("vmrig-out").join(&spec.name));
+    std::fs::create_dir_all(&out_dir).map_err(|e| {
+        RunError::Infra(format!(
+            "cannot create the output directory {}: {e}",
+            out_dir.display()
+        ))
+    })?;
+    let events = JsonLines::create(&out_dir.join("events.jsonl")).map_err(|e| {
+        RunError::Infra(format!(
+            "cannot write to the output directory {}: {e}",
+            out_dir.display()
+        ))
+    })?;
+    let reporters: Vec<Box<dyn Reporter>> = vec![Box::new(Terminal::stderr()), Box::new(events)];
+    let logger = Logger::new(reporters);
+    logger.emit(Event::RunStarted {
+        test: spec.name.clone(),
+        file: spec.path.display().to_string(),
+    });
+    logger.emit(Event::Info {
+        message: format!("accelerator: {} ({})", decision.accel, decision.reason),
+    });
+
+    let run_dir = RunDir::create(opts.keep_vm_state)
+        .map_err(|e| RunError::Infra(format!("creating a run directory: {e}")))?;
+    if opts.keep_vm_state {
+        logger.emit(Event::Info {
+            message: format!("keeping VM state in {}", run_dir.path().display()),
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(spec.global_timeout);
+    let serial_stdout = Arc::new(AtomicBool::new(true));
+    let ctx = Arc::new(RunContext {
+        qemu,
+        qemu_img,
+        accel: decision.accel,
+        firmware: firmware(),
+        logger: logger.clone(),
+        out_dir: out_dir.clone(),
+        run_dir: run_dir.path().to_owned(),
+        serial_stdout: serial_stdout.clone(),
+        deadline,
+    });
+
+    let mut vlans = BTreeMap::new();
+    for node in spec.nodes.values() {
+        for &nr in &node.vlans {
+            if let std::collections::btree_map::Entry::Vacant(e) = vlans.entry(nr) {
+                let vlan = vmrig_net::Vlan::start(nr, run_dir.path()).map_err(|e| {
+                    RunError::Infra(format!("starting the switch of VLAN {nr}: {e}"))
+                })?;
+                e.insert(vlan);
+            }
+        }
+    }
+    let mut machines = BTreeMap::new();
+    for (name, node) in &spec.nodes {
+        let addresses = node_layer::vlan_addresses(spec, node);
+        let mut nics = Vec::new();
+        for a in &addresses {
+            let socket = vlans[&a.vlan]
+                .add_port(name)
+                .map_err(|e| RunError::Infra(format!("adding `{name}` to VLAN {}: {e}", a.vlan)))?;
+            nics.push(VlanNic {
+                vlan: a.vlan,
+                mac: a.mac.clone(),
+                socket,
+            });
+        }
+        let layer = node_layer::node_layer(spec, node)
+            .map_err(|e| RunError::Infra(format!("node `{name}`: {e}")))?;
+        let machine = Machine::new(ctx.clone(), node.clone(), images[name].clone(), layer, nics);
+        machines.insert(name.clone(), Mutex::new(machine));
+    }
+    let handler = DriverHandler {
+        machines,
+        vlans,
+        logger: logger.clone(),
+        serial_stdout,
+    };
+
+    let script_ctx = ScriptContext {
+        machines: spec
+            .nodes
+            .keys()
+            .map(|n| MachineInfo::new(n.clone()))
+            .collect(),
+        vlans: handler.vlans.keys().copied().collect(),
+        out_dir: out_dir.clone(),
+        work_dir: run_dir.path().to_owned(),
+    };
+    if opts.mode == Mode::Interactive {
+        cleanup::ignore_sigint(true);
+    }
+    let child = ScriptChild::spawn(&python, &spec.script, &script_ctx, opts.mode)
+        .map_err(RunError::Python)?;
+    let killer = child.killer();
+    cleanup::register_script(killer.clone());
+    let (stop_watchdog, watchdog) =
+        global_timeout_watchdog(deadline, killer, logger.clone(), spec.global_timeout);
+    let served = child.serve(&handler);
+    let _ = stop_watchdog.send(());
+    let timed_out = watchdog.join().unwrap_or(false);
+    cleanup::clear_scripts();
+    cleanup::ignore_sigint(false);
+
+    let outcome = served.map_err(RunError::Python)?;
+    let failure = match outcome {
+        ScriptOutcome::Passed => None,
+        _ if timed_out => Some(format!(
+            "global timeout of {} s reached",
+            spec.global_timeout
+        )),
+        ScriptOutcome::Failed {
+            exc_type,
+            message,
+            line,
+            traceback,
+        } => {
+            let file = spec.script.filename.display().to_string();
+            let first = message.lines().next().unwrap_or_default().to_owned();
+            let place = line.map(|l| format!("{file}:{l}: ")).unwrap_or_default();
+            logger.emit(Event::ScriptFailed {
+                exc_type: exc_type.clone(),
+                message,
+                line,
+                file,
+                traceback,
+            });
+            Some(format!("{place}{exc_type}: {first}"))
+        }
+        ScriptOutcome::Killed => Some("the test script was killed".into()),
+        ScriptOutcome::ExitedWithoutReport(code) => Some(format!(
+            "the test script exited with status {code} without reporting"
+        )),
+    };
+    // Machines die here (QEMU killed), then the switches, then the run directory.
+    drop(handler);
+    drop(run_dir);
+    drop(guards);
+    let elapsed = started.elapsed();
+    let passed = failure.is_none();
+    let summary = match &failure {
+        None => format!(
+            "test {} passed in {:.1} s",
+            spec.name,
+            elapsed.as_secs_f64()
+        ),
+        Some(why) => format!(
+            "test {} FAILED after {:.1} s: {why}",
+            spec.name,
+            elapsed.as_secs_f64()
+        ),
+    };
+    logger.emit(Event::RunFinished {
+        passed,
+        elapsed,
+        summary,
+    });
+    Ok(RunOutcome {
+        passed,
+        elapsed,
+        failure,
+        out_dir,
+    })
+}
+
+/// Kills the script and every VM when the global timeout passes. Returns a sender that
+/// stops the watchdog, and its handle (true if it fired).
+fn global_timeout_watchdog(
+    deadline: Instant,
+    killer: vmrig_python::ScriptKiller,
+    logger: Logger,
+    secs: u64,
+) -> (mpsc::Sender<()>, std::thread::JoinHandle<bool>) {
+    let (tx, rx) = mpsc::channel::<()>();
+    let handle = std::thread::spawn(move || {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                logger.log(
+                    crate::events::Level::Error,
+                    format!("global timeout of {secs} s reached: stopping the test"),
+                    None,
+                );
+                killer.kill();
+                vmrig_vm::process::kill_all_children();
+                true
+            }
+            _ => false,
+        }
+    });
+    (tx, handle)
+}
