@@ -1,0 +1,259 @@
+//! Real VMs under QEMU (TCG on hosts without usable KVM): the `vm` nextest group runs
+//! these one at a time. They use the default image store, so images are built once.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn vmrig(args: &[&str], tmp: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmrig"))
+        .args(args)
+        .current_dir(repo())
+        .env("TMPDIR", tmp)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run vmrig")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A test file with the same node as examples/single.toml (same image) and `script`.
+fn single_node_test(dir: &Path, name: &str, script: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, format!("name = \"{name}\"\ntest_script = '''\n{script}\n'''\n\n[nodes.machine]\npackages = [\"less\"]\n")).unwrap();
+    path
+}
+
+#[test]
+fn single_example_passes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("out");
+    let out = vmrig(
+        &[
+            "run",
+            "examples/single.toml",
+            "-o",
+            out_dir.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("test single passed"), "{log}");
+    assert!(log.contains("connected to guest root shell"), "{log}");
+    let serial = std::fs::read_to_string(out_dir.join("serial-machine.log")).unwrap();
+    assert!(
+        serial.contains("vmrig-init: switching to /sbin/init"),
+        "{serial}"
+    );
+    let events = std::fs::read_to_string(out_dir.join("events.jsonl")).unwrap();
+    assert_eq!(
+        events.matches("\"must succeed: true\"").count(),
+        100,
+        "50 begin + 50 end events"
+    );
+    assert_no_leftovers(tmp.path());
+}
+
+#[test]
+fn failing_succeed_exits_1_and_names_the_line_command_and_console() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = single_node_test(tmp.path(), "fails", "machine.succeed(\"true\")\nmachine.succeed(\"echo doomed; exit 7\")\nprint(\"not reached\")");
+    let out = vmrig(
+        &[
+            "run",
+            file.to_str().unwrap(),
+            "-o",
+            tmp.path().join("out").to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!("{}:4", file.display())),
+        "script line missing:\n{log}"
+    );
+    assert!(
+        log.contains("command `echo doomed; exit 7` failed (exit code 7)"),
+        "{log}"
+    );
+    assert!(log.contains("doomed"), "output missing:\n{log}");
+    assert!(log.contains("last console lines of `machine`"), "{log}");
+    assert!(!log.contains("not reached"));
+    assert_no_leftovers(tmp.path());
+}
+
+#[test]
+fn guest_state_and_api_basics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = r#"
+machine.start()
+machine.wait_for_unit("multi-user.target")
+status, out = machine.execute("echo -n hi; exit 3")
+assert (status, out) == (3, "hi"), (status, out)
+machine.fail("false")
+assert machine.succeed("echo a", "echo b") == "a\nb\n"
+machine.wait_for_file("/etc/hostname")
+machine.succeed("touch /tmp/later")
+machine.wait_until_succeeds("test -e /tmp/later", timeout=30)
+machine.wait_until_fails("test -e /nonexistent", timeout=30)
+info = machine.get_unit_info("multi-user.target")
+assert info["ActiveState"] == "active", info
+machine.require_unit_state("multi-user.target")
+assert machine.get_unit_property("multi-user.target", "Id") == "multi-user.target"
+machine.succeed("(sleep 1; echo vmrig-console-marker > /dev/ttyS0) >/dev/null 2>&1 &")
+machine.wait_for_console_text("vmrig-console-marker", timeout=60)
+assert "vmrig-init" in machine.get_console_log()
+try:
+    machine.wait_for_unit("no-such-unit.service", timeout=20)
+    raise Exception("wait_for_unit of a missing unit returned")
+except RequestedAssertionFailed as e:
+    assert "inactive and there are no pending jobs" in str(e), str(e)
+machine.succeed("systemd-run --unit=listener nc -lk 4444")
+machine.wait_for_open_port(4444, timeout=60)
+machine.succeed("systemctl stop listener")
+machine.wait_for_closed_port(4444, timeout=60)
+machine.copy_from_host(__vmrig_host_file__, "/root/copied")
+assert machine.succeed("cat /root/copied") == "from the host\n"
+machine.succeed("mkdir -p /root/export && echo out > /root/export/f")
+machine.copy_from_machine("/root/export", "copied")
+with subtest("shutdown and restart keep the disk"):
+    machine.shutdown()
+    assert not machine.is_up()
+    machine.start()
+    machine.succeed("test -e /tmp/later || test -e /root/copied")
+machine.crash()
+"#;
+    let host_file = tmp.path().join("host-file");
+    std::fs::write(&host_file, "from the host\n").unwrap();
+    let script = script.replace(
+        "__vmrig_host_file__",
+        &format!("{:?}", host_file.display().to_string()),
+    );
+    let file = single_node_test(tmp.path(), "api", &script);
+    let out_dir = tmp.path().join("out");
+    let out = vmrig(
+        &[
+            "run",
+            file.to_str().unwrap(),
+            "-o",
+            out_dir.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("copied/export/f")).unwrap(),
+        "out\n"
+    );
+    assert_no_leftovers(tmp.path());
+}
+
+#[test]
+fn sigkill_of_the_driver_leaves_no_qemu_and_no_temp_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = single_node_test(tmp.path(), "killed", "machine.succeed(\"true\")\nprint(\"vmrig-test: booted\", flush=True)\nmachine.succeed(\"sleep 600\")");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmrig"))
+        .args([
+            "run",
+            file.to_str().unwrap(),
+            "-o",
+            tmp.path().join("out").to_str().unwrap(),
+        ])
+        .current_dir(repo())
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    use std::io::BufRead;
+    while stdout.read_line(&mut line).unwrap() > 0 && !line.contains("vmrig-test: booted") {
+        line.clear();
+    }
+    assert!(line.contains("booted"), "the test never booted");
+    std::thread::sleep(Duration::from_millis(500));
+    let qemus = qemu_pids_under(tmp.path());
+    assert!(!qemus.is_empty(), "no QEMU found while the test runs");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let alive: Vec<_> = qemus
+            .iter()
+            .filter(|p| Path::new(&format!("/proc/{p}")).exists() && !is_zombie(**p))
+            .collect();
+        let dirs = run_dirs(tmp.path());
+        if alive.is_empty() && dirs.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "5 s after SIGKILL: qemu {alive:?}, run dirs {dirs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.contains(") Z "))
+        .unwrap_or(true)
+}
+
+/// QEMU processes whose command line mentions `dir` (their sockets live there).
+fn qemu_pids_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.starts_with("qemu-system")
+                || cmdline.contains("/qemu-system") && cmdline.contains(&needle)
+        })
+        .filter(|pid| {
+            let cmdline = String::from_utf8_lossy(
+                &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
+            )
+            .into_owned();
+            cmdline.contains(&needle)
+        })
+        .collect()
+}
+
+fn run_dirs(tmp: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(tmp)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmrig-run-")
+        })
+        .collect()
+}
+
+fn assert_no_leftovers(tmp: &Path) {
+    assert!(
+        run_dirs(tmp).is_empty(),
+        "run dirs left: {:?}",
+        run_dirs(tmp)
+    );
+    assert!(qemu_pids_under(tmp).is_empty(), "QEMU left running");
+}
