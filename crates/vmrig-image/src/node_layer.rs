@@ -306,7 +306,7 @@ pub fn firewall_rules(node: &NodeSpec) -> String {
             .join(", ")
     };
     let mut s = String::from(
-        "#!/usr/sbin/nft -f\nflush ruleset\ntable inet vmrig_firewall {\n  chain input {\n    type filter hook input priority filter; policy accept;\n    iifname { \"lo\", \"eth0\" } accept\n    ct state established,related accept\n    meta l4proto { icmp, ipv6-icmp } accept\n",
+        "#!/usr/sbin/nft -f\nflush ruleset\ntable inet vmrig_firewall {\n  chain input {\n    type filter hook input priority filter; policy accept;\n    iifname { \"lo\", \"eth0\" } accept\n    ct state established,related accept\n    meta l4proto { 1, 58 } accept\n",
     );
     if !node.firewall.allowed_tcp_ports.is_empty() {
         let _ = writeln!(
