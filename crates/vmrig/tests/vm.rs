@@ -257,3 +257,55 @@ fn assert_no_leftovers(tmp: &Path) {
     );
     assert!(qemu_pids_under(tmp).is_empty(), "QEMU left running");
 }
+
+#[test]
+fn concurrent_builds_of_one_file_build_once_and_both_succeed() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A setup command unique to this run forces a fresh root image (the kernel is shared).
+    let marker = format!(
+        "{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    );
+    let file = tmp.path().join("concurrent.toml");
+    std::fs::write(
+        &file,
+        format!("name = \"concurrent\"\ntest_script = \"machine.succeed('true')\"\n[nodes.machine]\npackages = [\"less\"]\nsetup = [\"echo {marker} > /etc/vmrig-marker\"]\n"),
+    )
+    .unwrap();
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_vmrig"))
+            .args(["build", "--json", file.to_str().unwrap()])
+            .env("TMPDIR", tmp.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert_eq!(a.status.code(), Some(0), "{}", text(&a));
+    assert_eq!(b.status.code(), Some(0), "{}", text(&b));
+    let rootfs = |o: &Output| {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["tests"][0]["nodes"]["machine"]["rootfs"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(rootfs(&a), rootfs(&b));
+    let built = [&a, &b]
+        .iter()
+        .filter(|o| String::from_utf8_lossy(&o.stderr).contains("built root image"))
+        .count();
+    assert_eq!(
+        built,
+        1,
+        "exactly one process builds:\n{}\n---\n{}",
+        text(&a),
+        text(&b)
+    );
+    // Drop this test's image again; it is of no use to anyone else.
+    let dir = Path::new(&rootfs(&a)).parent().unwrap().to_owned();
+    std::fs::remove_dir_all(dir).unwrap();
+}
