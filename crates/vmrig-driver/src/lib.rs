@@ -12,6 +12,7 @@ pub mod machine;
 pub mod reporters;
 pub mod rpc;
 pub mod run;
+pub mod screen;
 
 pub use run::{run_test, RunOptions, RunOutcome};
 

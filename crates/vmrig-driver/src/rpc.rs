@@ -23,7 +23,7 @@ pub struct DriverHandler {
 }
 
 /// Typed access to a request's params.
-struct Params<'a>(&'a Value);
+pub(crate) struct Params<'a>(pub(crate) &'a Value);
 
 impl<'a> Params<'a> {
     fn str(&self, key: &str) -> Result<&'a str, RpcError> {
@@ -390,6 +390,9 @@ impl DriverHandler {
                     p.opt_str("target_dir").unwrap_or(""),
                 )?;
                 Value::Null
+            }
+            other if crate::screen::handles(other) => {
+                crate::screen::call(&mut m, other, p.0, &self.logger)?
             }
             other => {
                 return Err(RpcError::machine(format!(

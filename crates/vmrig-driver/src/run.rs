@@ -23,7 +23,7 @@ use crate::rpc::DriverHandler;
 use crate::RunError;
 
 /// How to run a test (resolved from the command line).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunOptions {
     /// Output directory; default `./vmrig-out/<test name>`.
     pub out_dir: Option<PathBuf>,
@@ -32,6 +32,11 @@ pub struct RunOptions {
     pub mode: Mode,
     pub python: PathBuf,
     pub qemu: PathBuf,
+    /// Extra consumers of the run's events (JUnit, a CLI's progress), besides the terminal
+    /// log and `events.jsonl`.
+    pub reporters: Vec<Arc<dyn Reporter>>,
+    /// Show the NixOS-style log on stderr (off when many tests run at once).
+    pub terminal_log: bool,
 }
 
 impl Default for RunOptions {
@@ -43,6 +48,8 @@ impl Default for RunOptions {
             mode: Mode::Script,
             python: "python3".into(),
             qemu: "qemu-system-x86_64".into(),
+            reporters: Vec::new(),
+            terminal_log: true,
         }
     }
 }
@@ -132,7 +139,13 @@ pub fn run_test(
             out_dir.display()
         ))
     })?;
-    let reporters: Vec<Box<dyn Reporter>> = vec![Box::new(Terminal::stderr()), Box::new(events)];
+    let mut reporters: Vec<Box<dyn Reporter>> = vec![Box::new(events)];
+    if opts.terminal_log {
+        reporters.push(Box::new(Terminal::stderr()));
+    }
+    for extra in &opts.reporters {
+        reporters.push(Box::new(Shared(extra.clone())));
+    }
     let logger = Logger::new(reporters);
     logger.emit(Event::RunStarted {
         test: spec.name.clone(),
@@ -312,4 +325,13 @@ fn global_timeout_watchdog(
         }
     });
     (tx, handle)
+}
+
+/// A reporter shared with the caller (who reads what it collected after the run).
+struct Shared(Arc<dyn Reporter>);
+
+impl Reporter for Shared {
+    fn report(&self, event: &crate::events::Stamped) {
+        self.0.report(event);
+    }
 }

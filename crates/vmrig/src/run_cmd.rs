@@ -59,6 +59,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             },
             python: args.python.clone(),
             qemu: args.qemu.clone(),
+            reporters: Vec::new(),
+            terminal_log: true,
         };
         let progress = Progress::new(crate::verbosity() > 0);
         let result = vmrig_driver::run_test(spec, &opts, &progress);
