@@ -411,6 +411,59 @@ impl Machine {
     }
 }
 
+impl Machine {
+    /// The text of virtual terminal `tty` (`/dev/vcs<tty>`, folded at the terminal width).
+    pub fn get_tty_text(&mut self, tty: &str) -> Result<String, ApiError> {
+        if !tty.chars().all(|c| c.is_ascii_digit()) || tty.is_empty() {
+            return Err(ApiError::Assertion(format!(
+                "tty must be a number, not {tty:?}"
+            )));
+        }
+        let (status, output) = self.execute(
+            &format!(
+                "fold -w \"$(stty -F /dev/tty{tty} size | awk '{{print $2}}')\" /dev/vcs{tty}"
+            ),
+            Some(60.0),
+        )?;
+        if status != 0 {
+            return Err(ApiError::Assertion(format!(
+                "reading /dev/vcs{tty} failed (exit code {status})"
+            )));
+        }
+        Ok(output)
+    }
+
+    pub fn wait_until_tty_matches(
+        &mut self,
+        tty: &str,
+        regexp: &str,
+        timeout: f64,
+    ) -> Result<(), ApiError> {
+        let re = regex::Regex::new(regexp)
+            .map_err(|e| ApiError::Assertion(format!("invalid regex {regexp:?}: {e}")))?;
+        let logger = self.logger().clone();
+        let name = self.name.clone();
+        logger.nested(
+            format!("waiting for {regexp} to appear on tty {tty}"),
+            Some(&name),
+            || {
+                self.poll(
+                    &format!("waiting for {regexp:?} on tty {tty}"),
+                    timeout,
+                    |m, _| {
+                        let text = m.get_tty_text(tty)?;
+                        Ok(if re.is_match(&text) {
+                            Ok(())
+                        } else {
+                            Err(format!("tty {tty} shows:\n{}", excerpt(&text)))
+                        })
+                    },
+                )
+            },
+        )
+    }
+}
+
 /// Parses `Key=Value` lines (systemctl show).
 pub fn parse_properties(output: &str) -> BTreeMap<String, String> {
     output

@@ -213,9 +213,33 @@ impl DriverHandler {
             }
             "wait_for_shutdown" => m.wait_for_shutdown().map(ok)?,
             "reboot" => {
+                // Upstream: press Ctrl+Alt+Delete; the next command waits for the new shell.
+                // Without allow_reboot QEMU exits instead, and the next command boots anew.
                 m.connect()?;
-                m.execute("systemctl reboot --no-block", Some(30.0))?;
+                let vm = m.vm_mut()?;
+                vm.qmp()
+                    .map_err(|e| RpcError::machine(e.to_string()))?
+                    .send_key(&["ctrl", "alt", "delete"], None)
+                    .map_err(|e| RpcError::machine(e.to_string()))?;
                 m.expect_reboot();
+                self.logger
+                    .log(Level::Info, "rebooting (ctrl-alt-delete)", Some(name));
+                Value::Null
+            }
+            "send_console" => {
+                let chars = p.str("chars")?;
+                m.vm_mut()?
+                    .send_console(chars.as_bytes())
+                    .map_err(|e| RpcError::machine(e.to_string()))?;
+                Value::Null
+            }
+            "get_tty_text" => json!(m.get_tty_text(p.str("tty")?)?),
+            "wait_until_tty_matches" => {
+                m.wait_until_tty_matches(
+                    p.str("tty")?,
+                    p.str("regexp")?,
+                    p.f64_or("timeout", DEFAULT_WAIT),
+                )?;
                 Value::Null
             }
             "is_up" => json!(m.is_up()),

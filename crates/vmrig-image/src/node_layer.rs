@@ -110,6 +110,8 @@ pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io
         hex::encode(&Sha256::digest(format!("vmrig-machine-id:{}", node.name).as_bytes())[..16]);
     add("/etc/machine-id", 0o444, format!("{id}\n").into_bytes());
 
+    add_user_paths(node, &mut add);
+
     let mut script = setup_script_header();
     script.push_str(&network_setup(&vlan_addresses(spec, node)));
     script.push_str(&users_setup(node));
@@ -193,6 +195,43 @@ pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io
         contents: script.into_bytes(),
     });
     Ok(layer)
+}
+
+/// Where the image builder moves the programs of packages only users asked for.
+pub const USER_PACKAGES_DIR: &str = "/opt/vmrig/user-packages";
+
+/// Per-user packages (NixOS `users.users.<name>.packages`): their programs are on that
+/// user's PATH only. Login shells read `/etc/profile.d/vmrig-user-paths.sh`; non-login bash
+/// (`su alice -c ...`) reads `$BASH_ENV`, which the backdoor exports (su keeps it).
+fn add_user_paths(node: &NodeSpec, add: &mut impl FnMut(&str, u32, Vec<u8>)) {
+    let hook = "# vmrig: per-user packages\nif [ -n \"${USER:-}\" ] && [ -r \"/etc/vmrig/user-paths/$USER\" ]; then . \"/etc/vmrig/user-paths/$USER\"; fi\n";
+    add("/etc/vmrig/bash_env", 0o644, hook.as_bytes().to_vec());
+    add(
+        "/etc/profile.d/vmrig-user-paths.sh",
+        0o644,
+        hook.as_bytes().to_vec(),
+    );
+    add(
+        "/etc/vmrig/environment",
+        0o644,
+        b"export BASH_ENV=/etc/vmrig/bash_env\n".to_vec(),
+    );
+    for (name, user) in &node.users {
+        if user.packages.is_empty() {
+            continue;
+        }
+        let dirs: Vec<String> = user
+            .packages
+            .iter()
+            .map(|p| format!("{USER_PACKAGES_DIR}/{p}/bin"))
+            .collect();
+        let text = format!("case \":$PATH:\" in *\":{first}:\"*) ;; *) PATH=\"{all}:$PATH\"; export PATH ;; esac\n", first = dirs[0], all = dirs.join(":"));
+        add(
+            &format!("/etc/vmrig/user-paths/{name}"),
+            0o644,
+            text.into_bytes(),
+        );
+    }
 }
 
 fn setup_script_header() -> String {

@@ -30,6 +30,7 @@ fn builds_a_bootable_image_and_reuses_it() {
         mirror: None,
         packages: vec!["less".into()],
         setup: vec!["echo built-by-setup > /etc/vmrig-setup-marker".into()],
+        ..Default::default()
     };
     let mirror = builder.mirror_for(&inputs);
     let kernel = vmrig_image::kernel::build(&builder, "bookworm", mirror.as_deref()).unwrap();
@@ -68,7 +69,7 @@ fn unknown_package_names_the_package_and_node() {
         suite: "bookworm".into(),
         mirror: None,
         packages: vec!["vmrig-no-such-package".into()],
-        setup: vec![],
+        ..Default::default()
     };
     let mirror = builder.mirror_for(&inputs);
     let kernel = vmrig_image::kernel::build(&builder, "bookworm", mirror.as_deref()).unwrap();

@@ -222,11 +222,21 @@ impl NodeSpec {
             .collect();
         packages.sort();
         packages.dedup();
+        let mut user_only_packages: Vec<String> = self
+            .users
+            .values()
+            .flat_map(|u| u.packages.iter())
+            .filter(|p| !self.packages.contains(p))
+            .cloned()
+            .collect();
+        user_only_packages.sort();
+        user_only_packages.dedup();
         ImageInputs {
             suite: self.suite.clone(),
             mirror: self.mirror.clone(),
             packages,
             setup: self.setup.clone(),
+            user_only_packages,
         }
     }
 }
@@ -237,7 +247,7 @@ pub fn python_name(node_name: &str) -> String {
 }
 
 /// The inputs of a node's package image.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct ImageInputs {
     pub suite: String,
     pub mirror: Option<String>,
@@ -245,6 +255,11 @@ pub struct ImageInputs {
     pub packages: Vec<String>,
     /// Build-time commands, in order.
     pub setup: Vec<String>,
+    /// Packages that only users asked for (in `packages` too): their programs are moved
+    /// off the system PATH, onto those users' PATH only (NixOS per-user packages).
+    /// Left out of the canonical form when empty, so other images keep their names.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub user_only_packages: Vec<String>,
 }
 
 impl ImageInputs {

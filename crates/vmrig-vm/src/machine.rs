@@ -87,6 +87,8 @@ pub struct Vm {
     qemu: GuardedChild,
     console: Arc<Console>,
     stderr: Arc<Mutex<String>>,
+    /// The serial console's input (QEMU's stdin), for `send_console`.
+    stdin: Option<std::process::ChildStdin>,
     shell: Option<Shell<UnixStream>>,
     shell_listener: UnixListener,
     qmp: Option<Qmp<UnixStream>>,
@@ -116,6 +118,7 @@ impl Vm {
             program: qemu.display().to_string(),
             source,
         })?;
+        let stdin = child.child_mut().stdin.take();
         let stdout = child.child_mut().stdout.take().expect("piped");
         let mut stderr_pipe = child.child_mut().stderr.take().expect("piped");
         let stderr = Arc::new(Mutex::new(String::new()));
@@ -144,6 +147,7 @@ impl Vm {
             qemu: child,
             console,
             stderr,
+            stdin,
             shell: None,
             shell_listener,
             qmp: None,
@@ -300,6 +304,18 @@ impl Vm {
                 .map_err(io_err("writing to the guest shell"))?;
         }
         Ok(())
+    }
+
+    /// Types `chars` on the serial console.
+    pub fn send_console(&mut self, chars: &[u8]) -> Result<(), VmError> {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().ok_or(VmError::NotRunning {
+            machine: self.cfg.name.clone(),
+        })?;
+        stdin
+            .write_all(chars)
+            .and_then(|()| stdin.flush())
+            .map_err(io_err("writing to the serial console"))
     }
 
     /// The QMP client, once QEMU has connected.
