@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub reporters: Vec<Arc<dyn Reporter>>,
     /// Show the NixOS-style log on stderr (off when many tests run at once).
     pub terminal_log: bool,
+    /// Write one pcap file per VLAN (`vlan<N>.pcap`) into the output directory.
+    pub capture: bool,
 }
 
 impl Default for RunOptions {
@@ -50,6 +52,7 @@ impl Default for RunOptions {
             qemu: "qemu-system-x86_64".into(),
             reporters: Vec::new(),
             terminal_log: true,
+            capture: false,
         }
     }
 }
@@ -105,6 +108,7 @@ pub fn run_test(
             "`qemu-img` not found; install it with `sudo apt-get install qemu-utils`".into(),
         )
     })?;
+    check_qemu_version(&qemu)?;
     let decision = accel::decide(opts.accel).map_err(|e| RunError::Infra(e.to_string()))?;
 
     let store =
@@ -299,6 +303,32 @@ pub fn run_test(
     })
 }
 
+/// The oldest QEMU vmrig works with: `-netdev stream` (the switch) arrived in 7.2.
+pub const MIN_QEMU: (u32, u32) = (7, 2);
+
+/// Parses `QEMU emulator version 7.2.22 (...)`.
+pub fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
+    let rest = text.split("version ").nth(1)?;
+    let mut parts = rest.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+fn check_qemu_version(qemu: &Path) -> Result<(), RunError> {
+    let out = std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .map_err(|e| RunError::Infra(format!("running `{} --version`: {e}", qemu.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match parse_qemu_version(&text) {
+        Some(v) if v >= MIN_QEMU => Ok(()),
+        Some((major, minor)) => Err(RunError::Infra(format!(
+            "QEMU {major}.{minor} is too old: vmrig needs QEMU >= {}.{} (for `-netdev stream`); install a newer qemu-system-x86",
+            MIN_QEMU.0, MIN_QEMU.1
+        ))),
+        None => Err(RunError::Infra(format!("cannot read the version of {} from {text:?}", qemu.display()))),
+    }
+}
+
 /// Kills the script and every VM when the global timeout passes. Returns a sender that
 /// stops the watchdog, and its handle (true if it fired).
 fn global_timeout_watchdog(
@@ -333,5 +363,24 @@ struct Shared(Arc<dyn Reporter>);
 impl Reporter for Shared {
     fn report(&self, event: &crate::events::Stamped) {
         self.0.report(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_versions_parse() {
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\n"),
+            Some((7, 2))
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 10.0.2"),
+            Some((10, 0))
+        );
+        assert_eq!(parse_qemu_version("garbage"), None);
+        assert!((6, 2) < MIN_QEMU && (10, 0) >= MIN_QEMU);
     }
 }
