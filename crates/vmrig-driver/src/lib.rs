@@ -4,9 +4,11 @@
 //! terminal log and `events.jsonl`.
 
 pub mod api;
+pub mod cache;
 pub mod cleanup;
 mod copy;
 pub mod events;
+pub mod junit;
 pub mod logger;
 pub mod machine;
 pub mod reporters;

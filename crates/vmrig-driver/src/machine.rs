@@ -356,6 +356,12 @@ impl Machine {
     pub fn add_forward(&mut self, host: u16, guest: u16) {
         self.forwards.push((host, guest));
     }
+
+    /// The machine's own directory under the run directory (made when it starts; removed
+    /// with the run directory). The screen code keeps its screenshots there.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.dir
+    }
 }
 
 impl Drop for Machine {

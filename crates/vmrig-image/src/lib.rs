@@ -18,6 +18,7 @@ pub mod kernel;
 pub mod mirror;
 pub mod modules;
 pub mod node_layer;
+mod planned;
 pub mod rootfs;
 mod run;
 pub mod tools;
@@ -27,6 +28,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use error::ImageError;
+pub use planned::PlannedImage;
 use vmrig_spec::{ImageInputs, TestSpec};
 use vmrig_store::{Store, StorePath};
 

@@ -19,11 +19,19 @@
 //! (wrapped in `anyhow` with context if it likes) to get codes 2 and 3; a test failure is
 //! reported by returning `Ok(1)`.
 
+mod board;
 mod build_cmd;
+mod cached;
+mod doctor;
 mod exit;
+mod jobs;
+mod list_cmd;
 mod progress;
 mod run_cmd;
+mod runner;
+mod select;
 mod store_cmd;
+mod summary;
 mod units;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -62,8 +70,21 @@ struct Cli {
 enum Command {
     /// Build (or find in the store) the guest images of tests, boot their VMs and run the scripts.
     Run(run_cmd::RunArgs),
+    /// Open a Python REPL with a test's machines (the same as `vmrig run -I FILE`).
+    Interactive(run_cmd::InteractiveArgs),
     /// Build (or find in the store) the guest images of tests without running them.
     Build(build_cmd::BuildArgs),
+    /// Show tests, their nodes, their images (built or not) and cached results.
+    List(list_cmd::ListArgs),
+    /// Check that this host has what vmrig needs, and say how to install what is missing.
+    Doctor {
+        /// The QEMU system emulator to check.
+        #[arg(long, default_value = "qemu-system-x86_64", env = "VMRIG_QEMU")]
+        qemu: std::path::PathBuf,
+        /// The Python interpreter to check.
+        #[arg(long, default_value = "python3", env = "VMRIG_PYTHON")]
+        python: std::path::PathBuf,
+    },
     /// Inspect and clean the image store.
     Store {
         #[command(subcommand)]
@@ -76,7 +97,10 @@ fn main() {
     VERBOSITY.store(cli.verbose, Ordering::Relaxed);
     let result = match cli.command {
         Command::Run(args) => run_cmd::run(args),
+        Command::Interactive(args) => run_cmd::run(args.into()),
         Command::Build(args) => build_cmd::run(args),
+        Command::List(args) => list_cmd::run(args),
+        Command::Doctor { qemu, python } => doctor::run(qemu, python),
         Command::Store { command } => store_cmd::run(command),
     };
     std::process::exit(exit::finish(result));

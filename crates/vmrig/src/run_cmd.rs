@@ -1,26 +1,33 @@
-//! `vmrig run`: build images, boot the machines, run each test's script.
+//! `vmrig run` (and `vmrig interactive`): select tests, run them, report.
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
-use vmrig_driver::{RunError, RunOptions};
+use vmrig_driver::cache::ResultCache;
+use vmrig_driver::RunOptions;
 use vmrig_python::Mode;
+use vmrig_store::Store;
 use vmrig_vm::accel::AccelChoice;
 
 use crate::exit::{self, Reported};
-use crate::progress::Progress;
+use crate::runner::{self, Plan};
+use crate::select::{self, Partition};
+use crate::summary;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Test files to run.
-    #[arg(required = true)]
+    /// Test files to run, or directories (every *.toml in them).
+    #[arg(required = true, value_name = "FILE|DIR")]
     pub files: Vec<PathBuf>,
-    /// Output directory (serial logs, screenshots, events.jsonl); default ./vmrig-out/<test name>.
+    /// Output directory (serial logs, screenshots, events.jsonl); default ./vmrig-out/<test
+    /// name>. With several tests, each gets <DIR>/<test name>.
     #[arg(short = 'o', long = "output")]
     pub output: Option<PathBuf>,
     /// Keep each VM's state directory (disk overlay, sockets) after the run.
     #[arg(long, short = 'K')]
     pub keep_vm_state: bool,
+
     /// Accelerator: auto (KVM when it can boot a standard guest, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", value_parser = parse_accel)]
     pub accel: AccelChoice,
@@ -33,6 +40,28 @@ pub struct RunArgs {
     /// The QEMU system emulator.
     #[arg(long, default_value = "qemu-system-x86_64", env = "VMRIG_QEMU")]
     pub qemu: PathBuf,
+    /// Run even when an identical run passed before (its result is cached).
+    #[arg(long, env = "VMRIG_RERUN")]
+    pub rerun: bool,
+    /// Tests to run at once (default: by cores and free memory, counting each VM's memory
+    /// and leaving 2 GiB for the host).
+    #[arg(short = 'j', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: Option<u16>,
+    /// Run only shard K of N (CI sharding; tests are dealt by sorted name).
+    #[arg(long, value_name = "K/N")]
+    pub partition: Option<Partition>,
+    /// Run only the tests whose name contains this text.
+    #[arg(long, value_name = "SUBSTRING")]
+    pub filter: Option<String>,
+    /// Stop starting tests after the first failure (the rest are reported as skipped).
+    #[arg(long)]
+    pub fail_fast: bool,
+    /// Write a JUnit XML report: one testcase per test and one per subtest.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Capture each VLAN's traffic into <output>/vlan<N>.pcap.
+    #[arg(long)]
+    pub capture: bool,
 }
 
 fn parse_accel(s: &str) -> Result<AccelChoice, String> {
@@ -40,16 +69,42 @@ fn parse_accel(s: &str) -> Result<AccelChoice, String> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
-    let specs = crate::build_cmd::load_specs(&args.files)?;
-    let mut failed = 0;
-    for spec in &specs {
-        let out_dir = match (&args.output, specs.len()) {
-            (Some(dir), 1) => Some(dir.clone()),
-            (Some(dir), _) => Some(dir.join(&spec.name)),
-            (None, _) => None,
-        };
-        let opts = RunOptions {
-            out_dir,
+    let files = select::expand(&args.files).context("reading the test directories")?;
+    let specs = crate::build_cmd::load_specs(&files)?;
+    let total = specs.len();
+    let specs = select::filter(specs, args.filter.as_deref(), |s| &s.name);
+    let specs = match args.partition {
+        Some(p) => p.select(specs, |s| &s.name),
+        None => specs,
+    };
+    if specs.is_empty() {
+        eprintln!("vmrig: no test to run (0 of {total} selected)");
+        return Ok(exit::OK);
+    }
+    if args.interactive && specs.len() > 1 {
+        eprintln!(
+            "error: interactive mode takes one test ({} selected)",
+            specs.len()
+        );
+        return Err(Reported(exit::USAGE).into());
+    }
+    let store = Store::open_default().context("failed to open the image store")?;
+    let cache = ResultCache::in_store(store.root());
+    let jobs = match args.jobs {
+        Some(j) => usize::from(j),
+        None => crate::jobs::default_jobs(
+            crate::jobs::cores(),
+            crate::jobs::available_memory_mib(),
+            specs
+                .iter()
+                .map(crate::jobs::test_memory_mib)
+                .max()
+                .unwrap_or(0),
+        ),
+    };
+    let plan = Plan {
+        options: RunOptions {
+            out_dir: args.output.clone(),
             keep_vm_state: args.keep_vm_state,
             accel: args.accel,
             mode: if args.interactive {
@@ -61,31 +116,65 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             qemu: args.qemu.clone(),
             reporters: Vec::new(),
             terminal_log: true,
-        };
-        let progress = Progress::new(crate::verbosity() > 0);
-        let result = vmrig_driver::run_test(spec, &opts, &progress);
-        drop(progress);
-        match result {
-            Ok(outcome) if outcome.passed => {}
-            Ok(_) => failed += 1,
-            Err(RunError::Image(e)) => {
-                return Err(
-                    anyhow::Error::new(e).context(format!("building the images of {}", spec.name))
-                )
-            }
-            Err(RunError::Script(e)) => {
-                eprintln!("error: {e}");
-                return Err(Reported(exit::USAGE).into());
-            }
-            Err(e) => anyhow::bail!("{}: {e}", spec.name),
+            capture: args.capture,
+        },
+        store,
+        cache,
+        // A cached pass makes no pcap and keeps no VM state: asking for them runs the test.
+        use_cache: !args.interactive && !args.rerun && !args.capture && !args.keep_vm_state,
+        record_cache: !args.interactive,
+        jobs,
+        fail_fast: args.fail_fast,
+        junit: args.junit.clone(),
+        per_test_dirs: specs.len() > 1,
+    };
+    let results = runner::run_all(&specs, &plan);
+    if results.len() > 1 {
+        println!("{}", summary::table(&results, std::time::SystemTime::now()));
+    }
+    Ok(summary::exit_code(&results))
+}
+
+/// `vmrig interactive FILE`: the same as `vmrig run -I FILE`.
+#[derive(Debug, Args)]
+pub struct InteractiveArgs {
+    /// The test file whose machines to drive from a Python REPL.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Keep each VM's state directory (disk overlay, sockets) after the session.
+    #[arg(long, short = 'K')]
+    pub keep_vm_state: bool,
+    /// Output directory; default ./vmrig-out/<test name>.
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// Accelerator: auto, kvm or tcg.
+    #[arg(long, default_value = "auto", value_parser = parse_accel)]
+    pub accel: AccelChoice,
+    /// The Python interpreter.
+    #[arg(long, default_value = "python3", env = "VMRIG_PYTHON")]
+    pub python: PathBuf,
+    /// The QEMU system emulator.
+    #[arg(long, default_value = "qemu-system-x86_64", env = "VMRIG_QEMU")]
+    pub qemu: PathBuf,
+}
+
+impl From<InteractiveArgs> for RunArgs {
+    fn from(a: InteractiveArgs) -> RunArgs {
+        RunArgs {
+            files: vec![a.file],
+            output: a.output,
+            keep_vm_state: a.keep_vm_state,
+            accel: a.accel,
+            interactive: true,
+            python: a.python,
+            qemu: a.qemu,
+            rerun: true,
+            jobs: Some(1),
+            partition: None,
+            filter: None,
+            fail_fast: false,
+            junit: None,
+            capture: false,
         }
     }
-    if specs.len() > 1 {
-        eprintln!(
-            "vmrig: {} of {} tests passed",
-            specs.len() - failed,
-            specs.len()
-        );
-    }
-    Ok(if failed > 0 { exit::TEST_FAILED } else { 0 })
 }

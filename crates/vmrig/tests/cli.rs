@@ -179,3 +179,89 @@ fn vmrig_spec_load(path: &Path) -> Result<(), String> {
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
+
+/// A test file with one node, in `dir`.
+fn one_node_test(dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!("name = \"{name}\"\ntest_script = \"start_all()\"\n[nodes.machine]\npackages = [\"less\"]\n"),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn list_shows_nodes_and_unbuilt_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = one_node_test(dir.path(), "listed");
+    let out = vmrig(dir.path(), &["list", file.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(stdout.contains("listed ("), "{stdout}");
+    assert!(stdout.contains(": not cached"), "{stdout}");
+    assert!(
+        stdout.contains("  machine: 1024 MiB, 1 cpu, vlans [1], packages: less"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("not built").count(), 3, "{stdout}");
+}
+
+#[test]
+fn a_filter_that_matches_nothing_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    one_node_test(dir.path(), "alpha");
+    one_node_test(dir.path(), "beta");
+    let out = vmrig(
+        dir.path(),
+        &["run", dir.path().to_str().unwrap(), "--filter", "gamma"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("no test to run (0 of 2 selected)"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = vmrig(
+        dir.path(),
+        &["run", dir.path().to_str().unwrap(), "--partition", "3/2"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("invalid partition"));
+}
+
+#[test]
+fn interactive_takes_one_test() {
+    let dir = tempfile::tempdir().unwrap();
+    one_node_test(dir.path(), "alpha");
+    one_node_test(dir.path(), "beta");
+    let out = vmrig(dir.path(), &["run", "-I", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("interactive mode takes one test"));
+    let out = vmrig(dir.path(), &["interactive", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("REPL"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn doctor_on_an_empty_path_says_what_to_install_and_exits_4() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmrig"))
+        .arg("doctor")
+        .env("PATH", dir.path())
+        .env("VMRIG_STORE", dir.path().join("store"))
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{stdout}");
+    assert!(
+        stdout.contains("MISS qemu-system-x86_64 not found"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("apt-get install qemu-system-x86 qemu-utils"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("MISS python3 not found"), "{stdout}");
+    assert!(stdout.contains("info accelerator: "), "{stdout}");
+}

@@ -1,0 +1,154 @@
+//! The store paths a test's images would have, found without building anything
+//! (`vmrig list`, the result cache).
+//!
+//! The keys are made exactly as the builders make them (`kernel::build`,
+//! `initramfs::build`, `rootfs::build`). The root image's key needs the kernel's version and
+//! modules, so a root image counts as "not built" while its kernel is not built.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+use vmrig_spec::{ImageInputs, TestSpec};
+use vmrig_store::{StoreKey, StorePath};
+
+use crate::modules::GUEST_MODULES;
+use crate::{kernel, rootfs, ImageBuilder, ImageError, NodeImage, BUILDER_VERSION, GUEST_INIT};
+
+/// One node's store paths, each `None` while it is not in the store (or, for the root
+/// image, while its key cannot be known because the kernel is not built).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedImage {
+    pub kernel: Option<StorePath>,
+    pub initramfs: Option<StorePath>,
+    pub rootfs: Option<StorePath>,
+}
+
+impl PlannedImage {
+    /// The bootable image, when every path is in the store.
+    pub fn complete(&self) -> Option<NodeImage> {
+        Some(NodeImage {
+            kernel: self.kernel.clone()?,
+            initramfs: self.initramfs.clone()?,
+            rootfs: self.rootfs.clone()?,
+        })
+    }
+}
+
+impl ImageBuilder<'_> {
+    /// Looks up (never builds) the store paths of every node of `spec`.
+    /// A kernel path without a readable `version` counts as having no root image.
+    pub fn planned(&self, spec: &TestSpec) -> BTreeMap<String, PlannedImage> {
+        spec.nodes
+            .iter()
+            .map(|(name, node)| (name.clone(), self.planned_node(&node.image_inputs())))
+            .collect()
+    }
+
+    fn planned_node(&self, inputs: &ImageInputs) -> PlannedImage {
+        let mirror = self.mirror_for(inputs);
+        let kernel = self
+            .store
+            .lookup(&kernel_key(&inputs.suite, mirror.as_deref()));
+        let initramfs = self.store.lookup(&initramfs_key(&inputs.suite));
+        let rootfs = match &kernel {
+            Some(k) => rootfs_key(inputs, k)
+                .ok()
+                .and_then(|key| self.store.lookup(&key)),
+            None => None,
+        };
+        PlannedImage {
+            kernel,
+            initramfs,
+            rootfs,
+        }
+    }
+}
+
+/// As in `kernel::build`.
+fn kernel_key(suite: &str, mirror: Option<&str>) -> StoreKey {
+    let material = format!(
+        "{BUILDER_VERSION}\nkernel\n{}\n{suite}\n{}",
+        kernel::KERNEL_PACKAGE,
+        mirror.unwrap_or("")
+    );
+    StoreKey::new(&format!("kernel-{suite}"), material.as_bytes())
+}
+
+/// As in `initramfs::build` (which names the kernel by its store name, `kernel-<suite>`).
+fn initramfs_key(suite: &str) -> StoreKey {
+    let init_hash = hex::encode(Sha256::digest(GUEST_INIT));
+    let material = format!(
+        "{BUILDER_VERSION}\ninitramfs\nkernel-{suite}\n{init_hash}\n{}",
+        GUEST_MODULES.join(",")
+    );
+    StoreKey::new("initramfs", material.as_bytes())
+}
+
+/// As in `rootfs::build`.
+fn rootfs_key(inputs: &ImageInputs, kernel: &StorePath) -> Result<StoreKey, ImageError> {
+    let version = kernel::version(kernel)?;
+    let script = rootfs::customize_script(inputs, kernel.path(), &version);
+    let script_hash = hex::encode(Sha256::digest(script.as_bytes()));
+    let material = format!(
+        "{BUILDER_VERSION}\nrootfs\n{}\n{}\n{script_hash}\n{}",
+        inputs.canonical_json(),
+        kernel.name(),
+        rootfs::BASE_PACKAGES.join(",")
+    );
+    Ok(StoreKey::new(
+        &format!("rootfs-{}", inputs.suite),
+        material.as_bytes(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with_one_node() -> TestSpec {
+        vmrig_spec::parse(
+            "name = \"t\"\ntest_script = \"start_all()\"\n[nodes.a]\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn nothing_is_planned_in_an_empty_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = vmrig_store::Store::open(dir.path()).unwrap();
+        let spec = spec_with_one_node();
+        let builder = ImageBuilder {
+            store: &store,
+            observer: &crate::Quiet,
+            mirror_override: Some("http://mirror.invalid/debian".into()),
+        };
+        let planned = builder.planned(&spec);
+        assert_eq!(planned["a"].kernel, None);
+        assert_eq!(planned["a"].rootfs, None);
+        assert!(planned["a"].complete().is_none());
+    }
+
+    #[test]
+    fn a_kernel_in_the_store_is_found_by_the_builders_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = vmrig_store::Store::open(dir.path()).unwrap();
+        let key = kernel_key("bookworm", Some("http://m/debian"));
+        store
+            .build(&key, |_tmp| Ok::<(), std::io::Error>(()))
+            .unwrap();
+        let builder = ImageBuilder {
+            store: &store,
+            observer: &crate::Quiet,
+            mirror_override: Some("http://m/debian".into()),
+        };
+        let inputs = spec_with_one_node().nodes["a"].image_inputs();
+        let planned = builder.planned_node(&inputs);
+        assert_eq!(
+            planned.kernel.as_ref().map(|k| k.name()),
+            Some("kernel-bookworm")
+        );
+        // The kernel has no `version` file: its root image's key cannot be made.
+        assert_eq!(planned.rootfs, None);
+    }
+}
