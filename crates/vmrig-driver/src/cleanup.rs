@@ -12,7 +12,8 @@ use vmrig_python::ScriptKiller;
 #[derive(Default)]
 struct Registry {
     dirs: Vec<PathBuf>,
-    scripts: Vec<ScriptKiller>,
+    scripts: Vec<(u64, ScriptKiller)>,
+    next_script: u64,
 }
 
 fn registry() -> &'static Mutex<Registry> {
@@ -31,12 +32,18 @@ pub fn unregister_dir(dir: &Path) {
     registry().lock().unwrap().dirs.retain(|d| d != dir);
 }
 
-pub fn register_script(killer: ScriptKiller) {
-    registry().lock().unwrap().scripts.push(killer);
+/// Kills the script if the driver is interrupted; returns a handle for [`unregister_script`].
+pub fn register_script(killer: ScriptKiller) -> u64 {
+    let mut r = registry().lock().unwrap();
+    r.next_script += 1;
+    let id = r.next_script;
+    r.scripts.push((id, killer));
+    id
 }
 
-pub fn clear_scripts() {
-    registry().lock().unwrap().scripts.clear();
+/// Forgets one run's script (other runs of the same process keep theirs).
+pub fn unregister_script(id: u64) {
+    registry().lock().unwrap().scripts.retain(|(i, _)| *i != id);
 }
 
 /// While the interactive REPL runs, Ctrl-C belongs to Python.
@@ -48,7 +55,10 @@ pub fn ignore_sigint(ignore: bool) {
 pub fn stop_everything() {
     let (dirs, scripts) = {
         let r = registry().lock().unwrap_or_else(|e| e.into_inner());
-        (r.dirs.clone(), r.scripts.clone())
+        (
+            r.dirs.clone(),
+            r.scripts.iter().map(|(_, k)| k.clone()).collect::<Vec<_>>(),
+        )
     };
     for s in scripts {
         s.kill();

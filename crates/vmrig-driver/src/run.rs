@@ -65,6 +65,8 @@ pub struct RunOutcome {
     /// One line saying why it failed.
     pub failure: Option<String>,
     pub out_dir: PathBuf,
+    /// The images the machines booted, by node (for the result cache).
+    pub images: BTreeMap<String, vmrig_image::NodeImage>,
 }
 
 /// Finds a program on PATH (or returns None).
@@ -233,13 +235,13 @@ pub fn run_test(
     let child = ScriptChild::spawn(&python, &spec.script, &script_ctx, opts.mode)
         .map_err(RunError::Python)?;
     let killer = child.killer();
-    cleanup::register_script(killer.clone());
+    let script_id = cleanup::register_script(killer.clone());
     let (stop_watchdog, watchdog) =
         global_timeout_watchdog(deadline, killer, logger.clone(), spec.global_timeout);
     let served = child.serve(&handler);
     let _ = stop_watchdog.send(());
     let timed_out = watchdog.join().unwrap_or(false);
-    cleanup::clear_scripts();
+    cleanup::unregister_script(script_id);
     cleanup::ignore_sigint(false);
 
     let outcome = served.map_err(RunError::Python)?;
@@ -300,6 +302,7 @@ pub fn run_test(
         elapsed,
         failure,
         out_dir,
+        images,
     })
 }
 
@@ -347,8 +350,10 @@ fn global_timeout_watchdog(
                     format!("global timeout of {secs} s reached: stopping the test"),
                     None,
                 );
+                // Only this run's script: every wait of its machines is bounded by the
+                // same deadline, so the call in progress returns now too (other tests
+                // running in this process are left alone).
                 killer.kill();
-                vmrig_vm::process::kill_all_children();
                 true
             }
             _ => false,

@@ -1,8 +1,6 @@
 //! The result cache as `vmrig run` uses it: look a test up from the store's existing
 //! images (never building), record a pass.
 
-use std::time::Duration;
-
 use vmrig_driver::cache::{cache_key, CacheKey, CachedResult, ResultCache};
 use vmrig_image::{ImageBuilder, Quiet};
 use vmrig_spec::TestSpec;
@@ -50,14 +48,13 @@ pub fn lookup(
 /// Records a pass of `spec` (after the run, when its images are in the store), or forgets
 /// an earlier one when it failed.
 pub fn record(
-    store: &Store,
     cache: &ResultCache,
     spec: &TestSpec,
     identity: &str,
-    passed: bool,
-    elapsed: Duration,
+    outcome: &vmrig_driver::RunOutcome,
 ) {
-    let Some(key) = key_of(store, spec, identity) else {
+    let (passed, elapsed) = (outcome.passed, outcome.elapsed);
+    let Ok(key) = cache_key(spec, &outcome.images, identity) else {
         return;
     };
     if passed {

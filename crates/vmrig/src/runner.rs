@@ -161,14 +161,7 @@ fn run_one(
     let (outcome, piece) = match run {
         Ok(outcome) => {
             if plan.record_cache {
-                cached::record(
-                    &plan.store,
-                    &plan.cache,
-                    spec,
-                    identity,
-                    outcome.passed,
-                    outcome.elapsed,
-                );
+                cached::record(&plan.cache, spec, identity, &outcome);
             }
             let piece = Junit::Ran(collector, outcome.out_dir.clone());
             match (outcome.passed, outcome.failure) {
