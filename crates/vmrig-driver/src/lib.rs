@@ -15,6 +15,7 @@ pub mod reporters;
 pub mod rpc;
 pub mod run;
 pub mod screen;
+pub mod snapshot;
 
 pub use run::{run_test, RunOptions, RunOutcome};
 

@@ -40,6 +40,22 @@ pub struct RunContext {
     pub serial_stdout: Arc<AtomicBool>,
     /// The global timeout.
     pub deadline: Instant,
+    /// The image store (boot snapshots live there).
+    pub store: vmrig_store::Store,
+    /// Boot from snapshots and save them (`--no-snapshots` turns it off).
+    pub snapshots: bool,
+    /// `qemu --version`, part of every snapshot key.
+    pub qemu_version: String,
+}
+
+/// Where a machine stands with boot snapshots.
+enum Snapshot {
+    /// Not used (off, or not the machine's first start in this run).
+    Off,
+    /// None fits yet: save one when the machine is first ready.
+    Save(vmrig_store::StoreKey),
+    /// Started from one (see `Machine::snapshot_in_use`).
+    Restoring,
 }
 
 /// One machine of the test.
@@ -58,6 +74,9 @@ pub struct Machine {
     connected: bool,
     started_at: Option<Instant>,
     forwards: Vec<(u16, u16)>,
+    snapshot: Snapshot,
+    /// Keeps `store gc` away from the snapshot this machine's disk is layered on.
+    snapshot_in_use: Option<vmrig_store::UseGuard>,
 }
 
 impl Machine {
@@ -83,6 +102,8 @@ impl Machine {
             connected: false,
             started_at: None,
             forwards: Vec::new(),
+            snapshot: Snapshot::Off,
+            snapshot_in_use: None,
         }
     }
 
@@ -143,10 +164,62 @@ impl Machine {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| ApiError::Machine(format!("creating {}: {e}", self.dir.display())))?;
         let disk = self.dir.join("disk.qcow2");
-        if !disk.exists() {
+        let first_start = !disk.exists();
+        let initrd = self.dir.join("initrd");
+        if !initrd.exists() {
+            node_layer::write_initrd(&self.image.initrd_file(), &self.layer, &initrd)
+                .map_err(|e| ApiError::Machine(format!("writing {}: {e}", initrd.display())))?;
+        }
+        let mut cfg = VmConfig {
+            name: self.name.clone(),
+            accel: self.ctx.accel,
+            memory_mib: self.node.memory,
+            cpus: self.node.cpus,
+            kernel: self.image.kernel_file(),
+            initrd: initrd.clone(),
+            disk: disk.clone(),
+            kernel_params: self.node.kernel_params.clone(),
+            shell_socket: self.dir.join("shell.sock"),
+            qmp_socket: self.dir.join("qmp.sock"),
+            vlans: self.vlans.clone(),
+            graphics: self.node.graphics,
+            firmware: self.ctx.firmware.clone(),
+            allow_reboot,
+            forwards: self.forwards.clone(),
+            incoming: None,
+        };
+        // A snapshot only stands in for a first boot: a restart keeps the disk as the
+        // test left it, as NixOS does.
+        self.snapshot = Snapshot::Off;
+        let mut backing = (self.image.root_image(), "raw");
+        if first_start && self.node.snapshot && self.ctx.snapshots {
+            let hash = crate::snapshot::file_hash(&initrd)
+                .map_err(|e| ApiError::Machine(format!("reading {}: {e}", initrd.display())))?;
+            let key = crate::snapshot::snapshot_key(
+                &cfg,
+                &self.ctx.run_dir,
+                &hash,
+                &self.ctx.qemu_version,
+            );
+            let found = self
+                .ctx
+                .store
+                .lookup(&key)
+                .and_then(|path| self.ctx.store.use_path(&path).ok());
+            self.snapshot = match found {
+                Some(guard) => {
+                    backing = (guard.path().join("disk.qcow2"), "qcow2");
+                    cfg.incoming = Some(guard.path().join("state"));
+                    self.snapshot_in_use = Some(guard);
+                    Snapshot::Restoring
+                }
+                None => Snapshot::Save(key),
+            };
+        }
+        if first_start {
             let out = Command::new(&self.ctx.qemu_img)
-                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                .arg(self.image.root_image())
+                .args(["create", "-q", "-f", "qcow2", "-F", backing.1, "-b"])
+                .arg(&backing.0)
                 .arg(&disk)
                 .output()
                 .map_err(|e| {
@@ -162,28 +235,6 @@ impl Machine {
                 )));
             }
         }
-        let initrd = self.dir.join("initrd");
-        if !initrd.exists() {
-            node_layer::write_initrd(&self.image.initrd_file(), &self.layer, &initrd)
-                .map_err(|e| ApiError::Machine(format!("writing {}: {e}", initrd.display())))?;
-        }
-        let cfg = VmConfig {
-            name: self.name.clone(),
-            accel: self.ctx.accel,
-            memory_mib: self.node.memory,
-            cpus: self.node.cpus,
-            kernel: self.image.kernel_file(),
-            initrd,
-            disk,
-            kernel_params: self.node.kernel_params.clone(),
-            shell_socket: self.dir.join("shell.sock"),
-            qmp_socket: self.dir.join("qmp.sock"),
-            vlans: self.vlans.clone(),
-            graphics: self.node.graphics,
-            firmware: self.ctx.firmware.clone(),
-            allow_reboot,
-            forwards: self.forwards.clone(),
-        };
         let serial_log = self.ctx.out_dir.join(format!("serial-{}.log", self.name));
         let logger = self.ctx.logger.clone();
         let flag = self.ctx.serial_stdout.clone();
@@ -213,36 +264,82 @@ impl Machine {
         self.start(false)?;
         let deadline = self.deadline_in(Some(BOOT_TIMEOUT.as_secs_f64()));
         let logger = self.ctx.logger.clone();
-        let id = logger.begin(
-            BlockKind::Nested,
-            "waiting for the VM to finish booting",
+        let restoring = matches!(self.snapshot, Snapshot::Restoring);
+        let what = if restoring {
+            "restoring the VM from its boot snapshot"
+        } else {
+            "waiting for the VM to finish booting"
+        };
+        let id = logger.begin(BlockKind::Nested, what, Some(&self.name));
+        let vm = self.vm.as_mut().expect("started");
+        let result = if restoring {
+            vm.wait_until_restored(deadline)
+        } else {
+            vm.wait_until_ready(deadline)
+        };
+        if let Err(e) = result {
+            let e = vm_error(e);
+            logger.end(id, Some(e.to_string()));
+            return Err(e);
+        }
+        self.connected = true;
+        if restoring {
+            // The guest's clock stopped when the snapshot was saved.
+            let clock = crate::snapshot::set_clock_command(std::time::SystemTime::now());
+            if let Err(e) = self.execute(&clock, Some(30.0)) {
+                logger.end(id, Some(e.to_string()));
+                return Err(e);
+            }
+        }
+        let since = self
+            .started_at
+            .map(|t| t.elapsed().as_secs_f64())
+            .unwrap_or_default();
+        let how = if restoring {
+            "restored from the boot snapshot"
+        } else {
+            "connected to guest root shell"
+        };
+        logger.log(
+            crate::events::Level::Info,
+            format!("{how} ({since:.2} s after QEMU started)"),
             Some(&self.name),
         );
-        let result = self
-            .vm
-            .as_mut()
-            .expect("started")
-            .wait_until_ready(deadline);
-        match result {
-            Ok(()) => {
-                self.connected = true;
-                let since = self
-                    .started_at
-                    .map(|t| t.elapsed().as_secs_f64())
-                    .unwrap_or_default();
-                logger.log(
-                    crate::events::Level::Info,
-                    format!("connected to guest root shell ({since:.2} s after QEMU started)"),
-                    Some(&self.name),
-                );
-                logger.end(id, None);
+        logger.end(id, None);
+        // A later connect (after a reboot or restart) is an ordinary one.
+        if let Snapshot::Save(key) = std::mem::replace(&mut self.snapshot, Snapshot::Off) {
+            self.save_snapshot(&key);
+        }
+        Ok(())
+    }
+
+    /// Saves the boot snapshot once the system has settled; failures only warn.
+    fn save_snapshot(&mut self, key: &vmrig_store::StoreKey) {
+        let logger = self.ctx.logger.clone();
+        let name = self.name.clone();
+        let result: Result<(), String> =
+            logger.nested("saving a boot snapshot", Some(&name), || {
+                let (_, state) = self
+                    .execute("systemctl is-system-running --wait", Some(300.0))
+                    .map_err(|e| e.to_string())?;
+                let state = state.trim();
+                if state != "running" && state != "degraded" {
+                    return Err(format!("the system did not settle (it is {state:?})"));
+                }
+                let deadline = self.deadline_in(Some(120.0));
+                let vm = self.vm.as_mut().ok_or("the machine stopped")?;
+                self.ctx
+                    .store
+                    .build(key, |tmp| vm.save_state(tmp, deadline))
+                    .map_err(|e| format!("{e:#}"))?;
                 Ok(())
-            }
-            Err(e) => {
-                let e = vm_error(e);
-                logger.end(id, Some(e.to_string()));
-                Err(e)
-            }
+            });
+        if let Err(why) = result {
+            logger.log(
+                crate::events::Level::Warning,
+                format!("no boot snapshot saved: {why}"),
+                Some(&name),
+            );
         }
     }
 

@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub terminal_log: bool,
     /// Write one pcap file per VLAN (`vlan<N>.pcap`) into the output directory.
     pub capture: bool,
+    /// Boot from saved snapshots and save new ones (nodes may opt out with `snapshot = false`).
+    pub snapshots: bool,
 }
 
 impl Default for RunOptions {
@@ -53,6 +55,7 @@ impl Default for RunOptions {
             reporters: Vec::new(),
             terminal_log: true,
             capture: false,
+            snapshots: true,
         }
     }
 }
@@ -110,7 +113,7 @@ pub fn run_test(
             "`qemu-img` not found; install it with `sudo apt-get install qemu-utils`".into(),
         )
     })?;
-    check_qemu_version(&qemu)?;
+    let qemu_version = check_qemu_version(&qemu)?;
     let decision = accel::decide(opts.accel).map_err(|e| RunError::Infra(e.to_string()))?;
 
     let store =
@@ -180,6 +183,9 @@ pub fn run_test(
         run_dir: run_dir.path().to_owned(),
         serial_stdout: serial_stdout.clone(),
         deadline,
+        store: store.clone(),
+        snapshots: opts.snapshots,
+        qemu_version,
     });
 
     let mut vlans = BTreeMap::new();
@@ -316,14 +322,14 @@ pub fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-fn check_qemu_version(qemu: &Path) -> Result<(), RunError> {
+fn check_qemu_version(qemu: &Path) -> Result<String, RunError> {
     let out = std::process::Command::new(qemu)
         .arg("--version")
         .output()
         .map_err(|e| RunError::Infra(format!("running `{} --version`: {e}", qemu.display())))?;
     let text = String::from_utf8_lossy(&out.stdout);
     match parse_qemu_version(&text) {
-        Some(v) if v >= MIN_QEMU => Ok(()),
+        Some(v) if v >= MIN_QEMU => Ok(text.lines().next().unwrap_or_default().to_owned()),
         Some((major, minor)) => Err(RunError::Infra(format!(
             "QEMU {major}.{minor} is too old: vmrig needs QEMU >= {}.{} (for `-netdev stream`); install a newer qemu-system-x86",
             MIN_QEMU.0, MIN_QEMU.1

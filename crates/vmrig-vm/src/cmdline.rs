@@ -41,6 +41,8 @@ pub struct VmConfig {
     pub allow_reboot: bool,
     /// Host ports forwarded to the guest through eth0 (QEMU user networking).
     pub forwards: Vec<(u16, u16)>,
+    /// Start from a saved state (a migration stream file) instead of booting.
+    pub incoming: Option<PathBuf>,
 }
 
 /// The kernel command line every vmrig guest gets before the node's own parameters.
@@ -173,6 +175,16 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
             ),
         ]);
     }
+    if let Some(state) = &cfg.incoming {
+        // QEMU runs the exec: URI through /bin/sh.
+        a.extend([
+            "-incoming".into(),
+            format!(
+                "exec:cat {}",
+                crate::backdoor::shell_quote(&state.to_string_lossy())
+            ),
+        ]);
+    }
     a.into_iter().map(OsString::from).collect()
 }
 
@@ -207,6 +219,7 @@ mod tests {
             firmware: Some("/usr/share/qemu/qboot.rom".into()),
             allow_reboot: false,
             forwards: vec![(8080, 80)],
+            incoming: None,
         }
     }
 
@@ -223,6 +236,17 @@ mod tests {
         let line = joined(&config());
         let expected = "-name server -nodefaults -no-user-config -machine pc -accel tcg,thread=multi -cpu max -m 1024 -smp 2 -bios /usr/share/qemu/qboot.rom -no-reboot -kernel /store/k/vmlinuz -initrd /run/server/initrd -append console=ttyS0 panic=-1 quiet loglevel=4 net.ifnames=0 biosdevname=0 mitigations=off tsc=reliable no_timer_check random.trust_cpu=on 8250.nr_uarts=1 systemd.show_status=false foo=bar -drive file=/run/server/disk,,1.qcow2,if=virtio,format=qcow2,cache=unsafe,discard=unmap -serial stdio -device virtio-serial-pci -chardev socket,id=shell,path=/run/server/shell -device virtconsole,chardev=shell -chardev socket,id=qmp,path=/run/server/qmp -mon chardev=qmp,mode=control -device virtio-rng-pci -vga none -display none -netdev user,id=user0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80 -device virtio-net-pci,netdev=user0,addr=0x10,mac=52:54:00:12:34:56 -netdev stream,id=vlan1,server=off,addr.type=unix,addr.path=/run/vlan1/server.sock -device virtio-net-pci,netdev=vlan1,addr=0x11,mac=52:54:00:12:01:02";
         assert_eq!(line, expected);
+    }
+
+    #[test]
+    fn incoming_state_is_read_with_a_quoted_path() {
+        let mut cfg = config();
+        cfg.incoming = Some("/store/it's/state".into());
+        assert!(
+            joined(&cfg).ends_with("-incoming exec:cat '/store/it'\\''s/state'"),
+            "{}",
+            joined(&cfg)
+        );
     }
 
     #[test]

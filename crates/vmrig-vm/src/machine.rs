@@ -66,6 +66,10 @@ pub enum VmError {
         #[source]
         source: QmpError,
     },
+    #[error("`{machine}`: could not save its state: {detail}")]
+    SaveFailed { machine: String, detail: String },
+    #[error("`{machine}`: could not restore its saved state: {detail}")]
+    RestoreFailed { machine: String, detail: String },
     #[error("`{machine}`: the machine is not running")]
     NotRunning { machine: String },
     #[error("{context}: {source}")]
@@ -174,6 +178,152 @@ impl Vm {
 
     /// Waits for QEMU to connect and the guest's shell to announce itself.
     pub fn wait_until_ready(&mut self, deadline: Instant) -> Result<(), VmError> {
+        let stream = self.connect_sockets(deadline)?;
+        let mut shell = Shell::new(stream);
+        let start = Instant::now();
+        match shell.wait_for_banner(deadline) {
+            Ok(()) => {
+                self.shell = Some(shell);
+                Ok(())
+            }
+            Err(ShellError::Timeout(_)) => Err(VmError::BootTimeout {
+                machine: self.cfg.name.clone(),
+                timeout: start.elapsed(),
+                console: self.console_tail(),
+            }),
+            Err(_) => Err(self.died_booting()),
+        }
+    }
+
+    /// For a VM started from a saved state (`VmConfig::incoming`): accepts QEMU's sockets
+    /// and waits until the incoming migration has finished and the guest runs. The guest's
+    /// shell was already up when the state was saved, so there is no banner to wait for.
+    pub fn wait_until_restored(&mut self, deadline: Instant) -> Result<(), VmError> {
+        let stream = self.connect_sockets(deadline)?;
+        // Loading a saved state takes a second or two; far longer means it is stuck.
+        let deadline = deadline.min(Instant::now() + Duration::from_secs(60));
+        let name = self.cfg.name.clone();
+        let qmp_err = |source| VmError::Qmp {
+            machine: name.clone(),
+            source,
+        };
+        loop {
+            let status = self.qmp()?.query_status().map_err(qmp_err)?;
+            match status.as_str() {
+                "running" => break,
+                // Saved while stopped: once the state is in, let it run.
+                "paused" | "postmigrate" => {
+                    let migration = self
+                        .qmp()?
+                        .execute("query-migrate", None, Duration::from_secs(10))
+                        .map_err(qmp_err)?;
+                    if migration.get("status").and_then(|s| s.as_str()) == Some("completed") {
+                        self.qmp()?.cont().map_err(qmp_err)?;
+                    }
+                }
+                "inmigrate" | "prelaunch" | "restore-vm" => {}
+                other => {
+                    return Err(VmError::RestoreFailed {
+                        machine: name,
+                        detail: format!("the VM is in state {other:?} after restoring"),
+                    })
+                }
+            }
+            if !self.is_running() {
+                return Err(self.died_booting());
+            }
+            if Instant::now() >= deadline {
+                let migration = self
+                    .qmp()?
+                    .execute("query-migrate", None, Duration::from_secs(5))
+                    .unwrap_or_default();
+                let stderr = self.stderr.lock().unwrap().trim().to_owned();
+                return Err(VmError::RestoreFailed {
+                    machine: name,
+                    detail: format!("the saved state did not load in time (QEMU is {status:?}; migration {migration}; stderr: {stderr:?})"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.shell = Some(Shell::new(stream));
+        Ok(())
+    }
+
+    /// Saves the running VM into `dir`: the migration stream (`state`) and a copy of the
+    /// disk overlay as it was at that instant (`disk.qcow2`), then lets the VM go on.
+    pub fn save_state(&mut self, dir: &Path, deadline: Instant) -> Result<(), VmError> {
+        let name = self.cfg.name.clone();
+        let qmp_err = |source| VmError::Qmp {
+            machine: name.clone(),
+            source,
+        };
+        let state = dir.join("state");
+        let disk = self.cfg.disk.clone();
+        let uri = format!(
+            "exec:cat > {}",
+            crate::backdoor::shell_quote(&state.to_string_lossy())
+        );
+        let qmp = self.qmp()?;
+        qmp.stop().map_err(qmp_err)?;
+        qmp.execute(
+            "migrate",
+            Some(serde_json::json!({ "uri": uri })),
+            Duration::from_secs(30),
+        )
+        .map_err(qmp_err)?;
+        loop {
+            let info = qmp
+                .execute("query-migrate", None, Duration::from_secs(30))
+                .map_err(qmp_err)?;
+            match info.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+                "completed" => break,
+                "failed" | "cancelled" => {
+                    let detail = info
+                        .get("error-desc")
+                        .and_then(|d| d.as_str())
+                        .unwrap_or("migration failed")
+                        .to_owned();
+                    let _ = qmp.cont();
+                    return Err(VmError::SaveFailed {
+                        machine: name,
+                        detail,
+                    });
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                let _ = qmp.execute("migrate_cancel", None, Duration::from_secs(10));
+                let _ = qmp.cont();
+                return Err(VmError::SaveFailed {
+                    machine: name,
+                    detail: "saving the state took too long".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let copied = std::fs::copy(&disk, dir.join("disk.qcow2"));
+        qmp.cont().map_err(qmp_err)?;
+        copied.map_err(io_err(format!("copying {}", disk.display())))?;
+        Ok(())
+    }
+
+    fn died_booting(&mut self) -> VmError {
+        let status = self
+            .qemu
+            .wait_timeout(Duration::from_secs(2))
+            .ok()
+            .flatten();
+        VmError::DiedBooting {
+            machine: self.cfg.name.clone(),
+            status: status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "still running".into()),
+            console: self.console_tail(),
+        }
+    }
+
+    /// Accepts QEMU's shell and QMP connections and does the QMP handshake.
+    fn connect_sockets(&mut self, deadline: Instant) -> Result<UnixStream, VmError> {
         let connect_deadline = deadline.min(Instant::now() + CONNECT_TIMEOUT);
         let stream = self.accept(
             &self
@@ -196,33 +346,7 @@ impl Vm {
             source,
         })?;
         self.qmp = Some(qmp);
-        let mut shell = Shell::new(stream);
-        let start = Instant::now();
-        match shell.wait_for_banner(deadline) {
-            Ok(()) => {
-                self.shell = Some(shell);
-                Ok(())
-            }
-            Err(ShellError::Timeout(_)) => Err(VmError::BootTimeout {
-                machine: self.cfg.name.clone(),
-                timeout: start.elapsed(),
-                console: self.console_tail(),
-            }),
-            Err(_) => {
-                let status = self
-                    .qemu
-                    .wait_timeout(Duration::from_secs(2))
-                    .ok()
-                    .flatten();
-                Err(VmError::DiedBooting {
-                    machine: self.cfg.name.clone(),
-                    status: status
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| "still running".into()),
-                    console: self.console_tail(),
-                })
-            }
-        }
+        Ok(stream)
     }
 
     fn accept(

@@ -27,6 +27,9 @@ pub struct RunArgs {
     /// Keep each VM's state directory (disk overlay, sockets) after the run.
     #[arg(long, short = 'K')]
     pub keep_vm_state: bool,
+    /// Boot every machine cold: neither start from boot snapshots nor save new ones.
+    #[arg(long, env = "VMRIG_NO_SNAPSHOTS")]
+    pub no_snapshots: bool,
 
     /// Accelerator: auto (KVM when it can boot a standard guest, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", value_parser = parse_accel)]
@@ -117,6 +120,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             reporters: Vec::new(),
             terminal_log: true,
             capture: args.capture,
+            snapshots: !args.no_snapshots,
         },
         store,
         cache,
@@ -175,6 +179,7 @@ impl From<InteractiveArgs> for RunArgs {
             fail_fast: false,
             junit: None,
             capture: false,
+            no_snapshots: false,
         }
     }
 }
