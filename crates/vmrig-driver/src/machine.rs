@@ -195,10 +195,12 @@ impl Machine {
         if first_start && self.node.snapshot && self.ctx.snapshots {
             let hash = crate::snapshot::file_hash(&initrd)
                 .map_err(|e| ApiError::Machine(format!("reading {}: {e}", initrd.display())))?;
+            // The root image is behind the per-VM disk, not on QEMU's command line: name it.
+            let inputs = format!("initrd {hash}\nroot {}", self.image.rootfs.base_name());
             let key = crate::snapshot::snapshot_key(
                 &cfg,
                 &self.ctx.run_dir,
-                &hash,
+                &inputs,
                 &self.ctx.qemu_version,
             );
             let found = self

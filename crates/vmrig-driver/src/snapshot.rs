@@ -18,11 +18,12 @@ use vmrig_vm::cmdline::{qemu_args, VmConfig};
 pub const SNAPSHOT_FORMAT: &str = "vmrig-snapshot-1";
 
 /// The store key of the snapshot of a VM started with `cfg` (whose `incoming` is unset)
-/// in `run_dir`, booting `initrd_hash`.
+/// in `run_dir`; `inputs` names what the command line does not show (the initrd's
+/// contents, the root image behind the disk layer).
 pub fn snapshot_key(
     cfg: &VmConfig,
     run_dir: &Path,
-    initrd_hash: &str,
+    inputs: &str,
     qemu_version: &str,
 ) -> StoreKey {
     let run = run_dir.to_string_lossy();
@@ -31,7 +32,7 @@ pub fn snapshot_key(
         .map(|a| a.to_string_lossy().replace(run.as_ref(), "<run>"))
         .collect();
     let material = format!(
-        "{SNAPSHOT_FORMAT}\nvmrig {}\n{}\ninitrd {initrd_hash}\n{}",
+        "{SNAPSHOT_FORMAT}\nvmrig {}\n{}\n{inputs}\n{}",
         env!("CARGO_PKG_VERSION"),
         qemu_version.trim(),
         argv.join("\n")
