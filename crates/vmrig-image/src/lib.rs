@@ -22,6 +22,7 @@ mod planned;
 pub mod rootfs;
 mod run;
 pub mod tools;
+pub mod user_packages;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
