@@ -32,5 +32,7 @@ $SUDO apt-get install -y -q --allow-downgrades --no-install-recommends \
     cpio \
     tar \
     python3 \
+    tesseract-ocr \
+    tesseract-ocr-eng \
     ca-certificates
 echo "install-deps: $(qemu-system-x86_64 --version | head -n1), $(mmdebstrap --version), $(python3 --version)"

@@ -20,12 +20,7 @@ pub const SNAPSHOT_FORMAT: &str = "vmrig-snapshot-1";
 /// The store key of the snapshot of a VM started with `cfg` (whose `incoming` is unset)
 /// in `run_dir`; `inputs` names what the command line does not show (the initrd's
 /// contents, the root image behind the disk layer).
-pub fn snapshot_key(
-    cfg: &VmConfig,
-    run_dir: &Path,
-    inputs: &str,
-    qemu_version: &str,
-) -> StoreKey {
+pub fn snapshot_key(cfg: &VmConfig, run_dir: &Path, inputs: &str, qemu_version: &str) -> StoreKey {
     let run = run_dir.to_string_lossy();
     let argv: Vec<String> = qemu_args(cfg)
         .iter()

@@ -562,6 +562,14 @@ class Machine:
     def wait_for_window(self, regexp, timeout=900):
         self._call("wait_for_window", regexp=regexp, timeout=timeout)
 
+    # Beyond NixOS: find a reference image (PNG) anywhere on the screen.
+
+    def wait_for_image(self, path, threshold=0.95, timeout=900):
+        self._call("wait_for_image", path=str(path), threshold=threshold, timeout=timeout)
+
+    def screen_matches(self, path, threshold=0.95):
+        return bool(self._call("screen_matches", path=str(path), threshold=threshold))
+
     def get_tty_text(self, tty):
         return self._call("get_tty_text", tty=tty)
 
