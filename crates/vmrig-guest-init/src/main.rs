@@ -1,10 +1,11 @@
 //! vmrig-init: `/init` of every vmrig initramfs (PID 1 until it execs the
 //! real init).
 //!
-//! Steps: mount /dev /proc /sys; load `/etc/vmrig/modules` in order; wait for
-//! the root device; mount it on /newroot (rw, or `ro` + tmpfs overlay); copy
-//! the per-node layer `/vmrig/layer/**`; move /dev /proc /sys into /newroot;
-//! run `/etc/vmrig/node-setup.sh` chrooted; switch_root and exec init.
+//! Steps: mount /dev /proc /sys; load `/etc/vmrig/modules` in order (those the
+//! boot needs); wait for the root device; mount it on /newroot (rw, or `ro` +
+//! tmpfs overlay); copy the per-node layer `/vmrig/layer/**`; move /dev /proc
+//! /sys into /newroot and mount the API file systems systemd would mount with
+//! processes; run `/etc/vmrig/node-setup.sh` chrooted; switch_root and exec init.
 //! A fatal error prints `vmrig-init: error: ...` and powers the machine off.
 
 mod cmdline;
@@ -86,7 +87,9 @@ fn run() -> Result<(), Fatal> {
     SHELL.store(cfg.shell, Ordering::Relaxed);
     log::step(&format!("mounted /dev /proc /sys; {cfg:?}"));
 
-    let failed = modules::load_all(Path::new(MODULES_LIST));
+    let failed = modules::load_all(Path::new(MODULES_LIST), |name| {
+        modules::needed_for_boot(name, cfg.ro)
+    });
     log::step(&format!("modules loaded ({failed} failed)"));
 
     let dev = mount::wait_for_root(&cfg.root, ROOT_WAIT)?;
@@ -110,6 +113,7 @@ fn run() -> Result<(), Fatal> {
     }
 
     mount::move_api_mounts(newroot)?;
+    mount::systemd_api_mounts(newroot);
     setup::run_node_setup(newroot, SETUP_TIMEOUT);
 
     let args = std::env::args_os().skip(1).collect();

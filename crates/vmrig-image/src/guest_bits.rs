@@ -27,6 +27,11 @@ echo "Spawning backdoor root shell..."
 PS1="" exec /bin/bash --norc /dev/hvc0
 "#;
 
+/// The backdoor's unit. It depends on nothing (not even journald: output to the journal
+/// would order it after systemd-journald.socket; its output goes to the console, and the
+/// script sends it to hvc0/ttyS0 itself), so systemd starts it in the first batch of jobs. `StartupCPUWeight` puts it first in systemd's run queue and gives it the
+/// CPU over the other boot jobs until boot has finished (one vCPU under TCG is shared by
+/// everything that starts at once); afterwards it has the default weight again.
 pub const BACKDOOR_UNIT: &str = "[Unit]
 Description=vmrig backdoor shell for the test driver (hvc0)
 DefaultDependencies=no
@@ -37,10 +42,48 @@ Before=shutdown.target
 ExecStart=/usr/local/lib/vmrig/backdoor
 KillSignal=SIGHUP
 StandardInput=null
-StandardOutput=journal+console
+StandardOutput=tty
+TTYPath=/dev/console
+StartupCPUWeight=1000
 
 [Install]
 WantedBy=sysinit.target
+";
+
+/// journald keeps the journal in /run: a test VM's disk is thrown away anyway, and the
+/// flush to /var (systemd-journal-flush.service, masked below) costs over a second of boot
+/// under TCG. `journalctl` works as usual.
+pub const JOURNALD_CONF: &str = "# vmrig: the journal lives in /run (test VMs are thrown away).
+[Journal]
+Storage=volatile
+";
+
+/// Drivers that udev would load for QEMU's emulated hardware that no test uses (the PC
+/// speaker, and the floppy controller of the `pc` machine type should a VM use it); each
+/// costs a good part of a second under TCG. `blacklist` only stops loading by alias:
+/// `modprobe pcspkr` still works.
+pub const MODPROBE_BLACKLIST: &str = "# vmrig: not loaded automatically in test VMs.
+blacklist floppy
+blacklist pcspkr
+";
+
+/// udev loads a module for every CPU feature that has one: kvm_intel/kvm_amd for
+/// vmx/svm, and the accelerated crypto drivers (aesni_intel, sha*_ssse3, ghash, crc32
+/// and crct10dif with pclmul): over a second at boot under TCG. Without a CPU
+/// `MODALIAS` nothing is loaded at boot; the kernel's crypto API still loads the
+/// accelerated drivers when something asks for the algorithm, and nested
+/// virtualisation needs `modprobe kvm_intel` (or kvm_amd) first.
+pub const UDEV_RULES: &str = "# vmrig: no module autoloading for CPU features in test VMs.
+SUBSYSTEM==\"cpu\", ENV{MODALIAS}=\"\"
+";
+
+/// udev's coldplug without the `subsystems` half (module, bus and driver objects, about
+/// 220 events that no rule uses): the `devices` half is what makes device units and
+/// /dev links. Otherwise Debian's command.
+pub const UDEV_TRIGGER_DROPIN: &str = "# vmrig: coldplug devices only.
+[Service]
+ExecStart=
+ExecStart=-udevadm trigger --type=devices --action=add --prioritized-subsystem=block,tpmrm,net,tty,input
 ";
 
 /// Files every image gets. Symlinks are in [`GUEST_SYMLINKS`].
@@ -73,6 +116,79 @@ pub const GUEST_FILES: &[GuestFile] = &[
         mode: 0o644,
         text: "vmrig\n",
     },
+    GuestFile {
+        path: "/etc/systemd/journald.conf.d/vmrig.conf",
+        mode: 0o644,
+        text: JOURNALD_CONF,
+    },
+    GuestFile {
+        path: "/etc/modprobe.d/vmrig.conf",
+        mode: 0o644,
+        text: MODPROBE_BLACKLIST,
+    },
+    GuestFile {
+        path: "/etc/udev/rules.d/70-vmrig.rules",
+        mode: 0o644,
+        text: UDEV_RULES,
+    },
+    GuestFile {
+        path: "/etc/systemd/system/systemd-udev-trigger.service.d/vmrig.conf",
+        mode: 0o644,
+        text: UDEV_TRIGGER_DROPIN,
+    },
+];
+
+/// Units a test VM does not need, masked: each is a process (or several) at boot, and a
+/// process start costs 50-200 ms under TCG. None of them is something a test waits for.
+pub const MASKED_UNITS: &[&str] = &[
+    // Debian's periodic jobs: nothing to do in a throwaway VM, and they must not fire
+    // in the middle of a test.
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "fstrim.timer",
+    // gettys on tty2..tty6 (Debian's fallback without logind). tty1 and ttyS0 keep theirs.
+    "getty-static.service",
+    // The journal is volatile (see JOURNALD_CONF): nothing to flush.
+    "systemd-journal-flush.service",
+    // The kernel runs without audit.
+    "systemd-journald-audit.socket",
+    // The guest init mounts the root read-write, and /etc/fstab is empty.
+    "systemd-remount-fs.service",
+    // Entropy comes from virtio-rng and the CPU; nothing to carry over between boots.
+    "systemd-random-seed.service",
+    // utmp/wtmp records (who, last): nothing in a test reads them.
+    "systemd-update-utmp.service",
+    "systemd-update-utmp-runlevel.service",
+    // Modules loaded "just in case": the kernel loads dm_mod, loop and fuse on first use
+    // of their /dev nodes (kmod-static-nodes), and a test VM has no EFI.
+    "modprobe@dm_mod.service",
+    "modprobe@efi_pstore.service",
+    "modprobe@loop.service",
+    "modprobe@fuse.service",
+    "modprobe@configfs.service",
+];
+
+/// systemd generators masked: systemd runs every generator, one process each (~100 ms
+/// under TCG), before it starts any unit. These are for things a test VM never has
+/// (encrypted, verity or integrity volumes, GPT auto-discovery, hibernation, offline
+/// updates, /etc/rc.local, `systemd.run=` on the kernel command line), and the getty
+/// generator, whose one useful result here (a login on the serial console, ttyS0) is a
+/// static link in [`GUEST_SYMLINKS`] instead. Kept: fstab (a test's own /etc/fstab),
+/// sysv (packages with only an init script) and debug (`systemd.mask=` and friends in
+/// a node's `kernel_params`).
+pub const MASKED_GENERATORS: &[&str] = &[
+    "systemd-cryptsetup-generator",
+    "systemd-getty-generator",
+    "systemd-gpt-auto-generator",
+    "systemd-hibernate-resume-generator",
+    "systemd-integritysetup-generator",
+    "systemd-rc-local-generator",
+    "systemd-run-generator",
+    "systemd-system-update-generator",
+    "systemd-veritysetup-generator",
 ];
 
 /// `(link, target)` pairs: the backdoor enabled, and units a test VM must not run.
@@ -82,7 +198,13 @@ pub const GUEST_SYMLINKS: &[(&str, &str)] = &[
         "../vmrig-backdoor.service",
     ),
     // Debian's getty generator starts a login on hvc0 and would steal the backdoor's console.
+    // (The generator is masked now; the mask stays for a test that brings it back.)
     ("/etc/systemd/system/serial-getty@hvc0.service", "/dev/null"),
+    // What the getty generator would make of `console=ttyS0`: a login on the serial console.
+    (
+        "/etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service",
+        "/lib/systemd/system/serial-getty@.service",
+    ),
 ];
 
 /// A shell fragment that creates every guest file under the root directory `$1`.
@@ -102,7 +224,19 @@ pub fn install_script() -> String {
             m = f.mode
         ));
     }
-    for (link, target) in GUEST_SYMLINKS {
+    let masks = MASKED_UNITS
+        .iter()
+        .map(|u| (format!("/etc/systemd/system/{u}"), "/dev/null"))
+        .chain(
+            MASKED_GENERATORS
+                .iter()
+                .map(|g| (format!("/etc/systemd/system-generators/{g}"), "/dev/null")),
+        );
+    let links = GUEST_SYMLINKS
+        .iter()
+        .map(|(l, t)| (l.to_string(), *t))
+        .chain(masks);
+    for (link, target) in links {
         let dir = link.rsplit_once('/').map(|(d, _)| d).unwrap_or("/");
         s.push_str(&format!(
             "mkdir -p \"$1{dir}\"\nln -sfn '{target}' \"$1{link}\"\n"
@@ -140,6 +274,28 @@ mod tests {
             std::fs::read_link(masked).unwrap().to_str(),
             Some("/dev/null")
         );
+        for masked in [
+            "etc/systemd/system/e2scrub_reap.service",
+            "etc/systemd/system-generators/systemd-gpt-auto-generator",
+        ] {
+            let link = std::fs::read_link(dir.path().join(masked)).unwrap();
+            assert_eq!(link.to_str(), Some("/dev/null"), "{masked}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("etc/systemd/journald.conf.d/vmrig.conf"))
+                .unwrap(),
+            JOURNALD_CONF
+        );
+    }
+
+    #[test]
+    fn backdoor_unit_waits_for_nothing() {
+        // Output to the journal would order it after systemd-journald.socket.
+        assert!(!BACKDOOR_UNIT.contains("journal"));
+        assert!(BACKDOOR_UNIT.contains("DefaultDependencies=no"));
+        assert!(!BACKDOOR_UNIT.contains("After="));
+        // (`console` is not a valid StandardOutput= in systemd 252.)
+        assert!(BACKDOOR_UNIT.contains("StandardOutput=tty\nTTYPath=/dev/console\n"));
     }
 
     #[test]

@@ -16,14 +16,19 @@ use crate::{ImageBuilder, ImageError, BUILDER_VERSION, GUEST_INIT};
 
 /// Builds or finds the initramfs for `kernel`.
 pub fn build(b: &ImageBuilder, kernel: &StorePath) -> Result<StorePath, ImageError> {
+    b.cached_step("initramfs", &key(kernel), |out| write_initramfs(kernel.path(), out))
+}
+
+/// The store key of the initramfs for `kernel` (named by hash: kernels of one suite from
+/// two mirrors differ).
+pub fn key(kernel: &StorePath) -> StoreKey {
     let init_hash = hex::encode(Sha256::digest(GUEST_INIT));
     let material = format!(
         "{BUILDER_VERSION}\ninitramfs\n{}\n{init_hash}\n{}",
-        kernel.name(),
+        kernel.base_name(),
         GUEST_MODULES.join(",")
     );
-    let key = StoreKey::new("initramfs", material.as_bytes());
-    b.cached_step("initramfs", &key, |out| write_initramfs(kernel.path(), out))
+    StoreKey::new("initramfs", material.as_bytes())
 }
 
 fn write_initramfs(kernel: &Path, out: &Path) -> Result<(), ImageError> {

@@ -16,13 +16,18 @@ pub const KERNEL_PACKAGE: &str = "linux-image-amd64";
 
 /// Builds or finds the kernel for `suite`.
 pub fn build(b: &ImageBuilder, suite: &str, mirror: Option<&str>) -> Result<StorePath, ImageError> {
+    let key = key(suite, mirror);
+    let step = format!("kernel ({KERNEL_PACKAGE}, {suite})");
+    b.cached_step(&step, &key, |out| extract(b, &step, suite, mirror, out))
+}
+
+/// The store key of the kernel for `suite` from `mirror`.
+pub fn key(suite: &str, mirror: Option<&str>) -> StoreKey {
     let material = format!(
         "{BUILDER_VERSION}\nkernel\n{KERNEL_PACKAGE}\n{suite}\n{}",
         mirror.unwrap_or("")
     );
-    let key = StoreKey::new(&format!("kernel-{suite}"), material.as_bytes());
-    let step = format!("kernel ({KERNEL_PACKAGE}, {suite})");
-    b.cached_step(&step, &key, |out| extract(b, &step, suite, mirror, out))
+    StoreKey::new(&format!("kernel-{suite}"), material.as_bytes())
 }
 
 fn extract(

@@ -1,18 +1,16 @@
 //! The store paths a test's images would have, found without building anything
 //! (`vmrig list`, the result cache).
 //!
-//! The keys are made exactly as the builders make them (`kernel::build`,
-//! `initramfs::build`, `rootfs::build`). The root image's key needs the kernel's version and
-//! modules, so a root image counts as "not built" while its kernel is not built.
+//! The keys are the builders' own (`kernel::key`, `initramfs::key`, `rootfs::key`). The
+//! initramfs and root image keys name the kernel, so they count as "not built" while their
+//! kernel is not built.
 
 use std::collections::BTreeMap;
 
-use sha2::{Digest, Sha256};
 use vmrig_spec::{ImageInputs, TestSpec};
-use vmrig_store::{StoreKey, StorePath};
+use vmrig_store::StorePath;
 
-use crate::modules::GUEST_MODULES;
-use crate::{kernel, rootfs, ImageBuilder, ImageError, NodeImage, BUILDER_VERSION, GUEST_INIT};
+use crate::{initramfs, kernel, rootfs, ImageBuilder, NodeImage};
 
 /// One node's store paths, each `None` while it is not in the store (or, for the root
 /// image, while its key cannot be known because the kernel is not built).
@@ -46,59 +44,14 @@ impl ImageBuilder<'_> {
 
     fn planned_node(&self, inputs: &ImageInputs) -> PlannedImage {
         let mirror = self.mirror_for(inputs);
-        let kernel = self
-            .store
-            .lookup(&kernel_key(&inputs.suite, mirror.as_deref()));
-        let initramfs = self.store.lookup(&initramfs_key(&inputs.suite));
-        let rootfs = match &kernel {
-            Some(k) => rootfs_key(inputs, k)
-                .ok()
-                .and_then(|key| self.store.lookup(&key)),
-            None => None,
-        };
-        PlannedImage {
-            kernel,
-            initramfs,
-            rootfs,
-        }
+        let kernel = self.store.lookup(&kernel::key(&inputs.suite, mirror.as_deref()));
+        let initramfs = kernel.as_ref().and_then(|k| self.store.lookup(&initramfs::key(k)));
+        let rootfs = kernel
+            .as_ref()
+            .and_then(|k| rootfs::key(inputs, k).ok())
+            .and_then(|key| self.store.lookup(&key));
+        PlannedImage { kernel, initramfs, rootfs }
     }
-}
-
-/// As in `kernel::build`.
-fn kernel_key(suite: &str, mirror: Option<&str>) -> StoreKey {
-    let material = format!(
-        "{BUILDER_VERSION}\nkernel\n{}\n{suite}\n{}",
-        kernel::KERNEL_PACKAGE,
-        mirror.unwrap_or("")
-    );
-    StoreKey::new(&format!("kernel-{suite}"), material.as_bytes())
-}
-
-/// As in `initramfs::build` (which names the kernel by its store name, `kernel-<suite>`).
-fn initramfs_key(suite: &str) -> StoreKey {
-    let init_hash = hex::encode(Sha256::digest(GUEST_INIT));
-    let material = format!(
-        "{BUILDER_VERSION}\ninitramfs\nkernel-{suite}\n{init_hash}\n{}",
-        GUEST_MODULES.join(",")
-    );
-    StoreKey::new("initramfs", material.as_bytes())
-}
-
-/// As in `rootfs::build`.
-fn rootfs_key(inputs: &ImageInputs, kernel: &StorePath) -> Result<StoreKey, ImageError> {
-    let version = kernel::version(kernel)?;
-    let script = rootfs::customize_script(inputs, kernel.path(), &version);
-    let script_hash = hex::encode(Sha256::digest(script.as_bytes()));
-    let material = format!(
-        "{BUILDER_VERSION}\nrootfs\n{}\n{}\n{script_hash}\n{}",
-        inputs.canonical_json(),
-        kernel.name(),
-        rootfs::BASE_PACKAGES.join(",")
-    );
-    Ok(StoreKey::new(
-        &format!("rootfs-{}", inputs.suite),
-        material.as_bytes(),
-    ))
 }
 
 #[cfg(test)]
@@ -133,7 +86,7 @@ mod tests {
     fn a_kernel_in_the_store_is_found_by_the_builders_key() {
         let dir = tempfile::tempdir().unwrap();
         let store = vmrig_store::Store::open(dir.path()).unwrap();
-        let key = kernel_key("bookworm", Some("http://m/debian"));
+        let key = kernel::key("bookworm", Some("http://m/debian"));
         store
             .build(&key, |_tmp| Ok::<(), std::io::Error>(()))
             .unwrap();

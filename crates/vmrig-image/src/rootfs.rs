@@ -66,22 +66,31 @@ pub fn build(
     kernel: &StorePath,
     nodes: &[String],
 ) -> Result<StorePath, ImageError> {
-    let version = kernel::version(kernel)?;
-    let script = customize_script(inputs, kernel.path(), &version);
-    let script_hash = hex::encode(Sha256::digest(script.as_bytes()));
-    let material = format!(
-        "{BUILDER_VERSION}\nrootfs\n{}\n{}\n{script_hash}\n{}",
-        inputs.canonical_json(),
-        kernel.name(),
-        BASE_PACKAGES.join(",")
-    );
-    let key = StoreKey::new(&format!("rootfs-{}", inputs.suite), material.as_bytes());
+    let (key, script) = key_and_script(inputs, kernel)?;
     let step = format!("root image for {}", nodes.join(", "));
     let mirror = b.mirror_for(inputs);
     b.cached_step(&step, &key, |out| {
         bootstrap(b, &step, inputs, mirror.as_deref(), &script, out)
             .map_err(|e| unknown_package(e, nodes))
     })
+}
+
+/// The store key of the root image for `inputs` over `kernel`.
+pub fn key(inputs: &ImageInputs, kernel: &StorePath) -> Result<StoreKey, ImageError> {
+    key_and_script(inputs, kernel).map(|(key, _)| key)
+}
+
+fn key_and_script(inputs: &ImageInputs, kernel: &StorePath) -> Result<(StoreKey, String), ImageError> {
+    let version = kernel::version(kernel)?;
+    let script = customize_script(inputs, kernel.path(), &version);
+    let script_hash = hex::encode(Sha256::digest(script.as_bytes()));
+    let material = format!(
+        "{BUILDER_VERSION}\nrootfs\n{}\n{}\n{script_hash}\n{}",
+        inputs.canonical_json(),
+        kernel.base_name(),
+        BASE_PACKAGES.join(",")
+    );
+    Ok((StoreKey::new(&format!("rootfs-{}", inputs.suite), material.as_bytes()), script))
 }
 
 fn bootstrap(
@@ -181,7 +190,19 @@ pub fn customize_script(inputs: &ImageInputs, kernel: &Path, version: &str) -> S
             q = sh_quote(cmd)
         ));
     }
+    s.push_str(&crate::user_packages::relocate_script(&inputs.user_only_packages));
     s.push_str("rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin \"$1\"/var/cache/apt/archives/*.deb\n");
+    // Boot-time cuts that depend on the installed packages (see guest_bits for the rest):
+    // - Debian's /etc/modules-load.d/modules.conf is a link to /etc/modules, which lists no
+    //   module; without it systemd-modules-load.service (a process) only runs when a package
+    //   or the test puts a list into a modules-load.d directory.
+    // - /etc/.updated and /var/.updated as new as /usr: the image is complete, so the
+    //   ConditionNeedsUpdate= units (systemd-sysusers, journal catalog) have nothing to do at
+    //   boot; the packages' users were made when they were installed.
+    s.push_str(concat!(
+        "if [ \"$(readlink \"$1/etc/modules-load.d/modules.conf\" 2>/dev/null)\" = ../modules ] && ! grep -q '^[^#]' \"$1/etc/modules\" 2>/dev/null; then rm -f \"$1/etc/modules-load.d/modules.conf\"; fi\n",
+        "touch -r \"$1/usr\" \"$1/etc/.updated\" \"$1/var/.updated\"\n",
+    ));
     s
 }
 
@@ -245,6 +266,7 @@ mod tests {
             mirror: None,
             packages: vec![],
             setup: vec!["echo 'a b' > /x".into(), "touch /y".into()],
+            ..Default::default()
         };
         let s = customize_script(&inputs, Path::new("/k"), "6.1.0");
         let a = s.find(r#"/bin/sh -ec 'echo '\''a b'\'' > /x'"#).expect(&s);
