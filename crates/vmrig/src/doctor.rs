@@ -194,10 +194,9 @@ fn qemu(host: &Host) -> Check {
 }
 
 /// `(major, minor)` from `QEMU emulator version 7.2.22 (Debian ...)`.
+/// QEMU's `major.minor` from `qemu --version` (the driver's parser: one place).
 pub fn qemu_version(text: &str) -> Option<(u32, u32)> {
-    let rest = text.split("version ").nth(1)?;
-    let mut parts = rest.split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    vmrig_driver::run::parse_qemu_version(text)
 }
 
 fn accelerator() -> Check {

@@ -5,28 +5,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{assert_no_leftovers, qemu_pids_under, repo, run_dirs, text};
 
 fn vmrig(args: &[&str], tmp: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmrig"))
+    common::command(tmp)
         .args(args)
-        .current_dir(repo())
-        .env("TMPDIR", tmp)
-        .env("NO_COLOR", "1")
         // These tests are about running: never answer from the result cache.
         .env("VMRIG_RERUN", "true")
         .output()
         .expect("run vmrig")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// A test file with the same node as examples/single.toml (same image) and `script`.
@@ -216,50 +204,6 @@ fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s.contains(") Z "))
         .unwrap_or(true)
-}
-
-/// QEMU processes whose command line mentions `dir` (their sockets live there).
-fn qemu_pids_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            cmdline.starts_with("qemu-system")
-                || cmdline.contains("/qemu-system") && cmdline.contains(&needle)
-        })
-        .filter(|pid| {
-            let cmdline = String::from_utf8_lossy(
-                &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
-            )
-            .into_owned();
-            cmdline.contains(&needle)
-        })
-        .collect()
-}
-
-fn run_dirs(tmp: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(tmp)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("vmrig-run-")
-        })
-        .collect()
-}
-
-fn assert_no_leftovers(tmp: &Path) {
-    assert!(
-        run_dirs(tmp).is_empty(),
-        "run dirs left: {:?}",
-        run_dirs(tmp)
-    );
-    assert!(qemu_pids_under(tmp).is_empty(), "QEMU left running");
 }
 
 #[test]

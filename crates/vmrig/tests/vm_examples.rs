@@ -1,27 +1,19 @@
 //! Every example of `examples/` (but the graphical ones, see vm_screen.rs) runs and passes
 //! under TCG: they are the NixOS examples a user knows, in vmrig's form.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
 fn run_example(name: &str) {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_vmrig"))
+    let out = common::command(tmp.path())
         .args(["run", &format!("examples/{name}.toml"), "--rerun", "-o"])
         .arg(tmp.path().join("out"))
-        .current_dir(&repo)
-        .env("TMPDIR", tmp.path())
-        .env("NO_COLOR", "1")
         .output()
         .expect("run vmrig");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let log = common::text(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains(&format!("test {name} passed")), "{log}");
+    common::assert_no_leftovers(tmp.path());
 }
 
 #[test]

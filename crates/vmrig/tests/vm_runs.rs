@@ -3,27 +3,20 @@
 //! (`packages = ["less"]`), so the image is shared with the other VM tests.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quick_junit::{NonSuccessKind, Report, TestCaseStatus};
 
+mod common;
+use common::text;
+
 fn vmrig(args: &[&str], tmp: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmrig"))
+    common::command(tmp)
         .args(args)
-        .env("TMPDIR", tmp)
-        .env("NO_COLOR", "1")
         .env_remove("VMRIG_RERUN")
         .output()
         .expect("run vmrig")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// A test with the shared node; `nonce` keeps an earlier run's cached result from applying.

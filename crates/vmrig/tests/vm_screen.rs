@@ -4,42 +4,14 @@
 //! runs them one at a time.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{run_dirs, text};
 
 fn vmrig(args: &[&str], tmp: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmrig"))
-        .args(args)
-        .current_dir(repo())
-        .env("TMPDIR", tmp)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run vmrig")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn run_dirs(tmp: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(tmp)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("vmrig-run-")
-        })
-        .collect()
+    common::command(tmp).args(args).output().expect("run vmrig")
 }
 
 fn is_png(path: &Path) -> bool {
