@@ -195,6 +195,15 @@ pub fn run_test(
                 let vlan = vmrig_net::Vlan::start(nr, run_dir.path()).map_err(|e| {
                     RunError::Infra(format!("starting the switch of VLAN {nr}: {e}"))
                 })?;
+                if opts.capture {
+                    let pcap = out_dir.join(format!("vlan{nr}.pcap"));
+                    vlan.capture(&pcap).map_err(|e| {
+                        RunError::Infra(format!("capturing VLAN {nr} to {}: {e}", pcap.display()))
+                    })?;
+                    logger.emit(Event::Info {
+                        message: format!("capturing VLAN {nr} to {}", pcap.display()),
+                    });
+                }
                 e.insert(vlan);
             }
         }

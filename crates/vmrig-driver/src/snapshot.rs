@@ -15,7 +15,7 @@ use vmrig_store::StoreKey;
 use vmrig_vm::cmdline::{qemu_args, VmConfig};
 
 /// Bumped when what a snapshot contains or how it is restored changes.
-pub const SNAPSHOT_FORMAT: &str = "vmrig-snapshot-1";
+pub const SNAPSHOT_FORMAT: &str = "vmrig-snapshot-2";
 
 /// The store key of the snapshot of a VM started with `cfg` (whose `incoming` is unset)
 /// in `run_dir`; `inputs` names what the command line does not show (the initrd's

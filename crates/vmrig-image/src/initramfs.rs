@@ -16,7 +16,9 @@ use crate::{ImageBuilder, ImageError, BUILDER_VERSION, GUEST_INIT};
 
 /// Builds or finds the initramfs for `kernel`.
 pub fn build(b: &ImageBuilder, kernel: &StorePath) -> Result<StorePath, ImageError> {
-    b.cached_step("initramfs", &key(kernel), |out| write_initramfs(kernel.path(), out))
+    b.cached_step("initramfs", &key(kernel), |out| {
+        write_initramfs(kernel.path(), out)
+    })
 }
 
 /// The store key of the initramfs for `kernel` (named by hash: kernels of one suite from

@@ -44,13 +44,21 @@ impl ImageBuilder<'_> {
 
     fn planned_node(&self, inputs: &ImageInputs) -> PlannedImage {
         let mirror = self.mirror_for(inputs);
-        let kernel = self.store.lookup(&kernel::key(&inputs.suite, mirror.as_deref()));
-        let initramfs = kernel.as_ref().and_then(|k| self.store.lookup(&initramfs::key(k)));
+        let kernel = self
+            .store
+            .lookup(&kernel::key(&inputs.suite, mirror.as_deref()));
+        let initramfs = kernel
+            .as_ref()
+            .and_then(|k| self.store.lookup(&initramfs::key(k)));
         let rootfs = kernel
             .as_ref()
             .and_then(|k| rootfs::key(inputs, k).ok())
             .and_then(|key| self.store.lookup(&key));
-        PlannedImage { kernel, initramfs, rootfs }
+        PlannedImage {
+            kernel,
+            initramfs,
+            rootfs,
+        }
     }
 }
 

@@ -80,7 +80,10 @@ pub fn key(inputs: &ImageInputs, kernel: &StorePath) -> Result<StoreKey, ImageEr
     key_and_script(inputs, kernel).map(|(key, _)| key)
 }
 
-fn key_and_script(inputs: &ImageInputs, kernel: &StorePath) -> Result<(StoreKey, String), ImageError> {
+fn key_and_script(
+    inputs: &ImageInputs,
+    kernel: &StorePath,
+) -> Result<(StoreKey, String), ImageError> {
     let version = kernel::version(kernel)?;
     let script = customize_script(inputs, kernel.path(), &version);
     let script_hash = hex::encode(Sha256::digest(script.as_bytes()));
@@ -90,7 +93,10 @@ fn key_and_script(inputs: &ImageInputs, kernel: &StorePath) -> Result<(StoreKey,
         kernel.base_name(),
         BASE_PACKAGES.join(",")
     );
-    Ok((StoreKey::new(&format!("rootfs-{}", inputs.suite), material.as_bytes()), script))
+    Ok((
+        StoreKey::new(&format!("rootfs-{}", inputs.suite), material.as_bytes()),
+        script,
+    ))
 }
 
 fn bootstrap(
@@ -190,7 +196,9 @@ pub fn customize_script(inputs: &ImageInputs, kernel: &Path, version: &str) -> S
             q = sh_quote(cmd)
         ));
     }
-    s.push_str(&crate::user_packages::relocate_script(&inputs.user_only_packages));
+    s.push_str(&crate::user_packages::relocate_script(
+        &inputs.user_only_packages,
+    ));
     s.push_str("rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin \"$1\"/var/cache/apt/archives/*.deb\n");
     // Boot-time cuts that depend on the installed packages (see guest_bits for the rest):
     // - Debian's /etc/modules-load.d/modules.conf is a link to /etc/modules, which lists no

@@ -6,13 +6,24 @@
 use crate::node_layer::USER_PACKAGES_DIR;
 
 /// Directories of the system PATH whose programs are moved.
-const PATH_DIRS: &[&str] = &["/usr/bin/", "/bin/", "/usr/sbin/", "/sbin/", "/usr/games/", "/usr/local/bin/"];
+const PATH_DIRS: &[&str] = &[
+    "/usr/bin/",
+    "/bin/",
+    "/usr/sbin/",
+    "/sbin/",
+    "/usr/games/",
+    "/usr/local/bin/",
+];
 
 /// A customize-hook fragment (root directory in `$1`) that moves the programs of
 /// `packages` out of the PATH.
 pub fn relocate_script(packages: &[String]) -> String {
     let mut s = String::new();
-    let dirs = PATH_DIRS.iter().map(|d| format!("{d}*")).collect::<Vec<_>>().join("|");
+    let dirs = PATH_DIRS
+        .iter()
+        .map(|d| format!("{d}*"))
+        .collect::<Vec<_>>()
+        .join("|");
     for package in packages {
         let target = format!("{USER_PACKAGES_DIR}/{package}/bin");
         s.push_str(&format!(
@@ -44,7 +55,11 @@ mod tests {
         )
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(stub.path().join("chroot"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            stub.path().join("chroot"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
         let path = format!("{}:/usr/bin:/bin", stub.path().display());
         let status = std::process::Command::new("sh")
             .arg("-ec")

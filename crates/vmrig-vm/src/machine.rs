@@ -264,7 +264,9 @@ impl Vm {
             crate::backdoor::shell_quote(&state.to_string_lossy())
         );
         let qmp = self.qmp()?;
-        qmp.stop().map_err(qmp_err)?;
+        // Migrated while running (QEMU stops the VM for the last pass and leaves it stopped):
+        // the saved run state is "running", so a restored VM runs by itself, without waiting
+        // for the driver to connect (machines that are started but not yet used must run).
         qmp.execute(
             "migrate",
             Some(serde_json::json!({ "uri": uri })),

@@ -284,3 +284,56 @@ fn boot_snapshot_is_saved_then_restored_with_the_clock_set() {
     assert!(log.contains("restored from the boot snapshot"), "{log}");
     assert_no_leftovers(tmp.path());
 }
+
+#[test]
+fn network_faults_capture_and_reboot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("net.toml");
+    let script = r#"
+start_all()
+b.wait_for_unit("multi-user.target")
+a.succeed("ping -c 1 -W 10 b")
+with subtest("loss"):
+    vlan1.set_loss(100)
+    a.fail("ping -c 1 -W 1 b")
+    vlan1.set_loss(0)
+    a.wait_until_succeeds("ping -c 1 -W 1 b", timeout=30)
+with subtest("delay"):
+    vlan1.set_delay(300)
+    rtt = float(a.succeed("ping -c 1 -W 5 b | sed -n 's/.*time=\\([0-9.]*\\) ms.*/\\1/p'"))
+    assert rtt >= 300, rtt
+    vlan1.set_delay(0)
+with subtest("reboot"):
+    a.shutdown()
+    a.start(allow_reboot=True)
+    a.succeed("touch /root/before-reboot")
+    a.reboot()
+    a.succeed("test -e /root/before-reboot")
+    assert float(a.succeed("cut -d' ' -f1 /proc/uptime")) < 120
+"#;
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"net\"\ntest_script = '''{}'''\n\n[defaults]\npackages = [\"less\"]\n\n[nodes.a]\n[nodes.b]\n",
+            script
+        ),
+    )
+    .unwrap();
+    let out_dir = tmp.path().join("out");
+    let out = vmrig(
+        &[
+            "run",
+            file.to_str().unwrap(),
+            "--capture",
+            "-o",
+            out_dir.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let pcap = std::fs::read(out_dir.join("vlan1.pcap")).unwrap();
+    assert_eq!(&pcap[..4], &[0xd4, 0xc3, 0xb2, 0xa1], "pcap magic");
+    assert!(pcap.len() > 24 + 16 * 10, "the capture holds frames");
+    assert_no_leftovers(tmp.path());
+}
