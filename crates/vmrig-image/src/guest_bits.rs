@@ -29,9 +29,10 @@ PS1="" exec /bin/bash --norc /dev/hvc0
 
 /// The backdoor's unit. It depends on nothing (not even journald: output to the journal
 /// would order it after systemd-journald.socket; its output goes to the console, and the
-/// script sends it to hvc0/ttyS0 itself), so systemd starts it in the first batch of jobs. `StartupCPUWeight` puts it first in systemd's run queue and gives it the
-/// CPU over the other boot jobs until boot has finished (one vCPU under TCG is shared by
-/// everything that starts at once); afterwards it has the default weight again.
+/// script sends it to hvc0/ttyS0 itself), so systemd starts it in the first batch of jobs.
+/// `StartupCPUWeight` puts it first in systemd's run queue and gives it the CPU over the
+/// other boot jobs until boot has finished (one vCPU under TCG is shared by everything
+/// that starts at once); afterwards it has the default weight again.
 pub const BACKDOOR_UNIT: &str = "[Unit]
 Description=vmrig backdoor shell for the test driver (hvc0)
 DefaultDependencies=no
