@@ -302,9 +302,17 @@ fn image_inputs_canonical_and_stable() {
     let b = inputs("bookworm", None, &["nginx-light", "curl"], &["true"]);
     assert_eq!(a.hash(), b.hash());
 
-    // User packages count like node packages.
+    // A package only a user asks for is installed too, but moved off the system PATH:
+    // that is another image. Listed by the node as well, it is an ordinary package.
     let spec = ok(&format!(
         "{HEAD}[nodes.a]\npackages = [\"nginx-light\"]\nsetup = [\"true\"]\nusers.bob.packages = [\"curl\"]\nmemory = 2048\ngraphics = true\n"
+    ));
+    let user_only = spec.nodes["a"].image_inputs();
+    assert_eq!(user_only.packages, a.packages);
+    assert_eq!(user_only.user_only_packages, vec!["curl".to_string()]);
+    assert_ne!(user_only.hash(), a.hash());
+    let spec = ok(&format!(
+        "{HEAD}[nodes.a]\npackages = [\"nginx-light\", \"curl\"]\nsetup = [\"true\"]\nusers.bob.packages = [\"curl\"]\n"
     ));
     assert_eq!(spec.nodes["a"].image_inputs().hash(), a.hash());
 
