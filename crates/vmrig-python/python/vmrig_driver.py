@@ -608,7 +608,35 @@ class Machine:
     # -- interactive
 
     def shell_interact(self, address=None):
-        self._call("shell_interact", address=address)
+        """A root shell on the machine in this terminal, line by line, through the
+        backdoor (each line runs as one command; `cd` and variables do not carry over
+        between lines). Ctrl-D returns to the REPL. Unlike upstream there is no raw
+        terminal, so full-screen programs do not work."""
+        if address is not None:
+            raise MachineError("vmrig's shell_interact() talks to the terminal only (no address)")
+        self.connect()
+        self.log("root shell on %s: one command per line, Ctrl-D to return" % self.name)
+        while True:
+            try:
+                line = input("%s# " % self.name)
+            except EOFError:
+                print()
+                return
+            except KeyboardInterrupt:
+                print()
+                continue
+            if not line.strip():
+                continue
+            try:
+                status, output = self.execute(line + " 2>&1", timeout=None)
+            except KeyboardInterrupt:
+                print("(interrupted; the command may still run in the guest)")
+                continue
+            sys.stdout.write(output)
+            if output and not output.endswith("\n"):
+                sys.stdout.write("\n")
+            if status != 0:
+                print("[exit status %d]" % status)
 
     def console_interact(self):
         """Forward the terminal's input to the machine's console, one

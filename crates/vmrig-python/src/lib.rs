@@ -67,9 +67,9 @@
 //! | `machine.copy_from_machine` (also for `copy_from_vm`) | `source`, `target_dir` (relative to out_dir) | |
 //! | `machine.forward_port` | `host_port`, `guest_port` | |
 //! | `machine.block`, `machine.unblock` | | |
-//! | `machine.shell_interact` | `address` (null: the terminal, as upstream's socat READLINE) | |
 //!
-//! Done in Python: `console_interact` (reads stdin, one `machine.send_console`
+//! Done in Python: `shell_interact` (a line-by-line root shell over `machine.execute`),
+//! `console_interact` (reads stdin, one `machine.send_console`
 //! per character), `wait_for_qmp_event` (loops over `machine.next_qmp_event`),
 //! `dump_tty_contents` (one `machine.execute`), `log`/`nested` on a machine
 //! (`log.message`/`block.begin` with `attrs.machine`).

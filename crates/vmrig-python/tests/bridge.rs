@@ -339,11 +339,6 @@ fn argument_defaults_land_in_params_exactly() {
         ),
         ("machine.block()", "machine.block", json!({})),
         ("machine.unblock()", "machine.unblock", json!({})),
-        (
-            "machine.shell_interact()",
-            "machine.shell_interact",
-            json!({"address": null}),
-        ),
         ("machine.is_up()", "machine.is_up", json!({})),
         ("machine.booted", "machine.state", json!({})),
         (
