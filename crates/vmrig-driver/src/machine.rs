@@ -46,6 +46,9 @@ pub struct RunContext {
     pub snapshots: bool,
     /// `qemu --version`, part of every snapshot key.
     pub qemu_version: String,
+    /// `--keep-vm-state`: each machine's disk lives in `<dir>/vm-state-<node>` and is reused
+    /// by the next run (as NixOS's `-K`), instead of in the throwaway run directory.
+    pub keep_state_in: Option<PathBuf>,
 }
 
 /// Where a machine stands with boot snapshots.
@@ -163,7 +166,15 @@ impl Machine {
     fn launch(&mut self, allow_reboot: bool) -> Result<(), ApiError> {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| ApiError::Machine(format!("creating {}: {e}", self.dir.display())))?;
-        let disk = self.dir.join("disk.qcow2");
+        let disk = match &self.ctx.keep_state_in {
+            Some(dir) => {
+                let state = dir.join(format!("vm-state-{}", self.name));
+                std::fs::create_dir_all(&state)
+                    .map_err(|e| ApiError::Machine(format!("creating {}: {e}", state.display())))?;
+                state.join("disk.qcow2")
+            }
+            None => self.dir.join("disk.qcow2"),
+        };
         let first_start = !disk.exists();
         let initrd = self.dir.join("initrd");
         if !initrd.exists() {

@@ -186,6 +186,7 @@ pub fn run_test(
         store: store.clone(),
         snapshots: opts.snapshots,
         qemu_version,
+        keep_state_in: opts.keep_vm_state.then(|| out_dir.clone()),
     });
 
     let mut vlans = BTreeMap::new();

@@ -370,3 +370,27 @@ fn interactive_repl_and_shell_interact() {
     assert!(log.contains("[exit status 3]"), "{log}");
     assert_no_leftovers(tmp.path());
 }
+
+#[test]
+fn keep_vm_state_carries_the_disk_to_the_next_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = "machine.succeed('test -e /root/counter || echo 0 > /root/counter')\nn = int(machine.succeed('cat /root/counter'))\nmachine.succeed(f'echo {n + 1} > /root/counter')\nprint('vmrig-keep:', n + 1, flush=True)\nmachine.shutdown()";
+    let file = single_node_test(tmp.path(), "keep", script);
+    let out_dir = tmp.path().join("out");
+    for expected in ["vmrig-keep: 1", "vmrig-keep: 2"] {
+        let out = vmrig(
+            &[
+                "run",
+                file.to_str().unwrap(),
+                "-K",
+                "-o",
+                out_dir.to_str().unwrap(),
+            ],
+            tmp.path(),
+        );
+        let log = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{log}");
+        assert!(log.contains(expected), "{expected} missing:\n{log}");
+    }
+    assert!(out_dir.join("vm-state-machine/disk.qcow2").exists());
+}
