@@ -30,6 +30,7 @@ $SUDO apt-get install -y -q --allow-downgrades --no-install-recommends \
     e2fsprogs \
     kmod \
     cpio \
+    xz-utils \
     tar \
     python3 \
     tesseract-ocr \

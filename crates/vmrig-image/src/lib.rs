@@ -35,7 +35,7 @@ use vmrig_store::{Store, StorePath};
 
 /// Bumped whenever a builder's output changes for the same inputs, so old store paths are
 /// not reused.
-pub const BUILDER_VERSION: &str = "vmrig-image-1";
+pub const BUILDER_VERSION: &str = "vmrig-image-2";
 
 /// The static guest init, built by `build.rs`.
 pub const GUEST_INIT: &[u8] = include_bytes!(env!("VMRIG_GUEST_INIT_PATH"));
@@ -67,8 +67,14 @@ pub struct NodeImage {
 }
 
 impl NodeImage {
+    /// The uncompressed kernel when the builder made one (faster to boot), else vmlinuz.
     pub fn kernel_file(&self) -> PathBuf {
-        self.kernel.path().join("vmlinuz")
+        let vmlinux = self.kernel.path().join("vmlinux");
+        if vmlinux.exists() {
+            vmlinux
+        } else {
+            self.kernel.path().join("vmlinuz")
+        }
     }
     pub fn initrd_file(&self) -> PathBuf {
         self.initramfs.path().join("initrd")

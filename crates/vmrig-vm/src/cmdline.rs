@@ -69,6 +69,11 @@ pub const BASE_KERNEL_PARAMS: &[&str] = &[
 /// The full kernel command line.
 pub fn kernel_command_line(cfg: &VmConfig) -> String {
     let mut params: Vec<&str> = BASE_KERNEL_PARAMS.to_vec();
+    if cfg.graphics {
+        // Debian's kernel defers drawing the framebuffer console until new output comes,
+        // which leaves a graphics node's screen blank (no login prompt to see or OCR).
+        params.push("fbcon=nodefer");
+    }
     params.extend(cfg.kernel_params.iter().map(String::as_str));
     params.join(" ")
 }
