@@ -229,8 +229,16 @@ fn pcap_capture() {
     b.send(&f);
     assert_eq!(a.recv(T).unwrap(), f);
     sent.push(f);
-    // Readable while running (flushed after each batch).
-    let (lt, frames) = read_pcap(&std::fs::read(&pcap).unwrap()).unwrap();
+    // Readable while running (flushed after each batch, which may land just after the
+    // frame reached its port: wait for it, bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (lt, frames) = loop {
+        let (lt, frames) = read_pcap(&std::fs::read(&pcap).unwrap()).unwrap();
+        if frames.len() >= sent.len() || std::time::Instant::now() >= deadline {
+            break (lt, frames);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(lt, LINKTYPE_ETHERNET);
     assert_eq!(frames, sent);
     assert_eq!(vlan.stats().captured, 11);
