@@ -286,7 +286,7 @@ fn boot_snapshot_is_saved_then_restored_with_the_clock_set() {
 }
 
 #[test]
-fn network_faults_capture_and_reboot() {
+fn network_faults_forwarding_capture_and_reboot() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("net.toml");
     let script = r#"
@@ -303,6 +303,20 @@ with subtest("delay"):
     rtt = float(a.succeed("ping -c 1 -W 5 b | sed -n 's/.*time=\\([0-9.]*\\) ms.*/\\1/p'"))
     assert rtt >= 300, rtt
     vlan1.set_delay(0)
+with subtest("forward_port"):
+    import socket, time
+    b.succeed("systemd-run --unit=hello sh -c 'while true; do echo hello-from-b | nc -N -l 4444; done'")
+    b.forward_port(__port__, 4444)
+    deadline = time.time() + 60
+    data = b""
+    while not data:
+        assert time.time() < deadline, "no answer through the forwarded port"
+        try:
+            with socket.create_connection(("127.0.0.1", __port__), timeout=5) as s:
+                data = s.recv(100)
+        except OSError:
+            time.sleep(0.5)
+    assert data == b"hello-from-b\n", data
 with subtest("reboot"):
     a.shutdown()
     a.start(allow_reboot=True)
@@ -315,7 +329,7 @@ with subtest("reboot"):
         &file,
         format!(
             "name = \"net\"\ntest_script = '''{}'''\n\n[defaults]\npackages = [\"less\"]\n\n[nodes.a]\n[nodes.b]\n",
-            script
+            script.replace("__port__", &(20000 + std::process::id() % 20000).to_string())
         ),
     )
     .unwrap();
