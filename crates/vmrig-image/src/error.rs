@@ -18,7 +18,7 @@ pub enum ImageError {
         output: String,
         lines: Vec<String>,
     },
-    #[error("unknown Debian package `{package}` (asked for by node {nodes}); check its name with `apt-cache search` or `packages.debian.org`")]
+    #[error("unknown Debian package `{package}` (asked for by node {nodes}); check its name with `apt-cache search <name>` or `apt-cache policy <name>`")]
     UnknownPackage { package: String, nodes: String },
     #[error("the kernel package has no {what} (looked in {dir})")]
     KernelLayout { what: &'static str, dir: String },

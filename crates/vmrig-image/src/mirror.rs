@@ -83,24 +83,24 @@ mod tests {
 
     #[test]
     fn deb822_archive_not_security() {
-        let text = "Types: deb\n# c\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n";
+        let text = "Types: deb\n# c\nURIs: file:///srv/mirror\nSuites: bookworm bookworm-updates\nComponents: main\n\nTypes: deb\nURIs: file:///srv/mirror-security\nSuites: bookworm-security\n";
         assert_eq!(
             mirror_in(text, "bookworm").as_deref(),
-            Some("http://mirror.example/debian")
+            Some("file:///srv/mirror")
         );
         assert_eq!(mirror_in(text, "trixie"), None);
     }
 
     #[test]
     fn one_line_with_options() {
-        let text = "# x\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main\n";
+        let text = "# x\ndeb [arch=amd64 signed-by=/k.gpg] file:///srv/mirror bookworm main\n";
         assert_eq!(
             mirror_in(text, "bookworm").as_deref(),
-            Some("http://m.example/debian")
+            Some("file:///srv/mirror")
         );
         assert_eq!(
             mirror_in(
-                "deb http://m.example/sec bookworm-security main",
+                "deb file:///srv/security bookworm-security main",
                 "bookworm"
             ),
             None

@@ -82,7 +82,7 @@ mod tests {
         let builder = ImageBuilder {
             store: &store,
             observer: &crate::Quiet,
-            mirror_override: Some("http://mirror.invalid/debian".into()),
+            mirror_override: Some("file:///srv/debian-mirror".into()),
         };
         let planned = builder.planned(&spec);
         assert_eq!(planned["a"].kernel, None);
@@ -94,14 +94,14 @@ mod tests {
     fn a_kernel_in_the_store_is_found_by_the_builders_key() {
         let dir = tempfile::tempdir().unwrap();
         let store = vmrig_store::Store::open(dir.path()).unwrap();
-        let key = kernel::key("bookworm", Some("http://m/debian"));
+        let key = kernel::key("bookworm", Some("file:///srv/debian-mirror"));
         store
             .build(&key, |_tmp| Ok::<(), std::io::Error>(()))
             .unwrap();
         let builder = ImageBuilder {
             store: &store,
             observer: &crate::Quiet,
-            mirror_override: Some("http://m/debian".into()),
+            mirror_override: Some("file:///srv/debian-mirror".into()),
         };
         let inputs = spec_with_one_node().nodes["a"].image_inputs();
         let planned = builder.planned_node(&inputs);

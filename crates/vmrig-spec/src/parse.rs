@@ -590,8 +590,8 @@ impl<'a> Ctx<'a> {
                         return Err(self.invalid(
                             f.value_span(),
                             format!("invalid `mirror` `{s}`{}: expected a URL", in_(within)),
-                            "expected a URL such as http://host/debian",
-                            "`mirror` is the URL of a Debian mirror, e.g. `http://host/debian`",
+                            "expected a URL such as file:///srv/mirror or http://<your mirror>/debian",
+                            "`mirror` is the URL of a Debian mirror you run or choose, e.g. `http://<your mirror>/debian`",
                         ));
                     }
                     n.mirror = Some(s);

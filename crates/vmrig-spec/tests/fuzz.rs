@@ -99,7 +99,7 @@ const VALUES: &[&str] = &[
     "[{}]",
     "\"files/motd.txt\"",
     "\"0644\"",
-    "\"http://m/d\"",
+    "\"file:///m\"",
     "[65536]",
 ];
 

@@ -85,7 +85,7 @@ fn full_fixture_and_defaults_merge() {
     assert_eq!(web.suite, "trixie");
     assert_eq!(
         web.mirror.as_deref(),
-        Some("http://deb.example.invalid/debian")
+        Some("file:///srv/debian-mirror")
     );
     assert!(!web.snapshot);
     // vlans: replaced.
@@ -321,7 +321,7 @@ fn image_inputs_canonical_and_stable() {
         inputs("trixie", None, &["curl", "nginx-light"], &["true"]),
         inputs(
             "bookworm",
-            Some("http://m/debian"),
+            Some("file:///srv/other-mirror"),
             &["curl", "nginx-light"],
             &["true"],
         ),
