@@ -127,8 +127,23 @@ fn run_python(python: &Path, args: &[&str], stdin: Option<&[u8]>) -> Result<Stri
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Check that `python` runs and is at least [`crate::MIN_PYTHON`].
+/// Check that `python` runs and is at least [`crate::MIN_PYTHON`]. A good answer is
+/// remembered for the process: `check_syntax` and `ScriptChild::spawn` both ask, and each
+/// ask would otherwise start another interpreter.
 pub fn probe_python(python: &Path) -> Result<PythonVersion, BridgeError> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static KNOWN: OnceLock<Mutex<HashMap<std::path::PathBuf, PythonVersion>>> = OnceLock::new();
+    let known = KNOWN.get_or_init(Default::default);
+    if let Some(version) = known.lock().unwrap().get(python) {
+        return Ok(*version);
+    }
+    let version = probe_python_uncached(python)?;
+    known.lock().unwrap().insert(python.to_path_buf(), version);
+    Ok(version)
+}
+
+fn probe_python_uncached(python: &Path) -> Result<PythonVersion, BridgeError> {
     let out = run_python(
         python,
         &["-c", "import sys; print('%d.%d' % sys.version_info[:2])"],

@@ -83,10 +83,7 @@ fn full_fixture_and_defaults_merge() {
     assert_eq!(web.cpus, 2);
     assert!(web.graphics);
     assert_eq!(web.suite, "trixie");
-    assert_eq!(
-        web.mirror.as_deref(),
-        Some("file:///srv/debian-mirror")
-    );
+    assert_eq!(web.mirror.as_deref(), Some("file:///srv/debian-mirror"));
     assert!(!web.snapshot);
     // vlans: replaced.
     assert_eq!(web.vlans, [2]);

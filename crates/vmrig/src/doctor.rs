@@ -106,21 +106,16 @@ pub fn checks(host: &Host) -> Vec<Check> {
             &["qemu-system-data"],
         ),
     });
-    out.push(program(
-        host,
-        "mmdebstrap",
-        &["mmdebstrap"],
-        true,
-        "image builds",
-    ));
-    out.push(program(
-        host,
-        "mke2fs",
-        &["e2fsprogs"],
-        true,
-        "image builds",
-    ));
-    out.push(program(host, "depmod", &["kmod"], true, "image builds"));
+    // The image builders' own list of host tools.
+    for tool in vmrig_image::tools::BUILD_TOOLS {
+        out.push(program(
+            host,
+            tool.program,
+            &[tool.package],
+            true,
+            "image builds",
+        ));
+    }
     if !host.root {
         out.push(program(
             host,
