@@ -1,19 +1,34 @@
 //! The guest command channel: the NixOS backdoor protocol over the virtio console.
 //!
-//! The guest runs a root bash reading commands from `/dev/hvc0` and announces itself with
-//! [`BANNER`]. NixOS sends two lines per command (`bash -c '<cmd>' | (base64 -w 0; echo)`
-//! then `echo ${PIPESTATUS[0]}`), two round trips and three guest processes. We send one
-//! line whose reply carries output and exit status together:
+//! The guest runs a root bash reading commands from `/dev/hvc0` (a raw tty: bytes pass
+//! unchanged) and announces itself with [`BANNER`]. NixOS sends two lines per command
+//! (`bash -c '<cmd>' | (base64 -w 0; echo)` then `echo ${PIPESTATUS[0]}`): two round trips
+//! and three guest processes. We send one line whose reply carries output and exit status
+//! together, and start no program at all in the guest: the command runs in a command
+//! substitution, which is a fork of the already running bash (no exec), and the reply is
+//! written by bash builtins, length-prefixed:
 //!
 //! ```text
-//! ( eval '<cmd>' ) </dev/null | base64 -w 0; echo " ${PIPESTATUS[0]}"
-//! -> "<base64 of stdout> <status>\n"
+//! __o=$( trap 'printf "\37"' EXIT; eval '<cmd>' </dev/null ); __s=$?; ... printf 'T %d %d\n%s\n' ...
+//! -> "T <status> <length>\n<length bytes of stdout>\n"
 //! ```
 //!
-//! The subshell is a fork of the already running bash (no exec), and base64 is the only
-//! program started per command; the guest needs only bash and coreutils, so real NixOS
-//! guests work too. Stdin is `/dev/null` so a command that reads stdin cannot swallow the
-//! driver's next commands. Every read is bounded by a deadline and the reply size.
+//! Command substitution drops trailing newlines; the EXIT trap appends a marker byte (0x1f)
+//! after everything the command wrote, even when it calls `exit`, and the marker is cut off
+//! again, so the output arrives byte for byte. The length is counted with `LC_ALL=C` (bytes,
+//! not characters) and the shell's locale restored. What this framing cannot carry: NUL bytes
+//! (bash drops them from a command substitution) and, if the command replaces the EXIT trap
+//! or `exec`s, its trailing newlines. [`Framing::Exact`] pipes through `base64` instead (one
+//! program start per command, NUL-safe) for callers that need arbitrary bytes:
+//!
+//! ```text
+//! printf 'B '; ( eval '<cmd>' ) </dev/null | base64 -w 0; echo " ${PIPESTATUS[0]}"
+//! -> "B <base64 of stdout> <status>\n"
+//! ```
+//!
+//! The guest needs only bash (and coreutils' base64 for exact output), so real NixOS guests
+//! work too. Stdin is `/dev/null` so a command that reads stdin cannot swallow the driver's
+//! next commands. Every read is bounded by a deadline and the reply size.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -71,15 +86,34 @@ pub enum ShellError {
     Io(#[from] io::Error),
 }
 
+/// How a command's output travels back (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Framing {
+    /// Bash builtins only, no program started in the guest; NUL bytes are dropped.
+    #[default]
+    Text,
+    /// Through `base64`: every byte exact, one more guest process.
+    Exact,
+}
+
 /// The line sent to the guest for `command`.
-pub fn frame(command: &str) -> Result<String, ShellError> {
+pub fn frame(command: &str, framing: Framing) -> Result<String, ShellError> {
     if command.contains('\0') {
         return Err(ShellError::NulInCommand);
     }
-    Ok(format!(
-        "( eval {} ) </dev/null | base64 -w 0; echo \" ${{PIPESTATUS[0]}}\"\n",
-        shell_quote(command)
-    ))
+    let quoted = shell_quote(command);
+    Ok(match framing {
+        Framing::Text => format!(
+            "__o=$( trap 'printf \"\\37\"' EXIT; eval {quoted} </dev/null ); __s=$?; \
+             __o=${{__o%$'\\37'}}; __l=${{LC_ALL-$'\\37'}}; LC_ALL=C; \
+             printf 'T %d %d\\n%s\\n' $__s ${{#__o}} \"$__o\"; \
+             if [[ $__l == $'\\37' ]]; then unset LC_ALL; else LC_ALL=$__l; fi; \
+             unset __o __s __l\n"
+        ),
+        Framing::Exact => format!(
+            "printf 'B '; ( eval {quoted} ) </dev/null | base64 -w 0; echo \" ${{PIPESTATUS[0]}}\"\n"
+        ),
+    })
 }
 
 /// Single-quotes `s` for bash.
@@ -87,18 +121,83 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// Parses one reply line (without its newline): `<base64> <status>`.
-pub fn parse_reply(line: &[u8]) -> Result<CommandOutput, ShellError> {
-    let garbled = || ShellError::Protocol(excerpt(line));
-    let space = line.iter().rposition(|&b| b == b' ').ok_or_else(garbled)?;
+/// The longest `T <status> <length>` header line accepted.
+const MAX_HEADER: usize = 64;
+
+/// Parses the reply at the start of `buf`: `Ok(None)` while it is incomplete, else the
+/// output and how many bytes of `buf` it used. `scanned` is how far `buf` is known to hold
+/// no newline (a hint from earlier calls on the same growing buffer, 0 when unknown), so
+/// that a long base64 line is not searched again from its start on every read.
+pub fn parse_reply(
+    buf: &[u8],
+    scanned: usize,
+) -> Result<Option<(CommandOutput, usize)>, ShellError> {
+    let garbled = |bytes: &[u8]| ShellError::Protocol(excerpt(bytes));
+    let newline = |from: usize| {
+        buf.get(from..)
+            .and_then(|rest| rest.iter().position(|&b| b == b'\n'))
+            .map(|p| from + p)
+    };
+    match buf {
+        [] | [b'T' | b'B'] => Ok(None),
+        [b'T', b' ', ..] => {
+            // The header is short: search it from the start (a `scanned` hint may point
+            // into the body already).
+            let head_area = &buf[..buf.len().min(MAX_HEADER + 1)];
+            let Some(end) = head_area.iter().position(|&b| b == b'\n') else {
+                return if buf.len() > MAX_HEADER {
+                    Err(garbled(buf))
+                } else {
+                    Ok(None)
+                };
+            };
+            let head = &buf[..end];
+            let (status, len) = parse_text_head(head).ok_or_else(|| garbled(head))?;
+            if len > MAX_OUTPUT {
+                return Err(ShellError::TooLarge);
+            }
+            let body = end + 1;
+            if buf.len() < body + len + 1 {
+                return Ok(None);
+            }
+            if buf[body + len] != b'\n' {
+                return Err(garbled(&buf[..(body + len + 1).min(buf.len())]));
+            }
+            let stdout = buf[body..body + len].to_vec();
+            Ok(Some((CommandOutput { status, stdout }, body + len + 1)))
+        }
+        [b'B', b' ', ..] => {
+            let Some(end) = newline(scanned) else {
+                return Ok(None);
+            };
+            let out = parse_exact_line(&buf[2..end]).ok_or_else(|| garbled(&buf[..end]))?;
+            Ok(Some((out, end + 1)))
+        }
+        _ => Err(garbled(&buf[..newline(0).unwrap_or(buf.len())])),
+    }
+}
+
+/// `T <status> <length>` -> (status, length).
+fn parse_text_head(head: &[u8]) -> Option<(i32, usize)> {
+    let head = std::str::from_utf8(head).ok()?;
+    let mut fields = head.strip_prefix("T ")?.split(' ');
+    let status = fields.next()?.parse().ok()?;
+    let len = fields.next()?.parse().ok()?;
+    fields.next().is_none().then_some((status, len))
+}
+
+/// `<base64> <status>` -> the output.
+fn parse_exact_line(line: &[u8]) -> Option<CommandOutput> {
+    let space = line.iter().rposition(|&b| b == b' ')?;
     let status = std::str::from_utf8(&line[space + 1..])
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-        .ok_or_else(garbled)?;
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     let stdout = base64::engine::general_purpose::STANDARD
         .decode(&line[..space])
-        .map_err(|_| garbled())?;
-    Ok(CommandOutput { status, stdout })
+        .ok()?;
+    Some(CommandOutput { status, stdout })
 }
 
 fn closed_or_io(e: io::Error) -> ShellError {
@@ -150,14 +249,24 @@ impl<S: TimedStream> Shell<S> {
         command: &str,
         deadline: Option<Instant>,
     ) -> Result<CommandOutput, ShellError> {
-        let line = frame(command)?;
+        self.run_framed(command, Framing::Text, deadline)
+    }
+
+    /// [`Shell::run`] with a chosen [`Framing`].
+    pub fn run_framed(
+        &mut self,
+        command: &str,
+        framing: Framing,
+        deadline: Option<Instant>,
+    ) -> Result<CommandOutput, ShellError> {
+        let line = frame(command, framing)?;
         if let Some(earlier) = self.busy.clone() {
             // The reply of a command that outlived its deadline may have arrived since:
             // then the shell is free again. Otherwise it is still running.
             let wait = deadline
                 .unwrap_or_else(Instant::now)
                 .min(Instant::now() + Duration::from_millis(50));
-            match self.read_line(wait, MAX_OUTPUT / 3 * 4 + 64) {
+            match self.read_reply(wait) {
                 Ok(_) => self.busy = None,
                 Err(ShellError::Timeout(_)) => return Err(ShellError::Busy(earlier)),
                 Err(e) => return Err(e),
@@ -169,21 +278,35 @@ impl<S: TimedStream> Shell<S> {
         self.stream.flush().map_err(closed_or_io)?;
         let deadline =
             deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
-        match self.read_line(deadline, MAX_OUTPUT / 3 * 4 + 64) {
-            Ok(reply) => parse_reply(&reply),
-            Err(e) => {
-                if matches!(e, ShellError::Timeout(_)) {
-                    self.busy = Some(command.chars().take(80).collect());
-                }
-                Err(e)
+        self.read_reply(deadline).inspect_err(|e| {
+            if matches!(e, ShellError::Timeout(_)) {
+                self.busy = Some(command.chars().take(80).collect());
             }
-        }
+        })
     }
 
     /// Writes raw bytes to the guest shell (NixOS's `send_console`-like escapes go
     /// elsewhere; this is for the interactive shell).
     pub fn stream_mut(&mut self) -> &mut S {
         &mut self.stream
+    }
+
+    /// Reads one whole reply (see [`parse_reply`]).
+    fn read_reply(&mut self, deadline: Instant) -> Result<CommandOutput, ShellError> {
+        let start = Instant::now();
+        let mut scanned = 0;
+        loop {
+            if let Some((out, used)) = parse_reply(&self.pending, scanned)? {
+                self.pending.drain(..used);
+                return Ok(out);
+            }
+            scanned = self.pending.len();
+            if self.pending.len() > MAX_OUTPUT / 3 * 4 + 64 {
+                self.busy = Some("a reply that was too large".into());
+                return Err(ShellError::TooLarge);
+            }
+            self.fill(start, deadline)?;
+        }
     }
 
     fn read_line(&mut self, deadline: Instant, limit: usize) -> Result<Vec<u8>, ShellError> {
@@ -198,26 +321,37 @@ impl<S: TimedStream> Shell<S> {
             }
             scanned = self.pending.len();
             if self.pending.len() > limit {
-                self.busy = Some("a reply that was too large".into());
                 return Err(ShellError::TooLarge);
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(ShellError::Timeout(now - start));
+            self.fill(start, deadline)?;
+        }
+    }
+
+    /// One bounded read into `pending` (a timeout or signal is not an error here; running
+    /// past `deadline` is).
+    fn fill(&mut self, start: Instant, deadline: Instant) -> Result<(), ShellError> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(ShellError::Timeout(now - start));
+        }
+        self.stream.set_read_deadline(Some(deadline - now))?;
+        let mut buf = [0u8; 64 * 1024];
+        match self.stream.read(&mut buf) {
+            Ok(0) => Err(ShellError::Closed),
+            Ok(n) => {
+                self.pending.extend_from_slice(&buf[..n]);
+                Ok(())
             }
-            self.stream.set_read_deadline(Some(deadline - now))?;
-            let mut buf = [0u8; 64 * 1024];
-            match self.stream.read(&mut buf) {
-                Ok(0) => return Err(ShellError::Closed),
-                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(())
             }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 }
@@ -227,53 +361,116 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    #[test]
-    fn frame_quotes_and_asks_for_status_in_the_same_reply() {
-        assert_eq!(
-            frame("echo 'hi'").unwrap(),
-            "( eval 'echo '\\''hi'\\''' ) </dev/null | base64 -w 0; echo \" ${PIPESTATUS[0]}\"\n"
-        );
-        assert!(matches!(frame("a\0b"), Err(ShellError::NulInCommand)));
+    fn out(status: i32, stdout: &[u8]) -> CommandOutput {
+        CommandOutput {
+            status,
+            stdout: stdout.to_vec(),
+        }
     }
 
     #[test]
-    fn replies_parse() {
-        assert_eq!(
-            parse_reply(b"aGkK 0").unwrap(),
-            CommandOutput {
-                status: 0,
-                stdout: b"hi\n".to_vec()
-            }
-        );
-        assert_eq!(
-            parse_reply(b" 3").unwrap(),
-            CommandOutput {
-                status: 3,
-                stdout: vec![]
-            }
-        );
-        assert!(matches!(
-            parse_reply(b"garbage"),
-            Err(ShellError::Protocol(_))
+    fn frame_quotes_and_asks_for_status_in_the_same_reply() {
+        let text = frame("echo 'hi'", Framing::Text).unwrap();
+        assert!(text.starts_with(
+            r#"__o=$( trap 'printf "\37"' EXIT; eval 'echo '\''hi'\''' </dev/null ); __s=$?;"#
         ));
+        assert!(text.ends_with("unset __o __s __l\n"));
+        assert_eq!(text.matches('\n').count(), 1, "one line per command");
+        assert_eq!(
+            frame("echo 'hi'", Framing::Exact).unwrap(),
+            r#"printf 'B '; ( eval 'echo '\''hi'\''' ) </dev/null | base64 -w 0; echo " ${PIPESTATUS[0]}""#
+                .to_string()
+                + "\n"
+        );
         assert!(matches!(
-            parse_reply(b"!!!! 0"),
-            Err(ShellError::Protocol(_))
+            frame("a\0b", Framing::Text),
+            Err(ShellError::NulInCommand)
+        ));
+    }
+
+    #[test]
+    fn text_replies_parse_by_length() {
+        assert_eq!(
+            parse_reply(b"T 0 3\nhi\n\n", 0).unwrap(),
+            Some((out(0, b"hi\n"), 10))
+        );
+        // The body may hold newlines and what looks like another header.
+        let reply = b"T 3 8\nT 1 2\nx\n\nT 0 0\n\n";
+        assert_eq!(
+            parse_reply(reply, 0).unwrap(),
+            Some((out(3, b"T 1 2\nx\n"), 15))
+        );
+        assert_eq!(
+            parse_reply(&reply[15..], 0).unwrap(),
+            Some((out(0, b""), 7))
+        );
+    }
+
+    #[test]
+    fn incomplete_replies_wait_for_more() {
+        for partial in [
+            &b""[..],
+            b"T",
+            b"T 0",
+            b"T 0 3\nhi",
+            b"T 0 3\nhi\n",
+            b"B aGkK",
+        ] {
+            assert_eq!(parse_reply(partial, 0).unwrap(), None, "{partial:?}");
+        }
+    }
+
+    #[test]
+    fn exact_replies_parse() {
+        assert_eq!(
+            parse_reply(b"B aGkK 0\nrest", 0).unwrap(),
+            Some((out(0, b"hi\n"), 9))
+        );
+        assert_eq!(parse_reply(b"B  3\n", 0).unwrap(), Some((out(3, b""), 5)));
+    }
+
+    #[test]
+    fn garbled_replies_are_errors() {
+        for bad in [
+            &b"garbage\n"[..],
+            b"B !!!! 0\n",
+            b"T x 3\nabc\n",
+            b"T 0 3\nabcd",
+            b"T 0 3 4\nabc\n",
+            b"T 0 99999999999999999999999999999999999999999999999999999999999999999999",
+        ] {
+            assert!(
+                matches!(parse_reply(bad, 0), Err(ShellError::Protocol(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            parse_reply(b"T 0 999999999999\n", 0),
+            Err(ShellError::TooLarge)
         ));
     }
 
     proptest! {
         #[test]
-        fn any_output_round_trips(data in proptest::collection::vec(any::<u8>(), 0..4000), status in 0i32..256) {
-            let line = format!("{} {status}", base64::engine::general_purpose::STANDARD.encode(&data));
-            let out = parse_reply(line.as_bytes()).unwrap();
-            prop_assert_eq!(out.stdout, data);
-            prop_assert_eq!(out.status, status);
+        fn any_output_round_trips(data in proptest::collection::vec(any::<u8>(), 0..4000), status in 0i32..256, split in 0usize..5000) {
+            let mut text = format!("T {status} {}\n", data.len()).into_bytes();
+            text.extend_from_slice(&data);
+            text.push(b'\n');
+            let exact = format!("B {} {status}\n", base64::engine::general_purpose::STANDARD.encode(&data)).into_bytes();
+            for reply in [text, exact] {
+                // A prefix is incomplete, never wrong; the whole parses exactly.
+                let cut = split.min(reply.len() - 1);
+                prop_assert_eq!(parse_reply(&reply[..cut], 0).unwrap(), None);
+                let (got, used) = parse_reply(&reply, 0).unwrap().unwrap();
+                prop_assert_eq!(got.stdout, data.clone());
+                prop_assert_eq!(got.status, status);
+                prop_assert_eq!(used, reply.len());
+            }
         }
 
         #[test]
-        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let _ = parse_reply(&data);
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300), scanned in 0usize..400) {
+            let _ = parse_reply(&data, scanned);
         }
     }
 }

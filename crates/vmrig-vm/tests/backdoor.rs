@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmrig_vm::backdoor::{Shell, ShellError, BANNER};
+use vmrig_vm::backdoor::{Framing, Shell, ShellError, BANNER};
 
 fn soon(secs: u64) -> Option<Instant> {
     Some(Instant::now() + Duration::from_secs(secs))
@@ -14,6 +14,11 @@ fn soon(secs: u64) -> Option<Instant> {
 
 /// A host shell wired like the guest's: bash reading commands from the socket.
 fn bash_guest() -> (Shell<UnixStream>, std::process::Child) {
+    bash_guest_with(&[])
+}
+
+/// [`bash_guest`] with extra environment variables for the guest shell.
+fn bash_guest_with(env: &[(&str, &str)]) -> (Shell<UnixStream>, std::process::Child) {
     let (host, guest) = UnixStream::pair().unwrap();
     let guest_out = guest.try_clone().unwrap();
     let mut child = Command::new("bash")
@@ -25,6 +30,7 @@ fn bash_guest() -> (Shell<UnixStream>, std::process::Child) {
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(guest)))
         .stdout(Stdio::from(std::os::fd::OwnedFd::from(guest_out)))
         .stderr(Stdio::null())
+        .envs(env.iter().copied())
         .spawn()
         .unwrap();
     let mut shell = Shell::new(host);
@@ -51,13 +57,69 @@ fn real_bash_runs_commands_with_status_and_output() {
 }
 
 #[test]
+fn real_bash_text_framing_keeps_every_byte_but_nul() {
+    let (mut shell, mut child) = bash_guest();
+    let cases: &[(&str, i32, &[u8])] = &[
+        ("printf 'a\\\\b\\n\\n\\n'", 0, b"a\\b\n\n\n"),
+        ("printf 'cr\\r\\nT 0 5\\n'; exit 7", 7, b"cr\r\nT 0 5\n"),
+        (
+            "printf '\\xc3\\xa9\\xff\\x1f\\x1f'",
+            0,
+            b"\xc3\xa9\xff\x1f\x1f",
+        ),
+        ("echo x; false", 1, b"x\n"),
+        (
+            "LC_ALL=C.UTF-8; export LANG=C.UTF-8; printf '\\xc3\\xa9'",
+            0,
+            b"\xc3\xa9",
+        ),
+        ("", 0, b""),
+        // A command that replaces the EXIT trap still gets its output, but loses its
+        // trailing newlines (documented).
+        ("trap 'echo mine' EXIT; echo body", 0, b"body\nmine"),
+    ];
+    for (cmd, status, stdout) in cases {
+        let out = shell.run(cmd, soon(10)).unwrap();
+        assert_eq!(
+            (out.status, out.stdout.as_slice()),
+            (*status, *stdout),
+            "{cmd}"
+        );
+    }
+    let out = shell.run("echo ${LC_ALL-unset}", soon(10)).unwrap();
+    assert_eq!(out.text(), "unset\n");
+    let _ = child.kill();
+    // In a UTF-8 shell the length is still counted in bytes, and the locale is restored.
+    let (mut shell, mut child) = bash_guest_with(&[("LC_ALL", "C.UTF-8")]);
+    let out = shell
+        .run("printf '\\xc3\\xa9\\xc3\\xa9'", soon(10))
+        .unwrap();
+    assert_eq!(out.text(), "\u{e9}\u{e9}");
+    let out = shell.run("echo $LC_ALL", soon(10)).unwrap();
+    assert_eq!(out.text(), "C.UTF-8\n");
+    let _ = child.kill();
+}
+
+#[test]
 fn real_bash_huge_and_binary_output() {
     let (mut shell, mut child) = bash_guest();
-    let out = shell.run("head -c 20000000 /dev/zero", soon(60)).unwrap();
+    let exact = Framing::Exact;
+    let out = shell
+        .run_framed("head -c 20000000 /dev/zero", exact, soon(60))
+        .unwrap();
     assert_eq!(out.stdout.len(), 20_000_000);
-    let out = shell.run("printf '\\xff\\x00\\xfe'", soon(10)).unwrap();
+    let out = shell
+        .run_framed("printf '\\xff\\x00\\xfe'", exact, soon(10))
+        .unwrap();
     assert_eq!(out.stdout, vec![0xff, 0, 0xfe]);
     assert_eq!(out.text(), "\u{fffd}\0\u{fffd}");
+    // Text framing: every byte but NUL, and big outputs too.
+    let out = shell
+        .run("head -c 3000000 /dev/zero | tr '\\0' x", soon(60))
+        .unwrap();
+    assert_eq!(out.stdout, vec![b'x'; 3_000_000]);
+    let out = shell.run("printf '\\xff\\x00\\xfe'", soon(10)).unwrap();
+    assert_eq!(out.stdout, vec![0xff, 0xfe], "bash drops NUL bytes");
     let _ = child.kill();
 }
 
@@ -89,8 +151,11 @@ fn scripted_guest(reply: &'static [u8], chunk: usize) -> Shell<UnixStream> {
 
 #[test]
 fn replies_split_into_single_bytes_are_reassembled() {
-    let mut shell = scripted_guest(b"aGVsbG8K 0\n", 1);
+    let mut shell = scripted_guest(b"T 0 6\nhello\n\n", 1);
     let out = shell.run("x", soon(10)).unwrap();
+    assert_eq!(out.text(), "hello\n");
+    let mut shell = scripted_guest(b"B aGVsbG8K 0\n", 1);
+    let out = shell.run_framed("x", Framing::Exact, soon(10)).unwrap();
     assert_eq!(out.text(), "hello\n");
 }
 
@@ -99,7 +164,8 @@ fn guest_closing_mid_reply_is_an_error() {
     let (host, guest) = UnixStream::pair().unwrap();
     let t = std::thread::spawn(move || {
         let mut g = guest;
-        g.write_all(format!("{BANNER}\naGVs").as_bytes()).unwrap();
+        g.write_all(format!("{BANNER}\nT 0 10\nhel").as_bytes())
+            .unwrap();
     });
     let mut shell = Shell::new(host);
     shell
@@ -137,7 +203,7 @@ fn endless_line_without_newline_is_bounded_by_the_deadline() {
     let (host, guest) = UnixStream::pair().unwrap();
     std::thread::spawn(move || {
         let mut g = guest;
-        let _ = g.write_all(format!("{BANNER}\n").as_bytes());
+        let _ = g.write_all(format!("{BANNER}\nB ").as_bytes());
         let junk = vec![b'A'; 64 * 1024];
         let stop = Instant::now() + Duration::from_secs(3);
         while Instant::now() < stop && g.write_all(&junk).is_ok() {}
