@@ -17,6 +17,9 @@ use vmrig_vm::cmdline::{qemu_args, VmConfig};
 /// Bumped when what a snapshot contains or how it is restored changes.
 pub const SNAPSHOT_FORMAT: &str = "vmrig-snapshot-2";
 
+/// What the store names of snapshots start with (`vmrig store gc --snapshots`).
+pub const NAME_PREFIX: &str = "snapshot-";
+
 /// The store key of the snapshot of a VM started with `cfg` (whose `incoming` is unset)
 /// in `run_dir`; `inputs` names what the command line does not show (the initrd's
 /// contents, the root image behind the disk layer).
@@ -32,7 +35,7 @@ pub fn snapshot_key(cfg: &VmConfig, run_dir: &Path, inputs: &str, qemu_version: 
         qemu_version.trim(),
         argv.join("\n")
     );
-    StoreKey::new(&format!("snapshot-{}", cfg.name), material.as_bytes())
+    StoreKey::new(&format!("{NAME_PREFIX}{}", cfg.name), material.as_bytes())
 }
 
 /// sha256 of a file, hex.

@@ -296,6 +296,9 @@ pub struct GcPolicy {
     pub older_than: Duration,
     /// Report what would be removed without removing anything.
     pub dry_run: bool,
+    /// Only paths whose name (the part after the hash) starts with this, e.g.
+    /// `snapshot-` for boot snapshots; `None`: every path.
+    pub name_prefix: Option<String>,
 }
 
 impl Default for GcPolicy {
@@ -304,6 +307,7 @@ impl Default for GcPolicy {
         GcPolicy {
             older_than: Duration::from_secs(7 * 24 * 60 * 60),
             dry_run: false,
+            name_prefix: None,
         }
     }
 }
@@ -657,6 +661,12 @@ impl Store {
         let mut report = GcReport::default();
         let now = SystemTime::now();
         for base in self.base_names()? {
+            if let Some(prefix) = &policy.name_prefix {
+                let (_, name) = parse_base(&base).expect("base names are validated");
+                if !name.starts_with(prefix.as_str()) {
+                    continue;
+                }
+            }
             let Some(_lock) = self.try_lock(&base, Mode::Exclusive)? else {
                 if fs::symlink_metadata(self.root.join(&base)).is_ok() {
                     report.kept_in_use.push(self.entry(&base, true));

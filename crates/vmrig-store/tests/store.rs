@@ -337,6 +337,7 @@ fn killed_build_is_never_visible_and_gc_removes_it() {
         .gc(&GcPolicy {
             older_than: Duration::ZERO,
             dry_run: true,
+            ..GcPolicy::default()
         })
         .unwrap();
     assert_eq!(dry.removed_tmp.len(), 1);
@@ -420,6 +421,7 @@ fn gc_keeps_in_use_and_recent_and_removes_old() {
         .gc(&GcPolicy {
             older_than: Duration::ZERO,
             dry_run: false,
+            ..GcPolicy::default()
         })
         .unwrap();
     assert_eq!(names(&report.removed), ["recent"]);
@@ -432,6 +434,7 @@ fn gc_keeps_in_use_and_recent_and_removes_old() {
         .gc(&GcPolicy {
             older_than: Duration::ZERO,
             dry_run: false,
+            ..GcPolicy::default()
         })
         .unwrap();
     assert_eq!(names(&report.removed), ["busy"]);
@@ -497,6 +500,7 @@ fn gc_tmp_handling() {
         .gc(&GcPolicy {
             older_than: Duration::ZERO,
             dry_run: false,
+            ..GcPolicy::default()
         })
         .unwrap();
     let mut removed = report.removed_tmp.clone();
@@ -530,6 +534,7 @@ fn gc_racing_builds_and_uses() {
                     .gc(&GcPolicy {
                         older_than: Duration::ZERO,
                         dry_run: false,
+            ..GcPolicy::default()
                     })
                     .unwrap();
             }
@@ -594,4 +599,29 @@ fn default_store_dir_order() {
             None => std::env::remove_var(var),
         }
     }
+}
+
+#[test]
+fn gc_with_a_name_prefix_removes_only_those_paths() {
+    let (_dir, store) = new_store();
+    let build = |name: &str| {
+        store
+            .build(&StoreKey::new(name, name.as_bytes()), |out| {
+                fs::write(out.join("f"), b"x")
+            })
+            .unwrap()
+    };
+    let image = build("rootfs-bookworm");
+    let snap = build("snapshot-server");
+    let report = store
+        .gc(&GcPolicy {
+            older_than: Duration::ZERO,
+            name_prefix: Some("snapshot-".into()),
+            ..GcPolicy::default()
+        })
+        .unwrap();
+    assert_eq!(report.removed.len(), 1);
+    assert_eq!(report.removed[0].name, "snapshot-server");
+    assert!(!snap.path().exists());
+    assert!(image.path().exists());
 }

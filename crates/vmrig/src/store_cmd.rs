@@ -26,6 +26,9 @@ pub enum StoreCommand {
         /// Show what would be removed, remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Only boot snapshots (the next run of each node boots cold and saves a new one).
+        #[arg(long)]
+        snapshots: bool,
     },
 }
 
@@ -37,11 +40,13 @@ pub fn run(command: StoreCommand) -> anyhow::Result<i32> {
             older_than,
             all,
             dry_run,
+            snapshots,
         } => gc(
             &store,
             &GcPolicy {
                 older_than: if all { Duration::ZERO } else { older_than },
                 dry_run,
+                name_prefix: snapshots.then(|| vmrig_driver::snapshot::NAME_PREFIX.to_owned()),
             },
         ),
     }
