@@ -1,5 +1,6 @@
 //! vmrig-net: vmrig's own Ethernet switch, one per VLAN, that QEMU joins over unix stream
-//! sockets (`-netdev stream`, QEMU >= 7.2). No root, no TAP, no vde2.
+//! sockets (`-netdev stream`, QEMU >= 7.2) or as a VDE client (`-netdev vde`). No root, no TAP,
+//! no vde2.
 //!
 //! Each machine gets its own listening socket per VLAN (`<run_dir>/vlan<N>/<machine>.sock`), so
 //! the switch knows which port is which machine. QEMU connects as a client
@@ -13,11 +14,29 @@
 //! // qemu-system-x86_64 ... -netdev <netdev> -device virtio-net-pci,netdev=vlan1,mac=...
 //! # Ok::<(), vmrig_net::NetError>(())
 //! ```
+//!
+//! The same switch also speaks vde_switch's protocol ([`vde`]), for command lines that say
+//! `-netdev vde,sock=<dir>` (NixOS start scripts, via `QEMU_VDE_SOCKET_<n>`):
+//! [`Vlan::vde_dir`] returns the directory (`<run_dir>/vlan<N>/vde`, holding `ctl`), and every
+//! client that connects there becomes a port of its own, alive while the client is connected.
+//! Such a port is named after a machine when [`Vlan::name_vde_client`] registered the client's
+//! pid, or when the client's description starts with a valid machine name other than `QEMU`
+//! (QEMU always says `QEMU`); otherwise it is `vde<k>`.
+//!
+//! ```no_run
+//! # use std::path::Path;
+//! let vlan = vmrig_net::Vlan::start(1, Path::new("/tmp/run"))?;
+//! let dir = vlan.vde_dir()?;
+//! // QEMU_VDE_SOCKET_1=<dir> run-client-vm, or -netdev <qemu_vde_netdev_arg("vlan1", &dir)>;
+//! // then, with the child's pid: vlan.name_vde_client(pid, "client")?;
+//! # Ok::<(), vmrig_net::NetError>(())
+//! ```
 
 pub mod frame;
 pub mod pcap;
 pub mod policy;
 mod switch;
+pub mod vde;
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -56,6 +75,8 @@ pub enum NetError {
     PathTooLong(PathBuf),
     #[error("vlan {vlan}: no port for machine {machine:?}")]
     UnknownPort { vlan: u8, machine: String },
+    #[error("vlan {vlan}: the name {machine:?} is taken by another port (stream or VDE)")]
+    NameTaken { vlan: u8, machine: String },
     #[error("vlan {0}: the switch thread is gone")]
     SwitchGone(u8),
 }
@@ -80,13 +101,16 @@ pub struct PortStats {
     /// Frames meant for this peer not delivered: link down (unicast), partition, not connected
     /// (unicast), or its output queue full (the peer does not read).
     pub dropped_out: u64,
-    /// Frames shorter than 14 bytes (also counted in `dropped_in`).
+    /// Frames shorter than 14 bytes, or (VDE) datagrams longer than [`frame::MAX_FRAME`]; also
+    /// counted in `dropped_in`.
     pub malformed: u64,
     /// Connections cut because the peer broke the framing (length prefix over
     /// [`frame::MAX_FRAME`]).
     pub protocol_errors: u64,
     /// Bytes waiting to be written to the peer.
     pub queued_bytes: u64,
+    /// For a VDE port, the description its client sent (QEMU: `QEMU user=<login> pid=<pid>`).
+    pub vde_description: Option<String>,
 }
 
 /// Snapshot of a VLAN's counters.
@@ -102,6 +126,10 @@ pub struct Stats {
     pub captured: u64,
     /// Why capture stopped by itself (write error), if it did.
     pub capture_error: Option<String>,
+    /// VDE clients turned away (bad request, unreachable client socket, timeout, ...).
+    pub vde_rejected: u64,
+    /// Why the last one was.
+    pub vde_error: Option<String>,
 }
 
 /// One VLAN's switch. Owns a thread; dropping it stops the thread and removes the sockets.
@@ -123,6 +151,15 @@ pub fn qemu_netdev_arg(netdev_id: &str, sock: &Path) -> String {
     format!(
         "stream,id={netdev_id},server=off,addr.type=unix,addr.path={}",
         sock.to_string_lossy().replace(',', ",,")
+    )
+}
+
+/// The `-netdev` value that connects a QEMU NIC backend with id `netdev_id` to the VDE switch
+/// directory `dir` ([`Vlan::vde_dir`]): `vde,id=<id>,sock=<dir>` (commas in the path doubled).
+pub fn qemu_vde_netdev_arg(netdev_id: &str, dir: &Path) -> String {
+    format!(
+        "vde,id={netdev_id},sock={}",
+        dir.to_string_lossy().replace(',', ",,")
     )
 }
 
@@ -205,8 +242,15 @@ impl Vlan {
             return Err(NetError::InvalidName(machine.to_string()));
         }
         let m = machine.to_string();
-        if let Some(p) = self.exec(move |c| c.port_path(&m))? {
-            return Ok(p);
+        match self.exec(move |c| c.port_path(&m))? {
+            Some((p, true)) => return Ok(p),
+            Some((_, false)) => {
+                return Err(NetError::NameTaken {
+                    vlan: self.nr,
+                    machine: machine.to_string(),
+                })
+            }
+            None => {}
         }
         let path = self.dir.join(format!("{machine}.sock"));
         if path.as_os_str().len() > MAX_SOCKET_PATH {
@@ -228,10 +272,57 @@ impl Vlan {
         Ok(path)
     }
 
-    /// The socket path of `machine`'s port, if it has one.
+    /// The socket path of `machine`'s port, if it has one (for a VDE port: the switch's
+    /// datagram socket of that port).
     pub fn socket_path(&self, machine: &str) -> Option<PathBuf> {
         let m = machine.to_string();
-        self.exec(move |c| c.port_path(&m)).ok().flatten()
+        self.exec(move |c| c.port_path(&m))
+            .ok()
+            .flatten()
+            .map(|(p, _)| p)
+    }
+
+    /// The VLAN's VDE switch directory, `<run_dir>/vlan<nr>/vde`, for QEMU's
+    /// `-netdev vde,sock=<dir>` ([`qemu_vde_netdev_arg`]) or a NixOS start script's
+    /// `QEMU_VDE_SOCKET_<n>`. The first call creates it and its `ctl` socket, listening before
+    /// this returns; later calls return the same path.
+    ///
+    /// Each client that completes the handshake becomes a port of the switch, like a stream
+    /// port in every respect (learning, [`set_link`](Vlan::set_link), loss, delay, partitions,
+    /// capture, [`stats`](Vlan::stats)), that is removed when the client closes its control
+    /// connection (QEMU exits). Its name: the machine registered for the client's pid with
+    /// [`name_vde_client`](Vlan::name_vde_client); else the first word of the client's
+    /// description if that is a valid machine name other than `QEMU` (which is all QEMU
+    /// sends); else `vde<k>` (k counting the VLAN's VDE clients from 1). A name some port
+    /// already has is skipped. When a named port's client comes back (QEMU restarted), the new
+    /// port keeps the old one's link state and counts on its `connections`, as a stream port
+    /// does. A requested port number (`port=`) is accepted and ignored.
+    ///
+    /// Errors with [`NetError::PathTooLong`] when the directory leaves no room for libvdeplug's
+    /// own socket in it (`<dir>/.<pid>-<n>`, up to 15 more bytes, within 107).
+    pub fn vde_dir(&self) -> Result<PathBuf, NetError> {
+        let dir = self.dir.join("vde");
+        self.exec(move |c| c.start_vde(dir))?
+    }
+
+    /// Name the VDE port of the client process `pid` `machine` (QEMU's pid: libvdeplug puts it
+    /// in the description, as `PID=` or `pid=`; a NixOS start script `exec`s QEMU, so it is the
+    /// script's pid). Call it right after starting that QEMU: a client that connected before is
+    /// renamed on the spot, one that connects later is named when it does. Fails with
+    /// [`NetError::NameTaken`] if the client is connected and another port has that name.
+    pub fn name_vde_client(&self, pid: u32, machine: &str) -> Result<(), NetError> {
+        if !valid_name(machine) {
+            return Err(NetError::InvalidName(machine.to_string()));
+        }
+        let m = machine.to_string();
+        if self.exec(move |c| c.name_vde_client(pid, m))? {
+            Ok(())
+        } else {
+            Err(NetError::NameTaken {
+                vlan: self.nr,
+                machine: machine.to_string(),
+            })
+        }
     }
 
     /// Link up/down (the driver's `block()`/`unblock()`): a down port neither sends nor receives.
@@ -329,6 +420,7 @@ impl Drop for Vlan {
         for p in paths {
             let _ = std::fs::remove_file(p);
         }
+        let _ = std::fs::remove_dir(self.dir.join("vde")); // only if empty
         let _ = std::fs::remove_dir(&self.dir); // only if empty
     }
 }
@@ -342,6 +434,14 @@ mod tests {
         assert_eq!(
             qemu_netdev_arg("vlan1", Path::new("/run/a,b/x.sock")),
             "stream,id=vlan1,server=off,addr.type=unix,addr.path=/run/a,,b/x.sock"
+        );
+    }
+
+    #[test]
+    fn vde_netdev_arg_escapes_commas() {
+        assert_eq!(
+            qemu_vde_netdev_arg("vlan2", Path::new("/run/a,b/vde")),
+            "vde,id=vlan2,sock=/run/a,,b/vde"
         );
     }
 

@@ -4,16 +4,28 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::frame::MIN_FRAME;
+
 pub type Mac = [u8; 6];
 pub type PortId = usize;
 
 /// How long a learned MAC stays in the table without being seen again.
 pub const DEFAULT_MAC_AGING: Duration = Duration::from_secs(300);
 
+/// The destination MAC of an Ethernet frame.
+///
+/// # Panics
+///
+/// If `frame` is shorter than 6 bytes ([`route`] checks the length first).
 pub fn dst_mac(frame: &[u8]) -> Mac {
     frame[0..6].try_into().expect("frame shorter than 14 bytes")
 }
 
+/// The source MAC of an Ethernet frame.
+///
+/// # Panics
+///
+/// If `frame` is shorter than 12 bytes ([`route`] checks the length first).
 pub fn src_mac(frame: &[u8]) -> Mac {
     frame[6..12]
         .try_into()
@@ -100,12 +112,18 @@ pub enum Target {
     Unicast(PortId),
     /// Every other port (broadcast, multicast, unknown unicast).
     Flood,
-    /// Destination is on the port it came from: nothing to do.
+    /// Destination is on the port it came from, or the frame is too short to be Ethernet
+    /// (see [`route`]): nothing to do.
     Filter,
 }
 
-/// Learn the source, then decide the destination of `frame` (at least 14 bytes) from `src`.
+/// Learn the source, then decide the destination of `frame` from `src`. A frame shorter
+/// than [`MIN_FRAME`] (no room for two MACs and an ethertype; a peer can send any length) is
+/// neither learned from nor forwarded: [`Target::Filter`].
 pub fn route(table: &mut MacTable, frame: &[u8], src: PortId, now: Instant) -> Target {
+    if frame.len() < MIN_FRAME {
+        return Target::Filter;
+    }
     table.learn(src_mac(frame), src, now);
     let dst = dst_mac(frame);
     if is_group(&dst) {
@@ -284,6 +302,20 @@ mod tests {
         assert_eq!(t.lookup(&mcast, now), None);
         // Hairpin: destination on the source port.
         assert_eq!(route(&mut t, &frame(A, B), 0, now), Target::Filter);
+    }
+
+    #[test]
+    fn short_frames_are_filtered_not_a_panic() {
+        // Found by the `switch_frames` fuzz target: a 0-byte frame panicked in `src_mac`.
+        let mut t = MacTable::default();
+        let now = Instant::now();
+        let full = frame(B, A);
+        for len in 0..MIN_FRAME {
+            assert_eq!(route(&mut t, &full[..len], 0, now), Target::Filter, "{len}");
+        }
+        assert!(t.is_empty(), "nothing learned from short frames");
+        assert_eq!(route(&mut t, &full, 0, now), Target::Flood);
+        assert_eq!(t.lookup(&A, now), Some(0));
     }
 
     #[test]

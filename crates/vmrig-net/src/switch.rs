@@ -1,5 +1,10 @@
-//! The switch thread: one poll(2) loop per VLAN over the ports' listening sockets, their
-//! connections and a wake-up socket for commands from [`crate::Vlan`].
+//! The switch thread: one poll(2) loop per VLAN over the ports' sockets and a wake-up socket
+//! for commands from [`crate::Vlan`]. A port is either a stream port (its own listening socket
+//! and at most one QEMU connection on it) or a VDE port ([`vde_port`]: a control connection and
+//! a datagram socket, created by a handshake on the VLAN's `ctl` socket). Both kinds share the
+//! MAC table, the fault policy, the delay queue and the capture.
+
+mod vde_port;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -24,25 +29,94 @@ const OUT_LIMIT: usize = 4 * 1024 * 1024;
 /// read(2) calls per connection per poll round, so one busy peer cannot starve the others.
 const READS_PER_ROUND: usize = 8;
 
+/// Frames queued towards one peer, each behind a 4-byte length prefix ([`encode_into`]): for a
+/// stream port that is the wire format itself, for a VDE port it marks where each datagram ends.
+#[derive(Default)]
+struct OutQueue {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl OutQueue {
+    fn queued(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn push(&mut self, frame: &[u8]) {
+        encode_into(&mut self.buf, frame);
+    }
+
+    /// After a flush: reuse the buffer when it is empty, else drop what was sent once that is
+    /// more than half of it (so the copy is amortised). Returns whether bytes are left.
+    fn compact(&mut self) -> bool {
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+            if self.buf.capacity() > OUT_LIMIT {
+                self.buf.shrink_to(64 * 1024);
+            }
+            false
+        } else {
+            if self.pos > self.buf.len() / 2 {
+                self.buf.drain(..self.pos);
+                self.pos = 0;
+            }
+            true
+        }
+    }
+}
+
 struct Conn {
     stream: UnixStream,
     dec: Option<FrameDecoder>,
-    out: Vec<u8>,
-    out_pos: usize,
+    out: OutQueue,
 }
 
-impl Conn {
-    fn queued(&self) -> usize {
-        self.out.len() - self.out_pos
-    }
+enum PortIo {
+    /// A machine's own listening socket and, while its QEMU is connected, the connection.
+    Stream {
+        listener: UnixListener,
+        conn: Option<Conn>,
+    },
+    /// A VDE client, for as long as its control connection is open.
+    Vde(vde_port::VdeLink),
+    /// A VDE port whose client left. The slot stays, unused, so that a [`PortId`] still held by
+    /// the MAC table, the policy or the delay queue can never designate another port.
+    Gone,
 }
 
 pub(crate) struct Port {
     pub(crate) name: String,
+    /// Stream port: its listening socket. VDE port: the switch's datagram socket for it.
     pub(crate) path: PathBuf,
-    listener: UnixListener,
-    conn: Option<Conn>,
+    io: PortIo,
     stats: PortStats,
+}
+
+impl Port {
+    fn connected(&self) -> bool {
+        match &self.io {
+            PortIo::Stream { conn, .. } => conn.is_some(),
+            PortIo::Vde(_) => true,
+            PortIo::Gone => false,
+        }
+    }
+
+    fn out(&self) -> Option<&OutQueue> {
+        match &self.io {
+            PortIo::Stream { conn, .. } => conn.as_ref().map(|c| &c.out),
+            PortIo::Vde(l) => Some(&l.out),
+            PortIo::Gone => None,
+        }
+    }
+
+    fn out_mut(&mut self) -> Option<&mut OutQueue> {
+        match &mut self.io {
+            PortIo::Stream { conn, .. } => conn.as_mut().map(|c| &mut c.out),
+            PortIo::Vde(l) => Some(&mut l.out),
+            PortIo::Gone => None,
+        }
+    }
 }
 
 struct Delayed {
@@ -82,6 +156,9 @@ pub(crate) struct Core {
     seq: u64,
     capture: Option<PcapWriter>,
     capture_error: Option<String>,
+    vde: vde_port::VdeState,
+    /// Receive buffer for datagrams (VDE ports), allocated on first use.
+    dgram_buf: Vec<u8>,
     stop: bool,
 }
 
@@ -99,14 +176,21 @@ impl Core {
             seq: 0,
             capture: None,
             capture_error: None,
+            vde: vde_port::VdeState::default(),
+            dgram_buf: Vec::new(),
             stop: false,
         }
     }
 
     // ---- commands ------------------------------------------------------------------------
 
-    pub(crate) fn port_path(&self, name: &str) -> Option<PathBuf> {
-        self.by_name.get(name).map(|&p| self.ports[p].path.clone())
+    /// The socket path of the port named `name`, and whether it is a stream port.
+    pub(crate) fn port_path(&self, name: &str) -> Option<(PathBuf, bool)> {
+        self.by_name.get(name).map(|&p| {
+            let port = &self.ports[p];
+            let stream = matches!(port.io, PortIo::Stream { .. });
+            (port.path.clone(), stream)
+        })
     }
 
     pub(crate) fn add_port(&mut self, name: String, path: PathBuf, listener: UnixListener) {
@@ -115,8 +199,10 @@ impl Core {
         self.ports.push(Port {
             name,
             path,
-            listener,
-            conn: None,
+            io: PortIo::Stream {
+                listener,
+                conn: None,
+            },
             stats: PortStats {
                 link_up: true,
                 ..PortStats::default()
@@ -175,18 +261,28 @@ impl Core {
         self.stop = true;
     }
 
+    /// Every socket file the switch made (or a VDE client left in its directory), to remove
+    /// when the VLAN goes away.
     pub(crate) fn paths(&self) -> Vec<PathBuf> {
-        self.ports.iter().map(|p| p.path.clone()).collect()
+        let mut v: Vec<PathBuf> = self
+            .ports
+            .iter()
+            .filter(|p| !matches!(p.io, PortIo::Gone))
+            .map(|p| p.path.clone())
+            .collect();
+        v.extend(self.vde_paths());
+        v
     }
 
     pub(crate) fn stats(&self) -> Stats {
         let ports: BTreeMap<String, PortStats> = self
             .ports
             .iter()
+            .filter(|p| !matches!(p.io, PortIo::Gone))
             .map(|p| {
                 let mut s = p.stats.clone();
-                s.connected = p.conn.is_some();
-                s.queued_bytes = p.conn.as_ref().map_or(0, |c| c.queued() as u64);
+                s.connected = p.connected();
+                s.queued_bytes = p.out().map_or(0, |o| o.queued() as u64);
                 (p.name.clone(), s)
             })
             .collect();
@@ -197,6 +293,8 @@ impl Core {
             mac_entries: self.macs.len(),
             captured: self.capture.as_ref().map_or(0, |c| c.records()),
             capture_error: self.capture_error.clone(),
+            vde_rejected: self.vde.rejected,
+            vde_error: self.vde.last_error.clone(),
         }
     }
 
@@ -204,19 +302,23 @@ impl Core {
 
     fn accept(&mut self, p: PortId) {
         loop {
-            match self.ports[p].listener.accept() {
+            let PortIo::Stream { listener, .. } = &self.ports[p].io else {
+                return;
+            };
+            match listener.accept() {
                 Ok((stream, _)) => {
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
                     // A new connection replaces the old one (QEMU restarted for this machine).
                     let port = &mut self.ports[p];
-                    port.conn = Some(Conn {
-                        stream,
-                        dec: Some(FrameDecoder::new()),
-                        out: Vec::new(),
-                        out_pos: 0,
-                    });
+                    if let PortIo::Stream { conn, .. } = &mut port.io {
+                        *conn = Some(Conn {
+                            stream,
+                            dec: Some(FrameDecoder::new()),
+                            out: OutQueue::default(),
+                        });
+                    }
                     port.stats.connections += 1;
                     self.macs.forget_port(p);
                 }
@@ -226,13 +328,34 @@ impl Core {
         }
     }
 
+    /// The peer is gone: a stream port waits for the next connection, a VDE port goes away.
     fn close(&mut self, p: PortId) {
-        self.ports[p].conn = None;
-        self.macs.forget_port(p);
+        match &mut self.ports[p].io {
+            PortIo::Stream { conn, .. } => {
+                *conn = None;
+                self.macs.forget_port(p);
+            }
+            PortIo::Vde(_) => self.remove_vde_port(p),
+            PortIo::Gone => {}
+        }
+    }
+
+    fn stream_conn(&self, p: PortId) -> Option<&Conn> {
+        match &self.ports[p].io {
+            PortIo::Stream { conn, .. } => conn.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn stream_conn_mut(&mut self, p: PortId) -> Option<&mut Conn> {
+        match &mut self.ports[p].io {
+            PortIo::Stream { conn, .. } => conn.as_mut(),
+            _ => None,
+        }
     }
 
     fn read_port(&mut self, p: PortId, now: Instant) {
-        let Some(mut dec) = self.ports[p].conn.as_mut().and_then(|c| c.dec.take()) else {
+        let Some(mut dec) = self.stream_conn_mut(p).and_then(|c| c.dec.take()) else {
             return;
         };
         let mut close = false;
@@ -240,7 +363,7 @@ impl Core {
             let spare = dec.spare();
             let want = spare.len();
             let r = {
-                let conn = self.ports[p].conn.as_ref().expect("conn");
+                let conn = self.stream_conn(p).expect("conn");
                 (&conn.stream).read(spare)
             };
             let n = match r {
@@ -274,7 +397,7 @@ impl Core {
         }
         if close {
             self.close(p);
-        } else if let Some(c) = self.ports[p].conn.as_mut() {
+        } else if let Some(c) = self.stream_conn_mut(p) {
             c.dec = Some(dec);
         }
     }
@@ -327,7 +450,7 @@ impl Core {
             Target::Unicast(dst) => self.send_to(src, dst, frame),
             Target::Flood => {
                 for dst in 0..self.ports.len() {
-                    if dst != src && self.ports[dst].conn.is_some() && self.policy.link_up(dst) {
+                    if dst != src && self.ports[dst].connected() && self.policy.link_up(dst) {
                         self.send_to(src, dst, frame);
                     }
                 }
@@ -338,9 +461,9 @@ impl Core {
     fn send_to(&mut self, src: PortId, dst: PortId, frame: &[u8]) {
         let ok = self.policy.egress(src, dst).is_ok();
         let port = &mut self.ports[dst];
-        match port.conn.as_mut() {
-            Some(c) if ok && c.queued() < OUT_LIMIT => {
-                encode_into(&mut c.out, frame);
+        match port.out_mut() {
+            Some(out) if ok && out.queued() < OUT_LIMIT => {
+                out.push(frame);
                 port.stats.frames_out += 1;
                 port.stats.bytes_out += frame.len() as u64;
             }
@@ -357,11 +480,20 @@ impl Core {
 
     /// Write queued output; returns whether the port still has bytes waiting.
     fn flush_port(&mut self, p: PortId) -> bool {
-        let Some(c) = self.ports[p].conn.as_mut() else {
+        match self.ports[p].io {
+            PortIo::Stream { .. } => self.flush_stream(p),
+            PortIo::Vde(_) => self.flush_vde(p),
+            PortIo::Gone => false,
+        }
+    }
+
+    fn flush_stream(&mut self, p: PortId) -> bool {
+        let Some(c) = self.stream_conn_mut(p) else {
             return false;
         };
-        while c.out_pos < c.out.len() {
-            let rest = &c.out[c.out_pos..];
+        let out = &mut c.out;
+        while out.pos < out.buf.len() {
+            let rest = &out.buf[out.pos..];
             // SAFETY: valid fd and buffer; MSG_NOSIGNAL so a dead peer is EPIPE, not SIGPIPE.
             let n = unsafe {
                 libc::send(
@@ -372,7 +504,7 @@ impl Core {
                 )
             };
             if n >= 0 {
-                c.out_pos += n as usize;
+                out.pos += n as usize;
                 continue;
             }
             let e = io::Error::last_os_error();
@@ -385,20 +517,7 @@ impl Core {
                 }
             }
         }
-        if c.out_pos == c.out.len() {
-            c.out.clear();
-            c.out_pos = 0;
-            if c.out.capacity() > OUT_LIMIT {
-                c.out.shrink_to(64 * 1024);
-            }
-            false
-        } else {
-            if c.out_pos > c.out.len() / 2 {
-                c.out.drain(..c.out_pos);
-                c.out_pos = 0;
-            }
-            true
-        }
+        out.compact()
     }
 
     // ---- the loop ------------------------------------------------------------------------
@@ -409,6 +528,10 @@ impl Core {
             Wake,
             Listen(PortId),
             Conn(PortId),
+            VdeListen,
+            VdePending,
+            VdeCtl(PortId),
+            VdeData(PortId),
         }
         let mut fds: Vec<libc::pollfd> = Vec::new();
         let mut slots: Vec<Slot> = Vec::new();
@@ -426,19 +549,43 @@ impl Core {
             slots.push(Slot::Wake);
             pending_out.resize(self.ports.len(), false);
             for (i, port) in self.ports.iter().enumerate() {
-                fds.push(pfd(port.listener.as_raw_fd(), libc::POLLIN));
-                slots.push(Slot::Listen(i));
-                if let Some(c) = &port.conn {
-                    let mut ev = libc::POLLIN;
-                    if pending_out[i] {
-                        ev |= libc::POLLOUT;
+                let out_ev = if pending_out[i] { libc::POLLOUT } else { 0 };
+                match &port.io {
+                    PortIo::Stream { listener, conn } => {
+                        fds.push(pfd(listener.as_raw_fd(), libc::POLLIN));
+                        slots.push(Slot::Listen(i));
+                        if let Some(c) = conn {
+                            fds.push(pfd(c.stream.as_raw_fd(), libc::POLLIN | out_ev));
+                            slots.push(Slot::Conn(i));
+                        }
                     }
-                    fds.push(pfd(c.stream.as_raw_fd(), ev));
-                    slots.push(Slot::Conn(i));
+                    PortIo::Vde(l) => {
+                        fds.push(pfd(l.ctl_fd(), libc::POLLIN));
+                        slots.push(Slot::VdeCtl(i));
+                        fds.push(pfd(l.data_fd(), libc::POLLIN | out_ev));
+                        slots.push(Slot::VdeData(i));
+                    }
+                    PortIo::Gone => {}
                 }
             }
-            let timeout = self.delayed.peek().map(|d| {
-                let t = d.0.at.saturating_duration_since(Instant::now());
+            if let Some(fd) = self.vde_listen_fd() {
+                fds.push(pfd(fd, libc::POLLIN));
+                slots.push(Slot::VdeListen);
+            }
+            for fd in self.vde_pending_fds() {
+                fds.push(pfd(fd, libc::POLLIN));
+                slots.push(Slot::VdePending);
+            }
+            let now = Instant::now();
+            let next_timer = [
+                self.delayed.peek().map(|d| d.0.at),
+                self.vde_next_deadline(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let timeout = next_timer.map(|at| {
+                let t = at.saturating_duration_since(now);
                 libc::timespec {
                     tv_sec: t.as_secs() as libc::time_t,
                     tv_nsec: t.subsec_nanos() as libc::c_long,
@@ -466,6 +613,7 @@ impl Core {
                 continue;
             }
             let now = Instant::now();
+            let mut handshakes = false;
             for (i, slot) in slots.iter().enumerate() {
                 let rev = fds[i].revents;
                 if rev == 0 {
@@ -487,9 +635,8 @@ impl Core {
                     Slot::Conn(p) => {
                         // The connection may have been replaced by an accept in this round;
                         // only act on the fd that was polled.
-                        let same = self.ports[p]
-                            .conn
-                            .as_ref()
+                        let same = self
+                            .stream_conn(p)
                             .is_some_and(|c| c.stream.as_raw_fd() == fds[i].fd);
                         if !same {
                             continue;
@@ -498,7 +645,32 @@ impl Core {
                             self.read_port(p, now);
                         }
                     }
+                    Slot::VdeListen => {
+                        self.vde_accept(now);
+                        handshakes = true;
+                    }
+                    Slot::VdePending => handshakes = true,
+                    // A VDE port may have gone in this round (its fds closed, and maybe reused
+                    // by a new port): act only if the port still has the polled fd.
+                    Slot::VdeCtl(p) => {
+                        if self.vde_link(p).is_some_and(|l| l.ctl_fd() == fds[i].fd) {
+                            self.read_vde_ctl(p);
+                        }
+                    }
+                    Slot::VdeData(p) => {
+                        // Also on POLLERR: the recv collects (and so clears) a pending socket
+                        // error, which poll would otherwise report again at once, for ever.
+                        let same = self.vde_link(p).is_some_and(|l| l.data_fd() == fds[i].fd);
+                        if same && rev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                            self.read_vde_data(p, now);
+                        }
+                    }
                 }
+            }
+            // Handshakes in progress are few and short: serve them all (reads are
+            // non-blocking), which also expires the ones that timed out.
+            if handshakes || self.vde_next_deadline().is_some_and(|d| d <= now) {
+                self.vde_handshakes(now);
             }
             self.release_due(Instant::now());
             for p in 0..self.ports.len() {

@@ -85,3 +85,135 @@ impl FakeQemu {
 }
 
 pub const T: Duration = Duration::from_secs(3);
+
+/// A fake VDE client doing what libvdeplug (vdeplug4's `libvdeplug_vde.so`) does: bind a
+/// datagram socket `<dir>/.<pid>-<n>`, connect to `<dir>/ctl`, send a `request_v3`, read the
+/// switch's `sockaddr_un`, connect the datagram socket to it and (vdeplug4) unlink its own.
+/// The request is built here by hand, not with `vmrig_net::vde`, so the two check each other.
+pub struct FakeVde {
+    pub ctl: std::os::unix::net::UnixStream,
+    pub data: std::os::unix::net::UnixDatagram,
+    pub own_path: std::path::PathBuf,
+    pub switch_path: std::path::PathBuf,
+}
+
+static VDE_SOCKNO: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// `struct request_v3` as libvdeplug sends it: 122 bytes plus the description without NUL.
+pub fn vde_request(version: u32, kind: u32, client: &Path, descr: &str) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut r = Vec::new();
+    r.extend_from_slice(&0xfeed_faceu32.to_ne_bytes());
+    r.extend_from_slice(&version.to_ne_bytes());
+    r.extend_from_slice(&kind.to_ne_bytes());
+    r.extend_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
+    let mut sun_path = [0u8; 108];
+    let p = client.as_os_str().as_bytes();
+    sun_path[..p.len()].copy_from_slice(p);
+    r.extend_from_slice(&sun_path);
+    r.extend_from_slice(descr.as_bytes());
+    r
+}
+
+impl FakeVde {
+    /// A fresh client socket path in `dir`, libvdeplug style.
+    pub fn own_path(dir: &Path) -> std::path::PathBuf {
+        let n = VDE_SOCKNO.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        dir.join(format!(".{:05}-{n:05}", std::process::id()))
+    }
+
+    /// Send `request` (built for `own_path`) and complete the handshake; Err if the switch
+    /// closed the control connection instead of answering.
+    pub fn handshake(
+        dir: &Path,
+        own_path: &Path,
+        request: &[u8],
+        unlink_own: bool,
+    ) -> Result<FakeVde, String> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::net::{UnixDatagram, UnixStream};
+        let data = UnixDatagram::bind(own_path).expect("bind client socket");
+        let mut ctl = UnixStream::connect(dir.join("ctl")).map_err(|e| e.to_string())?;
+        ctl.write_all(request).map_err(|e| e.to_string())?;
+        ctl.set_read_timeout(Some(T)).unwrap();
+        let mut reply = [0u8; 110];
+        let mut got = 0;
+        while got < reply.len() {
+            match ctl.read(&mut reply[got..]) {
+                Ok(0) => {
+                    let _ = std::fs::remove_file(own_path);
+                    return Err(format!("switch closed ctl after {got} reply bytes"));
+                }
+                Ok(n) => got += n,
+                Err(e) => return Err(format!("reading the reply: {e}")),
+            }
+        }
+        assert_eq!(
+            u16::from_ne_bytes([reply[0], reply[1]]),
+            libc::AF_UNIX as u16
+        );
+        let end = reply[2..].iter().position(|&b| b == 0).expect("NUL") + 2;
+        let switch_path = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&reply[2..end]));
+        data.connect(&switch_path)
+            .expect("connect to the switch's data socket");
+        if unlink_own {
+            std::fs::remove_file(own_path).unwrap();
+        }
+        Ok(FakeVde {
+            ctl,
+            data,
+            own_path: own_path.to_path_buf(),
+            switch_path,
+        })
+    }
+
+    /// Join as vdeplug4 does for `vde_open(dir, descr)`: description `<descr> user=... PID=<pid>`.
+    pub fn join_as(dir: &Path, descr: &str, pid: u32) -> FakeVde {
+        let own = Self::own_path(dir);
+        let req = vde_request(3, 0, &own, &format!("{descr} user=tester PID={pid}"));
+        Self::handshake(dir, &own, &req, true).expect("VDE handshake")
+    }
+
+    /// Join as QEMU would (label `QEMU`), with this test process's pid.
+    pub fn join(dir: &Path) -> FakeVde {
+        Self::join_as(dir, "QEMU", std::process::id())
+    }
+
+    pub fn send(&self, frame: &[u8]) {
+        self.data.send(frame).expect("send datagram");
+    }
+
+    pub fn recv(&self, timeout: Duration) -> Option<Vec<u8>> {
+        self.data.set_read_timeout(Some(timeout)).unwrap();
+        let mut buf = vec![0u8; 70_000];
+        match self.data.recv(&mut buf) {
+            Ok(n) => Some(buf[..n].to_vec()),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                None
+            }
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+
+    pub fn expect_silence(&self, what: &str) {
+        if let Some(f) = self.recv(Duration::from_millis(150)) {
+            panic!("{what}: unexpected frame {f:02x?}");
+        }
+    }
+}
+
+/// Wait until `cond` holds for the VLAN's stats.
+pub fn wait_stats(vlan: &Vlan, what: &str, cond: impl Fn(&vmrig_net::Stats) -> bool) {
+    let deadline = Instant::now() + T;
+    loop {
+        let s = vlan.stats();
+        if cond(&s) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {s:#?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
