@@ -59,14 +59,15 @@ pub enum ScriptOutcome {
 pub enum BridgeError {
     #[error(
         "{}: not found. vmrig runs test scripts with Python 3.9 or newer: \
-         install it (e.g. `apt-get install python3`) or name another interpreter",
+         install it (e.g. `apt-get install python3`) or name another with `--python PATH` \
+         (or VMRIG_PYTHON)",
         .python.display()
     )]
     PythonNotFound { python: PathBuf },
     #[error(
         "{} is Python {version}, but vmrig needs Python 3.9 or newer: \
          install a newer one (e.g. `apt-get install python3` on a current distribution) \
-         or name another interpreter",
+         or name another with `--python PATH` (or VMRIG_PYTHON)",
         .python.display()
     )]
     PythonTooOld {

@@ -55,7 +55,10 @@ pub struct AccelDecision {
 
 /// Why KVM was not usable when the user forced it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("--accel kvm was requested but KVM is not usable: {0}")]
+#[error(
+    "--accel kvm was requested but KVM is not usable: {0}; run with `--accel auto` (TCG when \
+     KVM cannot be used) or `--accel tcg`"
+)]
 pub struct KvmUnusable(pub String);
 
 /// Decides on this host (`/dev/kvm`, `/sys/module`).
@@ -170,6 +173,26 @@ mod tests {
         let d = decide_on(dir.path(), AccelChoice::Auto).unwrap();
         assert_eq!(d.accel, Accel::Tcg);
         assert!(d.reason.contains("does not exist"));
+    }
+
+    #[test]
+    fn forced_kvm_that_cannot_be_opened_says_why_and_what_to_do() {
+        let dir = host(false, false);
+        // A directory cannot be opened read-write, not even by root: "not accessible".
+        std::fs::create_dir(dir.path().join("kvm")).unwrap();
+        let kvm = dir.path().join("kvm");
+        let err = decide_on(dir.path(), AccelChoice::Kvm).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "--accel kvm was requested but KVM is not usable: {} is not accessible (Is a directory (os error 21)); add yourself to the `kvm` group; run with `--accel auto` (TCG when KVM cannot be used) or `--accel tcg`",
+                kvm.display()
+            )
+        );
+        assert_eq!(
+            decide_on(dir.path(), AccelChoice::Auto).unwrap().accel,
+            Accel::Tcg
+        );
     }
 
     #[test]

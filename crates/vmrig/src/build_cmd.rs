@@ -36,11 +36,25 @@ pub fn run(args: BuildArgs) -> anyhow::Result<i32> {
         for spec in &specs {
             let images = builder.build_test(spec).map_err(|err| {
                 progress.fail_unfinished();
-                anyhow::Error::new(err).context(format!(
-                    "failed to build the images of test `{}` ({})",
-                    spec.name,
-                    spec.path.display()
-                ))
+                let place = match &err {
+                    vmrig_image::ImageError::UnknownPackage { package, .. } => {
+                        crate::runner::package_place(spec, package)
+                    }
+                    _ => None,
+                };
+                let context = match place {
+                    Some((line, col)) => format!(
+                        "{}:{line}:{col}: failed to build the images of test `{}`",
+                        spec.path.display(),
+                        spec.name
+                    ),
+                    None => format!(
+                        "failed to build the images of test `{}` ({})",
+                        spec.name,
+                        spec.path.display()
+                    ),
+                };
+                anyhow::Error::new(err).context(context)
             })?;
             built.push((spec, images));
         }

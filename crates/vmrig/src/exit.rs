@@ -1,6 +1,7 @@
 //! Exit codes, and how an error is shown before the process exits with one.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 use vmrig_image::ImageError;
 use vmrig_spec::SpecError;
@@ -68,7 +69,13 @@ pub fn code_of(err: &anyhow::Error) -> i32 {
     if let Some(Reported(code)) = err.downcast_ref::<Reported>() {
         return *code;
     }
-    if err.chain().any(|e| e.is::<SpecError>()) {
+    if is_disk_full(&format!("{err:#}")) {
+        return INFRA;
+    }
+    if err
+        .chain()
+        .any(|e| e.is::<SpecError>() || e.is::<crate::select::NoTests>())
+    {
         USAGE
     } else if err.chain().any(|e| e.is::<ImageError>()) {
         IMAGE
@@ -94,9 +101,79 @@ pub fn finish(result: anyhow::Result<i32>) -> i32 {
         }
         show_spec_error(spec);
     } else {
-        eprintln!("error: {err:#}");
+        let text = chain_text(&err);
+        if is_disk_full(&text) {
+            eprintln!("error: {}", disk_full_message(&text, None));
+            eprintln!("  cause: {text}");
+        } else {
+            eprintln!("error: {text}");
+        }
     }
     code
+}
+
+/// `err` and its causes on one line, `a: b: c` (as `{:#}`), without repeating a cause that
+/// an error's own message already ends with (`ImageError::Io` shows its source itself).
+pub fn chain_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for e in err.chain() {
+        let msg = e.to_string();
+        if text.is_empty() {
+            text = msg;
+        } else if !text.ends_with(&msg) {
+            text.push_str(": ");
+            text.push_str(&msg);
+        }
+    }
+    text
+}
+
+/// Whether an error's text says that a disk (or a disk quota) is full: `ENOSPC`/`EDQUOT`
+/// from vmrig itself (`... (os error 28)`) or in a build tool's output.
+pub fn is_disk_full(text: &str) -> bool {
+    text.contains("No space left on device") || text.contains("Disk quota exceeded")
+}
+
+/// One line for a full disk: which of vmrig's places it is (the one the error names, else
+/// the store), how much is free there now, and what makes room.
+pub fn disk_full_message(text: &str, out_dir: Option<&Path>) -> String {
+    let mut places: Vec<(PathBuf, &str, &str)> = Vec::new();
+    if let Ok(store) = vmrig_store::default_store_dir() {
+        places.push((
+            store,
+            "the image store",
+            "remove unused images with `vmrig store gc`, free space on that disk, or set \
+             VMRIG_STORE to a directory on a bigger disk",
+        ));
+    }
+    if let Some(out) = out_dir {
+        places.push((
+            out.to_owned(),
+            "the output directory",
+            "free space on that disk or choose another directory with `-o DIR`",
+        ));
+    }
+    places.push((
+        std::env::temp_dir(),
+        "the temporary directory",
+        "free space on that disk or set TMPDIR to a directory on a bigger disk",
+    ));
+    // The most specific place the error names; the store when it names none.
+    let named = places
+        .iter()
+        .filter(|(p, ..)| text.contains(&*p.to_string_lossy()))
+        .max_by_key(|(p, ..)| p.as_os_str().len());
+    let (path, what, fix) = named.unwrap_or(&places[0]);
+    let free = path
+        .ancestors()
+        .find(|p| p.exists())
+        .and_then(crate::doctor::free_bytes)
+        .map(|b| format!(", {} free", crate::units::format_bytes(b)))
+        .unwrap_or_default();
+    format!(
+        "no space left on the disk of {} ({what}{free}): {fix}",
+        path.display()
+    )
 }
 
 #[cfg(test)]
@@ -118,5 +195,42 @@ mod tests {
             TEST_FAILED
         );
         assert_eq!(OK, 0);
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let err = anyhow::Error::new(full).context("writing /x/y");
+        assert_eq!(code_of(&err), INFRA);
+        let empty = crate::select::NoTests("tests".into());
+        assert_eq!(code_of(&anyhow::Error::new(empty)), USAGE);
+    }
+
+    #[test]
+    fn a_full_disk_is_named_with_its_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        // A build tool's output that names the output directory.
+        let text = format!(
+            "`mmdebstrap ...` failed (exit status: 25):\ngpg: error writing to '{}/x': No space left on device",
+            out.display()
+        );
+        assert!(is_disk_full(&text));
+        let msg = disk_full_message(&text, Some(&out));
+        let want = format!(
+            "no space left on the disk of {} (the output directory, ",
+            out.display()
+        );
+        assert!(msg.starts_with(&want), "{msg}");
+        assert!(
+            msg.ends_with(
+                " free): free space on that disk or choose another directory with `-o DIR`"
+            ),
+            "{msg}"
+        );
+        // Naming no known place: the store, with `vmrig store gc`.
+        let msg = disk_full_message("write failed: No space left on device (os error 28)", None);
+        assert!(msg.contains("(the image store"), "{msg}");
+        assert!(
+            msg.contains("`vmrig store gc`") && msg.contains("VMRIG_STORE"),
+            "{msg}"
+        );
+        assert!(!is_disk_full("Permission denied (os error 13)"));
     }
 }

@@ -23,7 +23,7 @@ pub struct ListArgs {
 }
 
 pub fn run(args: ListArgs) -> anyhow::Result<i32> {
-    let files = crate::select::expand(&args.files).context("reading the test directories")?;
+    let files = crate::select::expand(&args.files)?;
     let specs = crate::build_cmd::load_specs(&files)?;
     let store = Store::open_default().context("failed to open the image store")?;
     let cache = ResultCache::in_store(store.root());

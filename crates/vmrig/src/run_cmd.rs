@@ -1,6 +1,6 @@
 //! `vmrig run` (and `vmrig interactive`): select tests, run them, report.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
@@ -72,7 +72,7 @@ fn parse_accel(s: &str) -> Result<AccelChoice, String> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
-    let files = select::expand(&args.files).context("reading the test directories")?;
+    let files = select::expand(&args.files)?;
     let specs = crate::build_cmd::load_specs(&files)?;
     let total = specs.len();
     let specs = select::filter(specs, args.filter.as_deref(), |s| &s.name);
@@ -91,6 +91,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         );
         return Err(Reported(exit::USAGE).into());
     }
+    // Before any image build: an output directory that cannot be made fails the run now,
+    // not after minutes of building.
+    let base_out = args
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("vmrig-out"));
+    check_output_dir(&base_out)?;
     let store = Store::open_default().context("failed to open the image store")?;
     let cache = ResultCache::in_store(store.root());
     let jobs = match args.jobs {
@@ -137,6 +144,48 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         println!("{}", summary::table(&results, std::time::SystemTime::now()));
     }
     Ok(summary::exit_code(&results))
+}
+
+/// Fails when `dir` cannot be created or written: a part of it is a file, or no directory
+/// can be made in the nearest existing one (read-only file system, permissions, `/proc`).
+/// Leaves nothing behind.
+fn check_output_dir(dir: &Path) -> anyhow::Result<()> {
+    let fail = |why: String| {
+        anyhow::anyhow!(
+            "cannot create the output directory {}: {why}; choose another with `-o DIR`",
+            dir.display()
+        )
+    };
+    let Some(existing) = dir
+        .ancestors()
+        .find(|p| p.as_os_str().is_empty() || p.exists())
+    else {
+        return Ok(());
+    };
+    let existing = if existing.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        existing
+    };
+    if !existing.is_dir() {
+        return Err(fail(format!("{} is not a directory", existing.display())));
+    }
+    // A probe of our own (not the directory itself, which a concurrent run may be making):
+    // catches read-only file systems and the like even for root, who passes `access(2)`.
+    let probe = existing.join(format!(".vmrig-probe-{}", std::process::id()));
+    match std::fs::create_dir(&probe) {
+        Ok(()) => {
+            let _ = std::fs::remove_dir(&probe);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(fail(format!(
+                "cannot make a directory in {} ({e})",
+                existing.display()
+            )))
+        }
+    }
+    Ok(())
 }
 
 /// `vmrig interactive FILE`: the same as `vmrig run -I FILE`.

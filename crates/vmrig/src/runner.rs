@@ -1,7 +1,7 @@
 //! Running the selected tests: the result cache first, then the driver, `-j` at a time.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
@@ -173,7 +173,7 @@ fn run_one(
             }
         }
         Err(err) => {
-            let (code, message) = describe(spec, err);
+            let (code, message) = describe(spec, err, opts.out_dir.as_deref());
             match &line {
                 Some(line) => line.say(&format!("error: {message}")),
                 None => eprintln!("error: {message}"),
@@ -194,17 +194,118 @@ fn run_one(
 }
 
 /// The exit code and message of an error that kept a test from running.
-fn describe(spec: &TestSpec, err: RunError) -> (i32, String) {
-    match err {
-        RunError::Image(e) => (
-            exit::IMAGE,
-            format!(
-                "{}: building the images: {:#}",
-                spec.name,
-                anyhow::Error::new(e)
-            ),
-        ),
-        RunError::Script(e) => (exit::USAGE, format!("{e}")),
+fn describe(spec: &TestSpec, err: RunError, out_dir: Option<&Path>) -> (i32, String) {
+    let (code, message) = match err {
+        RunError::Image(e) => {
+            let place = match &e {
+                vmrig_image::ImageError::UnknownPackage { package, .. } => {
+                    package_place(spec, package)
+                        .map(|(line, col)| format!("{}:{line}:{col}: ", spec.path.display()))
+                }
+                _ => None,
+            };
+            (
+                exit::IMAGE,
+                format!(
+                    "{}{}: building the images: {}",
+                    place.unwrap_or_default(),
+                    spec.name,
+                    exit::chain_text(&anyhow::Error::new(e))
+                ),
+            )
+        }
+        // A syntax error is the test file's; Python that cannot check it is the host's.
+        RunError::Script(e @ vmrig_python::ScriptError::Syntax(_)) => (exit::USAGE, format!("{e}")),
         other => (exit::INFRA, format!("{}: {other}", spec.name)),
+    };
+    if exit::is_disk_full(&message) {
+        let full = exit::disk_full_message(&message, out_dir);
+        return (
+            exit::INFRA,
+            format!("{}: {full}\n  cause: {message}", spec.name),
+        );
+    }
+    (code, message)
+}
+
+/// Where the test file asks for `package`: line and column of its first quoted mention.
+pub fn package_place(spec: &TestSpec, package: &str) -> Option<(usize, usize)> {
+    let text = std::fs::read_to_string(&spec.path).ok()?;
+    ['"', '\'']
+        .iter()
+        .filter_map(|q| text.find(&format!("{q}{package}{q}")))
+        .min()
+        .map(|at| vmrig_spec::line_col(&text, at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &Path, text: &str) -> TestSpec {
+        let path = dir.join("t.toml");
+        std::fs::write(&path, text).unwrap();
+        vmrig_spec::load(&path).unwrap()
+    }
+
+    #[test]
+    fn an_unknown_package_is_reported_at_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(
+            dir.path(),
+            "name = \"t\"\ntest_script = \"start_all()\"\n\n[nodes.server]\npackages = [\"curl\", 'nosuchpkg']\n",
+        );
+        let err = RunError::Image(vmrig_image::ImageError::UnknownPackage {
+            package: "nosuchpkg".into(),
+            nodes: "server".into(),
+        });
+        let (code, message) = describe(&spec, err, None);
+        assert_eq!(code, exit::IMAGE);
+        assert_eq!(
+            message,
+            format!(
+                "{}:5:21: t: building the images: unknown Debian package `nosuchpkg` (asked for by node server); check its name with `apt-cache search <name>` or `apt-cache policy <name>`",
+                spec.path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn python_too_old_is_the_hosts_problem_a_syntax_error_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(dir.path(), "name = \"t\"\ntest_script = \"x\"\n[nodes.a]\n");
+        let old = vmrig_python::BridgeError::PythonTooOld {
+            python: "/usr/bin/python3".into(),
+            version: vmrig_python::PythonVersion { major: 3, minor: 8 },
+        };
+        let (code, message) = describe(&spec, RunError::Script(old.into()), None);
+        assert_eq!(code, exit::INFRA);
+        assert!(
+            message.starts_with("t: /usr/bin/python3 is Python 3.8"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_full_disk_during_a_build_says_where_and_what_frees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(dir.path(), "name = \"t\"\ntest_script = \"x\"\n[nodes.a]\n");
+        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let err = RunError::Image(vmrig_image::ImageError::Io {
+            context: "writing the initrd".into(),
+            source: enospc,
+        });
+        let (code, message) = describe(&spec, err, None);
+        assert_eq!(code, exit::INFRA);
+        let first = message.lines().next().unwrap();
+        assert!(
+            first.starts_with("t: no space left on the disk of "),
+            "{message}"
+        );
+        assert!(first.contains("`vmrig store gc`"), "{message}");
+        assert!(
+            message.ends_with("  cause: t: building the images: writing the initrd: No space left on device (os error 28)"),
+            "{message}"
+        );
     }
 }

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 /// Test files of `args`: each file as given, each directory's `*.toml` files (sorted, not
-/// recursive).
-pub fn expand(args: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
+/// recursive). A directory without any is an error ([`NoTests`], exit code 2).
+pub fn expand(args: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for arg in args {
         if arg.is_dir() {
@@ -13,6 +13,9 @@ pub fn expand(args: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
                 .collect();
+            if found.is_empty() {
+                return Err(NoTests(arg.clone()).into());
+            }
             found.sort();
             files.extend(found);
         } else {
@@ -22,9 +25,26 @@ pub fn expand(args: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn with_path(e: std::io::Error, path: &Path) -> std::io::Error {
-    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+fn with_path(e: std::io::Error, path: &Path) -> anyhow::Error {
+    anyhow::Error::new(e).context(format!("cannot read the test directory {}", path.display()))
 }
+
+/// A directory named on the command line that holds no test file.
+#[derive(Debug)]
+pub struct NoTests(pub PathBuf);
+
+impl std::fmt::Display for NoTests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: no test files (*.toml) in this directory; name test files or a directory \
+             that holds some",
+            self.0.display()
+        )
+    }
+}
+
+impl std::error::Error for NoTests {}
 
 /// `--partition k/n`: shard `k` (from 1) of `n`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

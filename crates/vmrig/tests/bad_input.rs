@@ -1,0 +1,495 @@
+//! Bad input, end to end through the `vmrig` binary, without VMs or network: each class
+//! of mistake gets one clear message (the file and line, or the path, and the fix) and its
+//! exit code. docs/bad-input.md lists every message with the test that pins it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::run_dirs;
+
+/// `vmrig ARGS` with its own store and TMPDIR under `tmp`, and none of the user's overrides.
+fn vmrig_cmd(tmp: &Path, args: &[&str]) -> Command {
+    let mut cmd = common::command(tmp);
+    cmd.args(args)
+        .env("VMRIG_STORE", tmp.join("store"))
+        .env_remove("VMRIG_PYTHON")
+        .env_remove("VMRIG_QEMU")
+        .env_remove("VMRIG_MIRROR")
+        .env_remove("VMRIG_RERUN");
+    cmd
+}
+
+fn vmrig(tmp: &Path, args: &[&str]) -> Output {
+    let started = Instant::now();
+    let out = vmrig_cmd(tmp, args).output().expect("run vmrig");
+    // Nothing here builds an image or boots a VM: every answer comes at once.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "vmrig {args:?} took {:?}",
+        started.elapsed()
+    );
+    out
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Exit code `code`, and `message` on one line of stderr (miette's `× ` or `error: ` first).
+fn assert_error(out: &Output, code: i32, message: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(code), "stderr:\n{err}");
+    assert!(
+        err.lines().any(|l| {
+            let l = l.trim_start();
+            l == message
+                || l.strip_prefix("× ") == Some(message)
+                || l.strip_prefix("error: ") == Some(message)
+        }),
+        "expected the line\n  {message}\nin stderr:\n{err}"
+    );
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn executable(dir: &Path, name: &str, script: &str) -> PathBuf {
+    let path = write(dir, name, &format!("#!/bin/sh\n{script}\n"));
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A valid one-node test whose script compiles.
+fn good_test(dir: &Path) -> PathBuf {
+    write(
+        dir,
+        "good.toml",
+        "name = \"good\"\ntest_script = '''\nstart_all()\n'''\n\n[nodes.server]\n",
+    )
+}
+
+/// A QEMU that is new enough and never boots anything.
+fn fake_new_qemu(dir: &Path) -> PathBuf {
+    executable(
+        dir,
+        "qemu-system-x86_64",
+        "echo 'QEMU emulator version 8.2.2'",
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+// ---- 1. typos and wrong types in the test file ----------------------------------------
+
+#[test]
+fn bad_input_test_file_mistakes_name_file_line_and_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let head = "name = \"t\"\ntest_script = \"start_all()\"\n\n[nodes.server]\n";
+    let cases = [
+        (
+            "typo.toml",
+            "pakages = [\"curl\"]\n",
+            "5:1: unknown key `pakages` in node `server` (did you mean `packages`?)",
+            "help: did you mean `packages`?",
+        ),
+        (
+            "type.toml",
+            "memory = \"1G\"\n",
+            "5:10: wrong type for `memory` in node `server`: expected an integer, found a string",
+            "help: `memory` takes an integer",
+        ),
+        (
+            "port.toml",
+            "firewall.allowed_tcp_ports = [70000]\n",
+            "5:31: invalid port 70000 in `allowed_tcp_ports` in `firewall` of node `server`",
+            "help: a port is a number from 1 to 65535",
+        ),
+        (
+            "relative.toml",
+            "files.\"etc/motd\".text = \"hi\"\n",
+            "5:7: file path `etc/motd` in node `server` is not absolute",
+            "help: write the full path in the guest, e.g. `files.\"/etc/motd\"`",
+        ),
+        (
+            "groups.toml",
+            "users.alice.groups = \"wheel\"\n",
+            "5:22: wrong type for `groups` in user `alice` of node `server`: expected an array of strings, found a string",
+            "help: write a list, e.g. `groups = [...]`",
+        ),
+        (
+            "group-name.toml",
+            "users.alice.groups = [\"Wheel\"]\n",
+            "5:23: invalid group name `Wheel` in user `alice` of node `server`",
+            "help: group names match [a-z_][a-z0-9_-]*, at most 32 characters",
+        ),
+    ];
+    for (name, rest, message, help) in cases {
+        let file = write(tmp.path(), name, &format!("{head}{rest}"));
+        // A QEMU that does not exist: a test file error comes before anything else.
+        let out = vmrig(
+            tmp.path(),
+            &["run", s(&file), "--qemu", "/nonexistent/qemu"],
+        );
+        assert_error(&out, 2, &format!("{}:{message}", file.display()));
+        assert!(stderr(&out).contains(help), "{name}: {}", stderr(&out));
+    }
+    assert!(run_dirs(tmp.path()).is_empty());
+}
+
+// ---- 3. a missing script file -----------------------------------------------------------
+
+#[test]
+fn bad_input_missing_script_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = write(
+        tmp.path(),
+        "t.toml",
+        "name = \"t\"\ntest_script_file = \"tests/t.py\"\n\n[nodes.server]\n",
+    );
+    let out = vmrig(tmp.path(), &["run", s(&file)]);
+    assert_error(
+        &out,
+        2,
+        &format!(
+            "{}:2:20: cannot read `test_script_file` {}: No such file or directory (os error 2)",
+            file.display(),
+            tmp.path().join("tests/t.py").display()
+        ),
+    );
+    assert!(
+        stderr(&out)
+            .contains("help: `test_script_file` is relative to the directory of the test file"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+// ---- 4. a Python syntax error, before any VM ---------------------------------------------
+
+#[test]
+fn bad_input_python_syntax_error_is_reported_before_qemu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = write(
+        tmp.path(),
+        "t.toml",
+        "name = \"t\"\ntest_script = '''\nstart_all()\nserver.succeed(\"true\"\n'''\n\n[nodes.server]\n",
+    );
+    // QEMU does not exist: had vmrig got as far as QEMU, it would say so instead.
+    let out = vmrig(
+        tmp.path(),
+        &["run", s(&file), "--qemu", "/nonexistent/qemu-system-x86_64"],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    // Python's own wording differs between versions ("'(' was never closed" since 3.10).
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(&format!(
+            "error: {}:4:15: SyntaxError in the test script: ",
+            file.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("    server.succeed(\"true\"\n"), "{err}");
+    assert!(!err.contains("qemu"), "got as far as QEMU: {err}");
+    assert!(run_dirs(tmp.path()).is_empty(), "a run directory was made");
+}
+
+// ---- 6. python3 missing or too old -------------------------------------------------------
+
+#[test]
+fn bad_input_python_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = good_test(tmp.path());
+    let out = vmrig(
+        tmp.path(),
+        &["run", s(&file), "--python", "/nonexistent/python3"],
+    );
+    assert_error(
+        &out,
+        4,
+        "good: /nonexistent/python3: not found. vmrig runs test scripts with Python 3.9 or newer: install it (e.g. `apt-get install python3`) or name another with `--python PATH` (or VMRIG_PYTHON)",
+    );
+}
+
+#[test]
+fn bad_input_python_too_old() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = good_test(tmp.path());
+    let python = executable(tmp.path(), "python3", "echo 3.8");
+    // Through the environment this time (the flag's twin).
+    let out = vmrig_cmd(tmp.path(), &["run", s(&file)])
+        .env("VMRIG_PYTHON", &python)
+        .output()
+        .unwrap();
+    assert_error(
+        &out,
+        4,
+        &format!("good: {} is Python 3.8, but vmrig needs Python 3.9 or newer: install a newer one (e.g. `apt-get install python3` on a current distribution) or name another with `--python PATH` (or VMRIG_PYTHON)", python.display()),
+    );
+}
+
+// ---- 7. QEMU missing or too old ----------------------------------------------------------
+
+#[test]
+fn bad_input_qemu_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = good_test(tmp.path());
+    let out = vmrig(
+        tmp.path(),
+        &["run", s(&file), "--qemu", "/nonexistent/qemu"],
+    );
+    assert_error(
+        &out,
+        4,
+        "good: `/nonexistent/qemu` not found: install QEMU (`sudo apt-get install qemu-system-x86 qemu-utils`) or name another with `--qemu PATH` (or VMRIG_QEMU)",
+    );
+}
+
+#[test]
+fn bad_input_qemu_too_old() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = good_test(tmp.path());
+    let qemu = executable(
+        tmp.path(),
+        "qemu-system-x86_64",
+        "echo 'QEMU emulator version 4.2.0'",
+    );
+    let out = vmrig(tmp.path(), &["run", s(&file), "--qemu", s(&qemu)]);
+    assert_error(
+        &out,
+        4,
+        &format!("good: {} is QEMU 4.2, too old: vmrig needs QEMU 7.2 or newer (for `-netdev stream`): install a newer qemu-system-x86 or name another with `--qemu PATH` (or VMRIG_QEMU)", qemu.display()),
+    );
+}
+
+#[test]
+fn bad_input_qemu_that_is_not_qemu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = good_test(tmp.path());
+    let qemu = executable(tmp.path(), "qemu-system-x86_64", "echo hello");
+    let out = vmrig(tmp.path(), &["run", s(&file), "--qemu", s(&qemu)]);
+    assert_error(
+        &out,
+        4,
+        &format!("good: `{} --version` did not print a QEMU version (it printed \"hello\"): name the QEMU system emulator with `--qemu PATH` (or VMRIG_QEMU)", qemu.display()),
+    );
+}
+
+// ---- 8. KVM forced but not usable ----------------------------------------------------------
+
+#[test]
+fn bad_input_accel_kvm_when_kvm_is_not_usable() {
+    use vmrig_vm::accel::{decide, AccelChoice};
+    let Err(why) = decide(AccelChoice::Kvm) else {
+        // The message itself is pinned by vmrig-vm's unit test
+        // `forced_kvm_that_cannot_be_opened_says_why_and_what_to_do`.
+        eprintln!("skipped: KVM is usable on this host, so `--accel kvm` does not fail here");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let file = good_test(tmp.path());
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let qemu = fake_new_qemu(&bin);
+    executable(&bin, "qemu-img", "exit 0");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = vmrig_cmd(
+        tmp.path(),
+        &["run", s(&file), "--qemu", s(&qemu), "--accel", "kvm"],
+    )
+    .env("PATH", path)
+    .output()
+    .unwrap();
+    assert_error(&out, 4, &format!("good: {why}"));
+    assert!(
+        why.to_string()
+            .ends_with("; run with `--accel auto` (TCG when KVM cannot be used) or `--accel tcg`"),
+        "{why}"
+    );
+}
+
+// ---- 9. no space left ----------------------------------------------------------------------
+
+#[test]
+fn bad_input_store_on_a_full_disk() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a full tmpfs needs root (the message is pinned by the unit tests in exit.rs and runner.rs)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let file = good_test(tmp.path());
+    let full = tmp.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    let store = full.join("store");
+    // A tmpfs with no free inode, in a mount namespace of its own (gone when it exits).
+    let out = Command::new("unshare")
+        .args([
+            "-m",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=64k,nr_inodes=2 vmrig-full \"$1\" || exit 99; shift; exec \"$@\"",
+            "sh",
+            s(&full),
+            env!("CARGO_BIN_EXE_vmrig"),
+            "run",
+            s(&file),
+            "-o",
+            s(&tmp.path().join("out")),
+        ])
+        .current_dir(common::repo())
+        .env("TMPDIR", tmp.path())
+        .env("NO_COLOR", "1")
+        .env("VMRIG_STORE", &store)
+        .env_remove("VMRIG_RERUN")
+        .output();
+    match out {
+        Ok(out) if out.status.code() == Some(99) || out.status.code().is_none() => {
+            eprintln!("skipped: cannot mount a tmpfs here: {}", stderr(&out));
+        }
+        Err(e) => eprintln!("skipped: cannot run unshare: {e}"),
+        Ok(out) => {
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(4), "{err}");
+            let want = format!(
+                "error: no space left on the disk of {} (the image store, ",
+                store.display()
+            );
+            let first = err.lines().next().unwrap_or_default();
+            assert!(first.starts_with(&want), "{err}");
+            assert!(
+                first.ends_with(" free): remove unused images with `vmrig store gc`, free space on that disk, or set VMRIG_STORE to a directory on a bigger disk"),
+                "{err}"
+            );
+            assert!(
+                err.contains(&format!(
+                    "  cause: failed to open the image store: create directory {}/.locks: No space left on device (os error 28)",
+                    store.display()
+                )),
+                "{err}"
+            );
+        }
+    }
+}
+
+// ---- 10. an output directory that cannot be made -------------------------------------------
+
+#[test]
+fn bad_input_output_dir_under_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = good_test(tmp.path());
+    let afile = write(tmp.path(), "afile", "not a directory");
+    let out_dir = afile.join("out");
+    // Checked before the store, the images and QEMU: nothing is built first.
+    let out = vmrig(
+        tmp.path(),
+        &[
+            "run",
+            s(&file),
+            "-o",
+            s(&out_dir),
+            "--qemu",
+            "/nonexistent/qemu",
+        ],
+    );
+    assert_error(
+        &out,
+        4,
+        &format!(
+            "cannot create the output directory {}: {} is not a directory; choose another with `-o DIR`",
+            out_dir.display(),
+            afile.display()
+        ),
+    );
+    assert!(!tmp.path().join("store").exists(), "the store was opened");
+}
+
+#[test]
+fn bad_input_output_dir_where_no_directory_can_be_made() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = good_test(tmp.path());
+    // Not even root can make a directory in /proc.
+    let out = vmrig(
+        tmp.path(),
+        &[
+            "run",
+            s(&file),
+            "-o",
+            "/proc/vmrig-out",
+            "--qemu",
+            "/nonexistent/qemu",
+        ],
+    );
+    assert_error(
+        &out,
+        4,
+        "cannot create the output directory /proc/vmrig-out: cannot make a directory in /proc (No such file or directory (os error 2)); choose another with `-o DIR`",
+    );
+}
+
+// ---- the command line --------------------------------------------------------------------
+
+#[test]
+fn bad_input_unknown_flag_suggests_the_right_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = good_test(tmp.path());
+    let out = vmrig(tmp.path(), &["run", "--pyton", "python3", s(&file)]);
+    assert_error(&out, 2, "unexpected argument '--pyton' found");
+    assert!(
+        stderr(&out).contains("tip: a similar argument exists: '--python'"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bad_input_test_file_that_does_not_exist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("no-such-test.toml");
+    let out = vmrig(tmp.path(), &["run", s(&file)]);
+    assert_error(
+        &out,
+        2,
+        &format!(
+            "{}: cannot read test file: No such file or directory (os error 2)",
+            file.display()
+        ),
+    );
+    assert!(
+        stderr(&out).contains("help: check the path of the test file"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bad_input_directory_without_tests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tests");
+    std::fs::create_dir(&dir).unwrap();
+    write(&dir, "notes.md", "not a test");
+    for cmd in ["run", "list"] {
+        let out = vmrig(tmp.path(), &[cmd, s(&dir)]);
+        assert_error(
+            &out,
+            2,
+            &format!(
+                "{}: no test files (*.toml) in this directory; name test files or a directory that holds some",
+                dir.display()
+            ),
+        );
+    }
+}
