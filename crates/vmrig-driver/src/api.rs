@@ -45,7 +45,7 @@ impl Machine {
             let logger = self.logger().clone();
             let name = self.name.clone();
             let output = logger.nested(format!("must succeed: {command}"), Some(&name), || {
-                let (status, output) = self.execute(command, timeout)?;
+                let (status, output) = self.execute_user(command, timeout)?;
                 if status != 0 {
                     return Err(ApiError::Assertion(format!(
                         "command `{command}` failed (exit code {status}) on `{name}`\noutput:\n{}\nlast console lines of `{name}`:\n{}",
@@ -67,7 +67,7 @@ impl Machine {
             let logger = self.logger().clone();
             let name = self.name.clone();
             let output = logger.nested(format!("must fail: {command}"), Some(&name), || {
-                let (status, output) = self.execute(command, timeout)?;
+                let (status, output) = self.execute_user(command, timeout)?;
                 if status == 0 {
                     return Err(ApiError::Assertion(format!(
                         "command `{command}` unexpectedly succeeded on `{name}`\noutput:\n{}",
@@ -127,7 +127,7 @@ impl Machine {
                     &format!("waiting for success of `{command}`"),
                     timeout,
                     |m, left| {
-                        let (status, output) = m.execute(command, Some(left))?;
+                        let (status, output) = m.execute_user(command, Some(left))?;
                         Ok(if status == 0 {
                             Ok(output)
                         } else {
@@ -153,7 +153,7 @@ impl Machine {
                     &format!("waiting for failure of `{command}`"),
                     timeout,
                     |m, left| {
-                        let (status, output) = m.execute(command, Some(left))?;
+                        let (status, output) = m.execute_user(command, Some(left))?;
                         Ok(if status != 0 {
                             Ok(output)
                         } else {

@@ -11,6 +11,7 @@ pub mod events;
 pub mod junit;
 pub mod logger;
 pub mod machine;
+pub mod nixos;
 pub mod reporters;
 pub mod rpc;
 pub mod run;

@@ -61,14 +61,28 @@ enum Snapshot {
     Restoring,
 }
 
+/// What a machine boots.
+enum Source {
+    /// A node of the test file: vmrig's images and command line.
+    Node {
+        node: Box<NodeSpec>,
+        image: Box<NodeImage>,
+        layer: Box<NodeLayer>,
+        vlans: Vec<VlanNic>,
+    },
+    /// A NixOS start command (`nixos-driver`, `create_machine`).
+    Command {
+        command: vmrig_vm::machine::StartCommand,
+        /// The run's VLANs (the command decides which it joins, through their VDE sockets).
+        vlans: Vec<(u8, Arc<vmrig_net::Vlan>)>,
+    },
+}
+
 /// One machine of the test.
 pub struct Machine {
     pub name: String,
     ctx: Arc<RunContext>,
-    node: NodeSpec,
-    image: NodeImage,
-    layer: NodeLayer,
-    vlans: Vec<VlanNic>,
+    source: Source,
     dir: PathBuf,
     console: Arc<Console>,
     /// First console line `wait_for_console_text` has not consumed yet.
@@ -94,10 +108,12 @@ impl Machine {
         Machine {
             name: node.name.clone(),
             ctx,
-            node,
-            image,
-            layer,
-            vlans,
+            source: Source::Node {
+                node: Box::new(node),
+                image: Box::new(image),
+                layer: Box::new(layer),
+                vlans,
+            },
             dir,
             console: Console::new(),
             console_cursor: 0,
@@ -108,6 +124,34 @@ impl Machine {
             snapshot: Snapshot::Off,
             snapshot_in_use: None,
         }
+    }
+
+    /// A machine started by a NixOS start command in `command.state_dir`; `vlans` are the
+    /// run's VLANs.
+    pub fn from_start_command(
+        ctx: Arc<RunContext>,
+        command: vmrig_vm::machine::StartCommand,
+        vlans: Vec<(u8, Arc<vmrig_net::Vlan>)>,
+    ) -> Machine {
+        Machine {
+            name: command.name.clone(),
+            ctx,
+            dir: command.state_dir.clone(),
+            source: Source::Command { command, vlans },
+            console: Console::new(),
+            console_cursor: 0,
+            vm: None,
+            connected: false,
+            started_at: None,
+            forwards: Vec::new(),
+            snapshot: Snapshot::Off,
+            snapshot_in_use: None,
+        }
+    }
+
+    /// Whether a start command (not a node of the test file) starts this machine.
+    pub fn is_start_command(&self) -> bool {
+        matches!(self.source, Source::Command { .. })
     }
 
     pub fn logger(&self) -> &Logger {
@@ -123,7 +167,10 @@ impl Machine {
     }
 
     pub fn vlan_numbers(&self) -> Vec<u8> {
-        self.vlans.iter().map(|v| v.vlan).collect()
+        match &self.source {
+            Source::Node { vlans, .. } => vlans.iter().map(|v| v.vlan).collect(),
+            Source::Command { vlans, .. } => vlans.iter().map(|(nr, _)| *nr).collect(),
+        }
     }
 
     /// Whether QEMU is running.
@@ -164,6 +211,57 @@ impl Machine {
     }
 
     fn launch(&mut self, allow_reboot: bool) -> Result<(), ApiError> {
+        self.snapshot = Snapshot::Off;
+        let vm = match &self.source {
+            Source::Node { .. } => self.launch_node(allow_reboot)?,
+            Source::Command { command, vlans } => {
+                let mut command = command.clone();
+                command.allow_reboot = allow_reboot;
+                let (log, sink) = self.serial_outputs();
+                let vm = Vm::launch_start_command(&command, &log, self.console.clone(), sink)
+                    .map_err(vm_error)?;
+                // The VDE port QEMU opens is known by its pid (the start command `exec`s
+                // QEMU); naming it lets partition() and block() find the machine's port.
+                for (_, vlan) in vlans {
+                    let _ = vlan.name_vde_client(vm.pid(), &self.name);
+                }
+                vm
+            }
+        };
+        self.ctx.logger.log(
+            crate::events::Level::Info,
+            format!("QEMU running (pid {}, {})", vm.pid(), self.ctx.accel),
+            Some(&self.name),
+        );
+        self.vm = Some(vm);
+        self.started_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// The serial log file and the sink that echoes console lines (when enabled).
+    fn serial_outputs(&self) -> (PathBuf, vmrig_vm::serial::LineSink) {
+        let serial_log = self.ctx.out_dir.join(format!("serial-{}.log", self.name));
+        let logger = self.ctx.logger.clone();
+        let flag = self.ctx.serial_stdout.clone();
+        let name = self.name.clone();
+        let sink = Arc::new(move |line: &str| {
+            if flag.load(Ordering::Relaxed) {
+                logger.console(&name, line);
+            }
+        });
+        (serial_log, sink)
+    }
+
+    fn launch_node(&mut self, allow_reboot: bool) -> Result<Vm, ApiError> {
+        let Source::Node {
+            node,
+            image,
+            layer,
+            vlans,
+        } = &self.source
+        else {
+            unreachable!("launch_node is for nodes")
+        };
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| ApiError::Machine(format!("creating {}: {e}", self.dir.display())))?;
         let disk = match &self.ctx.keep_state_in {
@@ -178,22 +276,22 @@ impl Machine {
         let first_start = !disk.exists();
         let initrd = self.dir.join("initrd");
         if !initrd.exists() {
-            node_layer::write_initrd(&self.image.initrd_file(), &self.layer, &initrd)
+            node_layer::write_initrd(&image.initrd_file(), layer, &initrd)
                 .map_err(|e| ApiError::Machine(format!("writing {}: {e}", initrd.display())))?;
         }
         let mut cfg = VmConfig {
             name: self.name.clone(),
             accel: self.ctx.accel,
-            memory_mib: self.node.memory,
-            cpus: self.node.cpus,
-            kernel: self.image.kernel_file(),
+            memory_mib: node.memory,
+            cpus: node.cpus,
+            kernel: image.kernel_file(),
             initrd: initrd.clone(),
             disk: disk.clone(),
-            kernel_params: self.node.kernel_params.clone(),
+            kernel_params: node.kernel_params.clone(),
             shell_socket: self.dir.join("shell.sock"),
             qmp_socket: self.dir.join("qmp.sock"),
-            vlans: self.vlans.clone(),
-            graphics: self.node.graphics,
+            vlans: vlans.clone(),
+            graphics: node.graphics,
             firmware: self.ctx.firmware.clone(),
             allow_reboot,
             forwards: self.forwards.clone(),
@@ -201,13 +299,14 @@ impl Machine {
         };
         // A snapshot only stands in for a first boot: a restart keeps the disk as the
         // test left it, as NixOS does.
-        self.snapshot = Snapshot::Off;
-        let mut backing = (self.image.root_image(), "raw");
-        if first_start && self.node.snapshot && self.ctx.snapshots {
+        let mut backing = (image.root_image(), "raw");
+        let mut snapshot = Snapshot::Off;
+        let mut snapshot_in_use = None;
+        if first_start && node.snapshot && self.ctx.snapshots {
             let hash = crate::snapshot::file_hash(&initrd)
                 .map_err(|e| ApiError::Machine(format!("reading {}: {e}", initrd.display())))?;
             // The root image is behind the per-VM disk, not on QEMU's command line: name it.
-            let inputs = format!("initrd {hash}\nroot {}", self.image.rootfs.base_name());
+            let inputs = format!("initrd {hash}\nroot {}", image.rootfs.base_name());
             let key = crate::snapshot::snapshot_key(
                 &cfg,
                 &self.ctx.run_dir,
@@ -219,11 +318,11 @@ impl Machine {
                 .store
                 .lookup(&key)
                 .and_then(|path| self.ctx.store.use_path(&path).ok());
-            self.snapshot = match found {
+            snapshot = match found {
                 Some(guard) => {
                     backing = (guard.path().join("disk.qcow2"), "qcow2");
                     cfg.incoming = Some(guard.path().join("state"));
-                    self.snapshot_in_use = Some(guard);
+                    snapshot_in_use = Some(guard);
                     Snapshot::Restoring
                 }
                 None => Snapshot::Save(key),
@@ -248,25 +347,14 @@ impl Machine {
                 )));
             }
         }
-        let serial_log = self.ctx.out_dir.join(format!("serial-{}.log", self.name));
-        let logger = self.ctx.logger.clone();
-        let flag = self.ctx.serial_stdout.clone();
-        let name = self.name.clone();
-        let sink = Arc::new(move |line: &str| {
-            if flag.load(Ordering::Relaxed) {
-                logger.console(&name, line);
-            }
-        });
+        let (serial_log, sink) = self.serial_outputs();
         let vm = Vm::launch(&self.ctx.qemu, cfg, &serial_log, self.console.clone(), sink)
             .map_err(vm_error)?;
-        self.ctx.logger.log(
-            crate::events::Level::Info,
-            format!("QEMU running (pid {}, {})", vm.pid(), self.ctx.accel),
-            Some(&self.name),
-        );
-        self.vm = Some(vm);
-        self.started_at = Some(Instant::now());
-        Ok(())
+        self.snapshot = snapshot;
+        if snapshot_in_use.is_some() {
+            self.snapshot_in_use = snapshot_in_use;
+        }
+        Ok(vm)
     }
 
     /// Starts the machine if needed and waits for its shell.
@@ -354,6 +442,16 @@ impl Machine {
                 Some(&name),
             );
         }
+    }
+
+    /// Runs a test script's command as NixOS does: under `set -euo pipefail`, so a failing
+    /// step or pipeline stage fails the command.
+    pub fn execute_user(
+        &mut self,
+        command: &str,
+        timeout: Option<f64>,
+    ) -> Result<(i32, String), ApiError> {
+        self.execute(&format!("set -euo pipefail; {command}"), timeout)
     }
 
     /// Runs `command` in the guest: `(status, stdout)`.

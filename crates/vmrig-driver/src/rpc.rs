@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -16,10 +16,13 @@ use crate::ApiError;
 
 /// Serves a test script: the machines, the VLAN switches, the log.
 pub struct DriverHandler {
-    pub machines: BTreeMap<String, Mutex<Machine>>,
-    pub vlans: BTreeMap<u8, vmrig_net::Vlan>,
+    /// Grows when the script calls `create_machine`.
+    pub machines: RwLock<BTreeMap<String, Arc<Mutex<Machine>>>>,
+    pub vlans: BTreeMap<u8, Arc<vmrig_net::Vlan>>,
     pub logger: Logger,
     pub serial_stdout: Arc<AtomicBool>,
+    /// Makes machines from start commands (`create_machine`).
+    pub creator: crate::nixos::MachineCreator,
 }
 
 /// Typed access to a request's params.
@@ -84,7 +87,7 @@ impl Handler for DriverHandler {
             "driver.start_all" => {
                 let id = self.logger.begin(BlockKind::Nested, "start all VMs", None);
                 let mut result = Ok(Value::Null);
-                for machine in self.machines.values() {
+                for machine in self.all_machines() {
                     if let Err(e) = machine.lock().unwrap().start(false) {
                         result = Err(e.into());
                         break;
@@ -100,7 +103,7 @@ impl Handler for DriverHandler {
                 let id = self
                     .logger
                     .begin(BlockKind::Nested, "wait for all VMs to finish", None);
-                for machine in self.machines.values() {
+                for machine in self.all_machines() {
                     machine.lock().unwrap().wait_for_shutdown()?;
                 }
                 self.logger.end(id, None);
@@ -158,7 +161,7 @@ impl Handler for DriverHandler {
             "net.partition" => {
                 let (a, b) = (p.strings("group_a"), p.strings("group_b"));
                 for name in a.iter().chain(&b) {
-                    if !self.machines.contains_key(name) {
+                    if !self.machines.read().unwrap().contains_key(name) {
                         return Err(RpcError::assertion(format!(
                             "partition: no machine named `{name}`"
                         )));
@@ -170,6 +173,7 @@ impl Handler for DriverHandler {
                 }
                 Ok(Value::Null)
             }
+            "driver.create_machine" => self.create_machine(&p),
             "net.heal" => {
                 self.logger.info("healing all partitions");
                 for vlan in self.vlans.values() {
@@ -187,11 +191,37 @@ fn net_error(e: vmrig_net::NetError) -> RpcError {
 }
 
 impl DriverHandler {
+    /// Every machine, in name order (a snapshot: the lock is not held while they work).
+    fn all_machines(&self) -> Vec<Arc<Mutex<Machine>>> {
+        self.machines.read().unwrap().values().cloned().collect()
+    }
+
+    /// `create_machine(start_command, name=, keep_vm_state=)`.
+    fn create_machine(&self, p: &Params) -> Result<Value, RpcError> {
+        let command = p.str("start_command")?;
+        let machine = self.creator.create(
+            p.opt_str("name"),
+            command,
+            p.bool_or("keep_vm_state", false),
+        )?;
+        let name = machine.name.clone();
+        let mut machines = self.machines.write().unwrap();
+        if machines.contains_key(&name) {
+            return Err(RpcError::machine(format!(
+                "create_machine: a machine named `{name}` exists already; pass another name="
+            )));
+        }
+        self.logger
+            .info(format!("created machine `{name}` from `{command}`"));
+        machines.insert(name.clone(), Arc::new(Mutex::new(machine)));
+        Ok(json!({ "name": name }))
+    }
+
     fn vlan(&self, params: &Value) -> Result<&vmrig_net::Vlan, RpcError> {
         let nr = params.get("vlan").and_then(Value::as_u64).unwrap_or(0);
         u8::try_from(nr)
             .ok()
-            .and_then(|n| self.vlans.get(&n))
+            .and_then(|n| self.vlans.get(&n).map(|v| &**v))
             .ok_or_else(|| RpcError::assertion(format!("no VLAN {nr} in this test")))
     }
 
@@ -199,7 +229,10 @@ impl DriverHandler {
         let name = p.str("machine")?;
         let cell = self
             .machines
+            .read()
+            .unwrap()
             .get(name)
+            .cloned()
             .ok_or_else(|| RpcError::internal(format!("no machine named `{name}`")))?;
         let mut m = cell.lock().unwrap();
         let ok = |_| Value::Null;
@@ -247,7 +280,7 @@ impl DriverHandler {
             "execute" => {
                 let command = p.str("command")?;
                 let timeout = p.opt_f64("timeout");
-                let (status, output) = m.execute(command, timeout)?;
+                let (status, output) = m.execute_user(command, timeout)?;
                 let status = if p.bool_or("check_return", true) {
                     status
                 } else {
@@ -381,16 +414,25 @@ impl DriverHandler {
             }
             "block" | "unblock" => {
                 let up = method == "unblock";
+                let from_command = m.is_start_command();
                 for nr in m.vlan_numbers() {
                     if let Some(vlan) = self.vlans.get(&nr) {
-                        vlan.set_link(name, up).map_err(net_error)?;
+                        match vlan.set_link(name, up) {
+                            // A start command's VM may not have joined this VLAN.
+                            Err(vmrig_net::NetError::UnknownPort { .. }) if from_command => {}
+                            other => other.map_err(net_error)?,
+                        }
                     }
                     if m.is_booted() {
                         let vm = m.vm_mut()?;
-                        vm.qmp()
+                        let set = vm
+                            .qmp()
                             .map_err(|e| RpcError::machine(e.to_string()))?
-                            .set_link(&format!("vlan{nr}"), up)
-                            .map_err(|e| RpcError::machine(e.to_string()))?;
+                            .set_link(&vmrig_vm::cmdline::vlan_netdev_id(nr), up);
+                        match set {
+                            Err(_) if from_command => {}
+                            other => other.map_err(|e| RpcError::machine(e.to_string()))?,
+                        }
                     }
                 }
                 self.logger.log(

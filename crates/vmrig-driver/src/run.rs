@@ -104,7 +104,8 @@ pub fn run_test(
     vmrig_python::check_syntax(&python, &spec.script).map_err(RunError::Script)?;
     let qemu = find_program(&opts.qemu).ok_or_else(|| {
         RunError::Infra(format!(
-            "`{}` not found; install QEMU with `sudo apt-get install qemu-system-x86 qemu-utils`",
+            "`{}` not found: install QEMU (`sudo apt-get install qemu-system-x86 qemu-utils`) \
+             or name another with `--qemu PATH` (or VMRIG_QEMU)",
             opts.qemu.display()
         ))
     })?;
@@ -138,13 +139,13 @@ pub fn run_test(
         .unwrap_or_else(|| PathBuf::from("vmrig-out").join(&spec.name));
     std::fs::create_dir_all(&out_dir).map_err(|e| {
         RunError::Infra(format!(
-            "cannot create the output directory {}: {e}",
+            "cannot create the output directory {}: {e}; choose another with `-o DIR`",
             out_dir.display()
         ))
     })?;
     let events = JsonLines::create(&out_dir.join("events.jsonl")).map_err(|e| {
         RunError::Infra(format!(
-            "cannot write to the output directory {}: {e}",
+            "cannot write to the output directory {}: {e}; choose another with `-o DIR`",
             out_dir.display()
         ))
     })?;
@@ -205,7 +206,7 @@ pub fn run_test(
                         message: format!("capturing VLAN {nr} to {}", pcap.display()),
                     });
                 }
-                e.insert(vlan);
+                e.insert(Arc::new(vlan));
             }
         }
     }
@@ -226,13 +227,15 @@ pub fn run_test(
         let layer = node_layer::node_layer(spec, node)
             .map_err(|e| RunError::Infra(format!("node `{name}`: {e}")))?;
         let machine = Machine::new(ctx.clone(), node.clone(), images[name].clone(), layer, nics);
-        machines.insert(name.clone(), Mutex::new(machine));
+        machines.insert(name.clone(), Arc::new(Mutex::new(machine)));
     }
+    let creator = crate::nixos::MachineCreator::new(ctx.clone(), out_dir.clone(), &vlans, false)?;
     let handler = DriverHandler {
-        machines,
+        machines: std::sync::RwLock::new(machines),
         vlans,
         logger: logger.clone(),
         serial_stdout,
+        creator,
     };
 
     let script_ctx = ScriptContext {
@@ -245,51 +248,14 @@ pub fn run_test(
         out_dir: out_dir.clone(),
         work_dir: run_dir.path().to_owned(),
     };
-    if opts.mode == Mode::Interactive {
-        cleanup::ignore_sigint(true);
-    }
-    let child = ScriptChild::spawn(&python, &spec.script, &script_ctx, opts.mode)
-        .map_err(RunError::Python)?;
-    let killer = child.killer();
-    let script_id = cleanup::register_script(killer.clone());
-    let (stop_watchdog, watchdog) =
-        global_timeout_watchdog(deadline, killer, logger.clone(), spec.global_timeout);
-    let served = child.serve(&handler);
-    let _ = stop_watchdog.send(());
-    let timed_out = watchdog.join().unwrap_or(false);
-    cleanup::unregister_script(script_id);
-    cleanup::ignore_sigint(false);
-
-    let outcome = served.map_err(RunError::Python)?;
-    let failure = match outcome {
-        ScriptOutcome::Passed => None,
-        _ if timed_out => Some(format!(
-            "global timeout of {} s reached",
-            spec.global_timeout
-        )),
-        ScriptOutcome::Failed {
-            exc_type,
-            message,
-            line,
-            traceback,
-        } => {
-            let file = spec.script.filename.display().to_string();
-            let first = message.lines().next().unwrap_or_default().to_owned();
-            let place = line.map(|l| format!("{file}:{l}: ")).unwrap_or_default();
-            logger.emit(Event::ScriptFailed {
-                exc_type: exc_type.clone(),
-                message,
-                line,
-                file,
-                traceback,
-            });
-            Some(format!("{place}{exc_type}: {first}"))
-        }
-        ScriptOutcome::Killed => Some("the test script was killed".into()),
-        ScriptOutcome::ExitedWithoutReport(code) => Some(format!(
-            "the test script exited with status {code} without reporting"
-        )),
-    };
+    let (failure, _) = serve_script(
+        &handler,
+        &python,
+        &spec.script,
+        &script_ctx,
+        opts.mode,
+        (deadline, spec.global_timeout),
+    )?;
     // Machines die here (QEMU killed), then the switches, then the run directory.
     drop(handler);
     drop(run_dir);
@@ -322,6 +288,62 @@ pub fn run_test(
     })
 }
 
+/// Runs the test script against `handler` until it ends or the global timeout
+/// `(deadline, seconds)` passes: why it failed (also logged; `None` if it passed), and
+/// whether the global timeout ended it.
+pub(crate) fn serve_script(
+    handler: &DriverHandler,
+    python: &Path,
+    script: &vmrig_spec::ScriptSource,
+    script_ctx: &ScriptContext,
+    mode: Mode,
+    (deadline, global_timeout): (Instant, u64),
+) -> Result<(Option<String>, bool), RunError> {
+    let logger = &handler.logger;
+    if mode == Mode::Interactive {
+        cleanup::ignore_sigint(true);
+    }
+    let child = ScriptChild::spawn(python, script, script_ctx, mode).map_err(RunError::Python)?;
+    let killer = child.killer();
+    let script_id = cleanup::register_script(killer.clone());
+    let (stop_watchdog, watchdog) =
+        global_timeout_watchdog(deadline, killer, logger.clone(), global_timeout);
+    let served = child.serve(handler);
+    let _ = stop_watchdog.send(());
+    let timed_out = watchdog.join().unwrap_or(false);
+    cleanup::unregister_script(script_id);
+    cleanup::ignore_sigint(false);
+
+    let outcome = served.map_err(RunError::Python)?;
+    let failure = match outcome {
+        ScriptOutcome::Passed => None,
+        _ if timed_out => Some(format!("global timeout of {} s reached", global_timeout)),
+        ScriptOutcome::Failed {
+            exc_type,
+            message,
+            line,
+            traceback,
+        } => {
+            let file = script.filename.display().to_string();
+            let first = message.lines().next().unwrap_or_default().to_owned();
+            let place = line.map(|l| format!("{file}:{l}: ")).unwrap_or_default();
+            logger.emit(Event::ScriptFailed {
+                exc_type: exc_type.clone(),
+                message,
+                line,
+                file,
+                traceback,
+            });
+            Some(format!("{place}{exc_type}: {first}"))
+        }
+        ScriptOutcome::Killed => Some("the test script was killed".into()),
+        ScriptOutcome::ExitedWithoutReport(code) => Some(format!(
+            "the test script exited with status {code} without reporting"
+        )),
+    };
+    Ok((failure, timed_out))
+}
+
 /// The oldest QEMU vmrig works with: `-netdev stream` (the switch) arrived in 7.2.
 pub const MIN_QEMU: (u32, u32) = (7, 2);
 
@@ -336,15 +358,24 @@ fn check_qemu_version(qemu: &Path) -> Result<String, RunError> {
     let out = std::process::Command::new(qemu)
         .arg("--version")
         .output()
-        .map_err(|e| RunError::Infra(format!("running `{} --version`: {e}", qemu.display())))?;
+        .map_err(|e| {
+            RunError::Infra(format!(
+                "cannot run `{} --version`: {e}; name an executable QEMU with `--qemu PATH` (or VMRIG_QEMU)",
+                qemu.display()
+            ))
+        })?;
     let text = String::from_utf8_lossy(&out.stdout);
     match parse_qemu_version(&text) {
         Some(v) if v >= MIN_QEMU => Ok(text.lines().next().unwrap_or_default().to_owned()),
         Some((major, minor)) => Err(RunError::Infra(format!(
-            "QEMU {major}.{minor} is too old: vmrig needs QEMU >= {}.{} (for `-netdev stream`); install a newer qemu-system-x86",
-            MIN_QEMU.0, MIN_QEMU.1
+            "{} is QEMU {major}.{minor}, too old: vmrig needs QEMU {}.{} or newer (for `-netdev stream`): install a newer qemu-system-x86 or name another with `--qemu PATH` (or VMRIG_QEMU)",
+            qemu.display(), MIN_QEMU.0, MIN_QEMU.1
         ))),
-        None => Err(RunError::Infra(format!("cannot read the version of {} from {text:?}", qemu.display()))),
+        None => Err(RunError::Infra(format!(
+            "`{} --version` did not print a QEMU version (it printed {:?}): name the QEMU system emulator with `--qemu PATH` (or VMRIG_QEMU)",
+            qemu.display(),
+            text.trim()
+        ))),
     }
 }
 
@@ -379,7 +410,7 @@ fn global_timeout_watchdog(
 }
 
 /// A reporter shared with the caller (who reads what it collected after the run).
-struct Shared(Arc<dyn Reporter>);
+pub(crate) struct Shared(pub(crate) Arc<dyn Reporter>);
 
 impl Reporter for Shared {
     fn report(&self, event: &crate::events::Stamped) {

@@ -722,11 +722,29 @@ def serial_stdout_off():
     _rpc("serial_stdout", {"on": False})
 
 
-def create_machine(*args, **kwargs):
-    raise MachineError(
-        "create_machine() is not supported by vmrig yet: "
-        "declare the machine as a node in the test file instead"
+def create_machine(start_command=None, *, name=None, keep_vm_state=False):
+    """A new machine from a NixOS start command: a `run-<name>-vm` script (as
+    `vmrig build --start-scripts` writes them, or Nix builds them) or any command that
+    starts QEMU and passes its arguments on. It starts with start() or its first
+    command. The name comes from `name`, else from `run-<name>-vm`, else "machine".
+    The old form create_machine({"startCommand": ..., "name": ...}) works too."""
+    if isinstance(start_command, dict):
+        legacy = start_command
+        start_command = legacy.get("startCommand")
+        name = legacy.get("name", name)
+        keep_vm_state = legacy.get("keepVmState", keep_vm_state)
+    if not isinstance(start_command, str) or not start_command.strip():
+        raise MachineError(
+            "create_machine() needs a start command, e.g. "
+            "create_machine('./scripts/run-extra-vm') (see `vmrig build --start-scripts`)"
+        )
+    reply = _rpc(
+        "driver.create_machine",
+        {"start_command": start_command, "name": name, "keep_vm_state": bool(keep_vm_state)},
     )
+    machine = Machine(reply["name"], _session.out_dir)
+    _session.machines.append(machine)
+    return machine
 
 
 class AssertionTester(unittest.TestCase):

@@ -534,7 +534,7 @@ fn gc_racing_builds_and_uses() {
                     .gc(&GcPolicy {
                         older_than: Duration::ZERO,
                         dry_run: false,
-            ..GcPolicy::default()
+                        ..GcPolicy::default()
                     })
                     .unwrap();
             }

@@ -79,12 +79,29 @@ pub fn kernel_command_line(cfg: &VmConfig) -> String {
 }
 
 /// QEMU escapes commas in option values by doubling them.
-fn qemu_escape(path: &std::path::Path) -> String {
+pub fn qemu_escape(path: &std::path::Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
 
-/// The argv after the program name.
+/// The argv after the program name: the machine, its VLAN NICs on vmrig's switch, and the
+/// driver's channels.
 pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
+    let mut a = machine_args(cfg);
+    for (i, nic) in cfg.vlans.iter().enumerate() {
+        let netdev = format!(
+            "stream,id={},server=off,addr.type=unix,addr.path={}",
+            vlan_netdev_id(nic.vlan),
+            qemu_escape(&nic.socket)
+        );
+        a.extend(vlan_nic_args(nic, i, netdev));
+    }
+    a.extend(driver_args(cfg));
+    a.into_iter().map(OsString::from).collect()
+}
+
+/// The machine itself, as a NixOS start script holds it: hardware, kernel, disk, eth0.
+/// Without the VLAN NICs ([`vlan_nic_args`]) and what the driver adds ([`driver_args`]).
+pub fn machine_args(cfg: &VmConfig) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "-name".into(),
         cfg.name.clone(),
@@ -111,9 +128,6 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     if let Some(fw) = &cfg.firmware {
         a.extend(["-bios".into(), qemu_escape(fw)]);
     }
-    if !cfg.allow_reboot {
-        a.push("-no-reboot".into());
-    }
     a.extend([
         "-kernel".into(),
         qemu_escape(&cfg.kernel),
@@ -126,6 +140,59 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
             "file={},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
             qemu_escape(&cfg.disk)
         ),
+        "-vga".into(),
+        if cfg.graphics { "std" } else { "none" }.into(),
+        "-display".into(),
+        "none".into(),
+    ]);
+    // eth0: QEMU user networking, restricted (no route out: tests are hermetic), only for
+    // forward_port. Fixed PCI slots keep eth0, eth1, ... in this order.
+    let mut user = String::from(USER_NETDEV);
+    for (host, guest) in &cfg.forwards {
+        user.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+    }
+    a.extend([
+        "-netdev".into(),
+        user,
+        "-device".into(),
+        "virtio-net-pci,netdev=user0,addr=0x10,mac=52:54:00:12:34:56".into(),
+    ]);
+    a
+}
+
+/// eth0's backend: user networking with `restrict=on` (the guest reaches nothing outside).
+pub const USER_NETDEV: &str = "user,id=user0,restrict=on";
+
+/// The netdev id of VLAN `vlan`'s NIC.
+pub fn vlan_netdev_id(vlan: u8) -> String {
+    format!("vlan{vlan}")
+}
+
+/// The `index`th VLAN NIC (eth1, eth2, ...) with the given `-netdev` value (vmrig's
+/// `stream` socket, or `vde` in start scripts).
+pub fn vlan_nic_args(nic: &VlanNic, index: usize, netdev: String) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        netdev,
+        "-device".into(),
+        format!(
+            "virtio-net-pci,netdev={},addr={:#x},mac={}",
+            vlan_netdev_id(nic.vlan),
+            0x11 + index,
+            nic.mac
+        ),
+    ]
+}
+
+/// What vmrig's driver adds to the machine: reboot policy, the serial console on stdio,
+/// the backdoor's virtio console, QMP, entropy and a saved state to start from. (A NixOS
+/// driver adds its own equivalents to a start script: [`nixos_driver_args`].)
+pub fn driver_args(cfg: &VmConfig) -> Vec<String> {
+    let mut a = Vec::new();
+    if !cfg.allow_reboot {
+        a.push("-no-reboot".into());
+    }
+    a.extend([
         // Serial console on stdout: the driver reads it line by line.
         "-serial".into(),
         "stdio".into(),
@@ -143,49 +210,6 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         "-device".into(),
         "virtio-rng-pci".into(),
     ]);
-    if cfg.graphics {
-        a.extend([
-            "-vga".into(),
-            "std".into(),
-            "-display".into(),
-            "none".into(),
-        ]);
-    } else {
-        a.extend([
-            "-vga".into(),
-            "none".into(),
-            "-display".into(),
-            "none".into(),
-        ]);
-    }
-    // eth0: QEMU user networking, restricted (no route out: tests are hermetic), only for
-    // forward_port. Fixed PCI slots keep eth0, eth1, ... in this order.
-    let mut user = String::from("user,id=user0,restrict=on");
-    for (host, guest) in &cfg.forwards {
-        user.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
-    }
-    a.extend([
-        "-netdev".into(),
-        user,
-        "-device".into(),
-        "virtio-net-pci,netdev=user0,addr=0x10,mac=52:54:00:12:34:56".into(),
-    ]);
-    for (i, nic) in cfg.vlans.iter().enumerate() {
-        let id = format!("vlan{}", nic.vlan);
-        a.extend([
-            "-netdev".into(),
-            format!(
-                "stream,id={id},server=off,addr.type=unix,addr.path={}",
-                qemu_escape(&nic.socket)
-            ),
-            "-device".into(),
-            format!(
-                "virtio-net-pci,netdev={id},addr={:#x},mac={}",
-                0x11 + i,
-                nic.mac
-            ),
-        ]);
-    }
     if let Some(state) = &cfg.incoming {
         // QEMU runs the exec: URI through /bin/sh.
         a.extend([
@@ -196,7 +220,51 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
             ),
         ]);
     }
-    a.into_iter().map(OsString::from).collect()
+    a
+}
+
+/// The sockets a NixOS test driver gives a start script (all in the machine's state dir).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NixosSockets {
+    /// QMP: QEMU listens (`server=on,wait=off`), the driver connects.
+    pub qmp: PathBuf,
+    /// The human monitor: the driver listens, QEMU connects.
+    pub monitor: PathBuf,
+    /// The backdoor's virtio console: the driver listens, QEMU connects.
+    pub shell: PathBuf,
+}
+
+/// What the upstream NixOS driver appends to a start script's command (its
+/// `StartCommand.cmd`): QMP, monitor, the backdoor console, entropy, serial on stdio,
+/// `-no-reboot` unless reboots are allowed, and `-nographic` when there is no display.
+pub fn nixos_driver_args(
+    sockets: &NixosSockets,
+    allow_reboot: bool,
+    nographic: bool,
+) -> Vec<String> {
+    let mut a = vec![
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qemu_escape(&sockets.qmp)),
+        "-monitor".into(),
+        format!("unix:{}", qemu_escape(&sockets.monitor)),
+        "-chardev".into(),
+        format!("socket,id=shell,path={}", qemu_escape(&sockets.shell)),
+        "-device".into(),
+        "virtio-serial".into(),
+        "-device".into(),
+        "virtconsole,chardev=shell".into(),
+        "-device".into(),
+        "virtio-rng-pci".into(),
+        "-serial".into(),
+        "stdio".into(),
+    ];
+    if !allow_reboot {
+        a.push("-no-reboot".into());
+    }
+    if nographic {
+        a.push("-nographic".into());
+    }
+    a
 }
 
 /// The MAC of node number `node` (1-based, alphabetical) on VLAN `vlan`, as NixOS writes
@@ -245,8 +313,24 @@ mod tests {
     #[test]
     fn golden_command_line() {
         let line = joined(&config());
-        let expected = "-name server -nodefaults -no-user-config -machine q35 -accel tcg,thread=multi -cpu max -m 1024 -smp 2 -bios /usr/share/qemu/qboot.rom -no-reboot -kernel /store/k/vmlinuz -initrd /run/server/initrd -append console=ttyS0 panic=-1 quiet loglevel=4 net.ifnames=0 biosdevname=0 mitigations=off tsc=reliable no_timer_check random.trust_cpu=on 8250.nr_uarts=1 systemd.show_status=false cryptomgr.notests foo=bar -drive file=/run/server/disk,,1.qcow2,if=virtio,format=qcow2,cache=unsafe,discard=unmap -serial stdio -device virtio-serial-pci -chardev socket,id=shell,path=/run/server/shell -device virtconsole,chardev=shell -chardev socket,id=qmp,path=/run/server/qmp -mon chardev=qmp,mode=control -device virtio-rng-pci -vga none -display none -netdev user,id=user0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80 -device virtio-net-pci,netdev=user0,addr=0x10,mac=52:54:00:12:34:56 -netdev stream,id=vlan1,server=off,addr.type=unix,addr.path=/run/vlan1/server.sock -device virtio-net-pci,netdev=vlan1,addr=0x11,mac=52:54:00:12:01:02";
+        let expected = "-name server -nodefaults -no-user-config -machine q35 -accel tcg,thread=multi -cpu max -m 1024 -smp 2 -bios /usr/share/qemu/qboot.rom -kernel /store/k/vmlinuz -initrd /run/server/initrd -append console=ttyS0 panic=-1 quiet loglevel=4 net.ifnames=0 biosdevname=0 mitigations=off tsc=reliable no_timer_check random.trust_cpu=on 8250.nr_uarts=1 systemd.show_status=false cryptomgr.notests foo=bar -drive file=/run/server/disk,,1.qcow2,if=virtio,format=qcow2,cache=unsafe,discard=unmap -vga none -display none -netdev user,id=user0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80 -device virtio-net-pci,netdev=user0,addr=0x10,mac=52:54:00:12:34:56 -netdev stream,id=vlan1,server=off,addr.type=unix,addr.path=/run/vlan1/server.sock -device virtio-net-pci,netdev=vlan1,addr=0x11,mac=52:54:00:12:01:02 -no-reboot -serial stdio -device virtio-serial-pci -chardev socket,id=shell,path=/run/server/shell -device virtconsole,chardev=shell -chardev socket,id=qmp,path=/run/server/qmp -mon chardev=qmp,mode=control -device virtio-rng-pci";
         assert_eq!(line, expected);
+    }
+
+    #[test]
+    fn nixos_driver_appends_what_upstream_does() {
+        let sockets = NixosSockets {
+            qmp: "/s/qmp".into(),
+            monitor: "/s/monitor".into(),
+            shell: "/s/shell".into(),
+        };
+        assert_eq!(
+            nixos_driver_args(&sockets, false, true).join(" "),
+            "-qmp unix:/s/qmp,server=on,wait=off -monitor unix:/s/monitor -chardev socket,id=shell,path=/s/shell -device virtio-serial -device virtconsole,chardev=shell -device virtio-rng-pci -serial stdio -no-reboot -nographic"
+        );
+        assert!(!nixos_driver_args(&sockets, true, false)
+            .iter()
+            .any(|a| a == "-no-reboot" || a == "-nographic"));
     }
 
     #[test]

@@ -10,3 +10,4 @@ pub mod machine;
 pub mod process;
 pub mod qmp;
 pub mod serial;
+pub mod start_script;

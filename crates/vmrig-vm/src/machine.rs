@@ -87,7 +87,9 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError 
 
 /// A booted (or booting) QEMU.
 pub struct Vm {
-    cfg: VmConfig,
+    name: String,
+    /// The writable disk (saved with a snapshot); unknown for a start command's VM.
+    disk: Option<PathBuf>,
     qemu: GuardedChild,
     console: Arc<Console>,
     stderr: Arc<Mutex<String>>,
@@ -96,8 +98,32 @@ pub struct Vm {
     shell: Option<Shell<UnixStream>>,
     shell_listener: UnixListener,
     qmp: Option<Qmp<UnixStream>>,
-    qmp_listener: UnixListener,
+    qmp_endpoint: QmpEndpoint,
+    /// A start command's human monitor: QEMU connects to the driver, which keeps it open.
+    monitor: Option<(UnixListener, Option<UnixStream>)>,
     needs_banner: bool,
+}
+
+/// How the driver reaches QEMU's QMP.
+enum QmpEndpoint {
+    /// vmrig's command line: QEMU connects to the driver's socket.
+    Listen(UnixListener),
+    /// A NixOS start command: QEMU listens (`server=on,wait=off`), the driver connects.
+    Connect(PathBuf),
+}
+
+/// A machine started by a NixOS-style start command (a `run-<name>-vm` script, or any
+/// command that starts QEMU and passes on its arguments), as the NixOS driver does it.
+#[derive(Debug, Clone)]
+pub struct StartCommand {
+    pub name: String,
+    /// A shell command line; the driver's options are appended to it.
+    pub command: String,
+    /// The working directory, `TMPDIR` and home of the sockets (`vm-state-<name>`).
+    pub state_dir: PathBuf,
+    /// Extra environment (`SHARED_DIR`, `QEMU_VDE_SOCKET_<n>`, ...).
+    pub env: Vec<(String, String)>,
+    pub allow_reboot: bool,
 }
 
 impl Vm {
@@ -114,58 +140,117 @@ impl Vm {
         let shell_listener = listen(&cfg.shell_socket)?;
         let qmp_listener = listen(&cfg.qmp_socket)?;
         let mut cmd = Command::new(qemu);
-        cmd.args(qemu_args(&cfg))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = GuardedChild::spawn(cmd).map_err(|source| VmError::Spawn {
-            program: qemu.display().to_string(),
-            source,
-        })?;
-        let stdin = child.child_mut().stdin.take();
-        let stdout = child.child_mut().stdout.take().expect("piped");
-        let mut stderr_pipe = child.child_mut().stderr.take().expect("piped");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let stderr_buf = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr_pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let mut s = stderr_buf.lock().unwrap();
-                if s.len() < 64 * 1024 {
-                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
+        cmd.args(qemu_args(&cfg));
+        let spawned = spawn_qemu(cmd, qemu.display().to_string())?;
+        let mut vm = Vm::new(
+            cfg.name.clone(),
+            spawned,
+            shell_listener,
+            QmpEndpoint::Listen(qmp_listener),
+        );
+        vm.disk = Some(cfg.disk.clone());
+        vm.start_console(serial_log, console, sink)?;
+        Ok(vm)
+    }
+
+    /// Starts a machine from a NixOS start command: in its state directory, with the
+    /// environment a NixOS driver gives it (`TMPDIR`, `USE_TMPDIR`, plus `sc.env`) and the
+    /// driver's options appended ([`crate::cmdline::nixos_driver_args`]).
+    pub fn launch_start_command(
+        sc: &StartCommand,
+        serial_log: &Path,
+        console: Arc<Console>,
+        sink: LineSink,
+    ) -> Result<Vm, VmError> {
+        std::fs::create_dir_all(&sc.state_dir)
+            .map_err(io_err(format!("creating {}", sc.state_dir.display())))?;
+        let sockets = crate::cmdline::NixosSockets {
+            qmp: sc.state_dir.join("qmp"),
+            monitor: sc.state_dir.join("monitor"),
+            shell: sc.state_dir.join("shell"),
+        };
+        for path in [&sockets.qmp, &sockets.monitor, &sockets.shell] {
+            check_socket_path(path)?;
+        }
+        let _ = std::fs::remove_file(&sockets.qmp);
+        let shell_listener = listen(&sockets.shell)?;
+        let monitor_listener = listen(&sockets.monitor)?;
+        let nographic =
+            std::env::var_os("DISPLAY").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none();
+        let appended: Vec<String> =
+            crate::cmdline::nixos_driver_args(&sockets, sc.allow_reboot, nographic)
+                .iter()
+                .map(|a| crate::backdoor::shell_quote(a))
+                .collect();
+        // `exec`: QEMU keeps the spawned pid (the switch names VDE ports by pid), as it does
+        // when the start script itself `exec`s QEMU.
+        let line = format!("exec {} {}", sc.command, appended.join(" "));
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(&line)
+            .current_dir(&sc.state_dir)
+            .env("TMPDIR", &sc.state_dir)
+            .env("USE_TMPDIR", "1")
+            .envs(sc.env.iter().map(|(k, v)| (k, v)));
+        let spawned = spawn_qemu(cmd, sc.command.clone())?;
+        let mut vm = Vm::new(
+            sc.name.clone(),
+            spawned,
+            shell_listener,
+            QmpEndpoint::Connect(sockets.qmp),
+        );
+        vm.monitor = Some((monitor_listener, None));
+        vm.start_console(serial_log, console, sink)?;
+        Ok(vm)
+    }
+
+    fn new(
+        name: String,
+        (qemu, stdin, stderr): (
+            GuardedChild,
+            Option<std::process::ChildStdin>,
+            Arc<Mutex<String>>,
+        ),
+        shell_listener: UnixListener,
+        qmp_endpoint: QmpEndpoint,
+    ) -> Vm {
+        Vm {
+            name,
+            disk: None,
+            qemu,
+            console: Console::new(),
+            stderr,
+            stdin,
+            shell: None,
+            shell_listener,
+            qmp: None,
+            qmp_endpoint,
+            monitor: None,
+            needs_banner: false,
+        }
+    }
+
+    /// Reads QEMU's stdout (the serial console) into `console`, `serial_log` and `sink`.
+    fn start_console(
+        &mut self,
+        serial_log: &Path,
+        console: Arc<Console>,
+        sink: LineSink,
+    ) -> Result<(), VmError> {
+        let stdout = self.qemu.child_mut().stdout.take().expect("piped");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(serial_log)
             .map_err(io_err(format!("opening {}", serial_log.display())))?;
         console.reopen();
-        console.spawn_reader(&cfg.name, stdout, Some(log), sink);
-        Ok(Vm {
-            cfg,
-            qemu: child,
-            console,
-            stderr,
-            stdin,
-            shell: None,
-            shell_listener,
-            qmp: None,
-            qmp_listener,
-            needs_banner: false,
-        })
+        console.spawn_reader(&self.name, stdout, Some(log), sink);
+        self.console = console;
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
-        &self.cfg.name
-    }
-
-    pub fn config(&self) -> &VmConfig {
-        &self.cfg
+        &self.name
     }
 
     pub fn console(&self) -> &Arc<Console> {
@@ -187,7 +272,7 @@ impl Vm {
                 Ok(())
             }
             Err(ShellError::Timeout(_)) => Err(VmError::BootTimeout {
-                machine: self.cfg.name.clone(),
+                machine: self.name.clone(),
                 timeout: start.elapsed(),
                 console: self.console_tail(),
             }),
@@ -202,7 +287,7 @@ impl Vm {
         let stream = self.connect_sockets(deadline)?;
         // Loading a saved state takes a second or two; far longer means it is stuck.
         let deadline = deadline.min(Instant::now() + Duration::from_secs(60));
-        let name = self.cfg.name.clone();
+        let name = self.name.clone();
         let qmp_err = |source| VmError::Qmp {
             machine: name.clone(),
             source,
@@ -252,13 +337,16 @@ impl Vm {
     /// Saves the running VM into `dir`: the migration stream (`state`) and a copy of the
     /// disk overlay as it was at that instant (`disk.qcow2`), then lets the VM go on.
     pub fn save_state(&mut self, dir: &Path, deadline: Instant) -> Result<(), VmError> {
-        let name = self.cfg.name.clone();
+        let name = self.name.clone();
         let qmp_err = |source| VmError::Qmp {
             machine: name.clone(),
             source,
         };
         let state = dir.join("state");
-        let disk = self.cfg.disk.clone();
+        let disk = self.disk.clone().ok_or_else(|| VmError::SaveFailed {
+            machine: name.clone(),
+            detail: "the disk of a machine started by a start command is not known".into(),
+        })?;
         let uri = format!(
             "exec:cat > {}",
             crate::backdoor::shell_quote(&state.to_string_lossy())
@@ -316,7 +404,7 @@ impl Vm {
             .ok()
             .flatten();
         VmError::DiedBooting {
-            machine: self.cfg.name.clone(),
+            machine: self.name.clone(),
             status: status
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| "still running".into()),
@@ -335,16 +423,25 @@ impl Vm {
             "shell",
             connect_deadline,
         )?;
-        let qmp = self.accept(
-            &self
-                .qmp_listener
-                .try_clone()
-                .map_err(io_err("qmp socket"))?,
-            "QMP",
-            connect_deadline,
-        )?;
+        let qmp = match &self.qmp_endpoint {
+            QmpEndpoint::Listen(listener) => {
+                let listener = listener.try_clone().map_err(io_err("qmp socket"))?;
+                self.accept(&listener, "QMP", connect_deadline)?
+            }
+            QmpEndpoint::Connect(path) => {
+                let path = path.clone();
+                self.connect_to(&path, "QMP", connect_deadline)?
+            }
+        };
+        if let Some((listener, stream @ None)) = self.monitor.as_mut() {
+            // QEMU connected at start-up (it waits for that); keep it open.
+            listener
+                .set_nonblocking(true)
+                .map_err(io_err("monitor socket"))?;
+            *stream = listener.accept().ok().map(|(s, _)| s);
+        }
         let qmp = Qmp::handshake(qmp, CONNECT_TIMEOUT).map_err(|source| VmError::Qmp {
-            machine: self.cfg.name.clone(),
+            machine: self.name.clone(),
             source,
         })?;
         self.qmp = Some(qmp);
@@ -358,26 +455,57 @@ impl Vm {
         deadline: Instant,
     ) -> Result<UnixStream, VmError> {
         listener.set_nonblocking(true).map_err(io_err("socket"))?;
+        self.wait_for_stream(what, deadline, || match listener.accept() {
+            Ok((stream, _)) => Ok(Some(stream)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(io_err(format!("accepting the {what} connection"))(e)),
+        })
+    }
+
+    /// Connects to a socket QEMU listens on, once it exists.
+    fn connect_to(
+        &mut self,
+        path: &Path,
+        what: &'static str,
+        deadline: Instant,
+    ) -> Result<UnixStream, VmError> {
+        self.wait_for_stream(what, deadline, || match UnixStream::connect(path) {
+            Ok(stream) => Ok(Some(stream)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(io_err(format!("connecting to the {what} socket"))(e)),
+        })
+    }
+
+    /// Polls `attempt` until it yields a stream, QEMU exits, or `deadline` passes.
+    fn wait_for_stream(
+        &mut self,
+        what: &'static str,
+        deadline: Instant,
+        mut attempt: impl FnMut() -> Result<Option<UnixStream>, VmError>,
+    ) -> Result<UnixStream, VmError> {
         loop {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    stream.set_nonblocking(false).map_err(io_err("socket"))?;
-                    return Ok(stream);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(io_err(format!("accepting the {what} connection"))(e)),
+            if let Some(stream) = attempt()? {
+                stream.set_nonblocking(false).map_err(io_err("socket"))?;
+                return Ok(stream);
             }
             if let Ok(Some(status)) = self.qemu.try_wait() {
                 std::thread::sleep(Duration::from_millis(50)); // let the stderr thread catch up
                 return Err(VmError::EarlyExit {
-                    machine: self.cfg.name.clone(),
+                    machine: self.name.clone(),
                     status: status.to_string(),
                     stderr: self.stderr.lock().unwrap().trim().to_owned(),
                 });
             }
             if Instant::now() >= deadline {
                 return Err(VmError::ConnectTimeout {
-                    machine: self.cfg.name.clone(),
+                    machine: self.name.clone(),
                     what,
                     timeout: CONNECT_TIMEOUT,
                 });
@@ -397,7 +525,7 @@ impl Vm {
         command: &str,
         deadline: Option<Instant>,
     ) -> Result<CommandOutput, VmError> {
-        let name = self.cfg.name.clone();
+        let name = self.name.clone();
         let shell = self.shell.as_mut().ok_or(VmError::NotRunning {
             machine: name.clone(),
         })?;
@@ -436,7 +564,7 @@ impl Vm {
     pub fn send_console(&mut self, chars: &[u8]) -> Result<(), VmError> {
         use std::io::Write;
         let stdin = self.stdin.as_mut().ok_or(VmError::NotRunning {
-            machine: self.cfg.name.clone(),
+            machine: self.name.clone(),
         })?;
         stdin
             .write_all(chars)
@@ -446,7 +574,7 @@ impl Vm {
 
     /// The QMP client, once QEMU has connected.
     pub fn qmp(&mut self) -> Result<&mut Qmp<UnixStream>, VmError> {
-        let machine = self.cfg.name.clone();
+        let machine = self.name.clone();
         self.qmp.as_mut().ok_or(VmError::NotRunning { machine })
     }
 
@@ -490,6 +618,57 @@ pub fn console_tail(console: &Console) -> String {
         .map(|l| format!("    {l}"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Spawns QEMU (or a start command) guarded, with its serial console on stdout, the
+/// console's input on stdin (`send_console`) and stderr collected for error messages.
+#[allow(clippy::type_complexity)]
+fn spawn_qemu(
+    mut cmd: Command,
+    program: String,
+) -> Result<
+    (
+        GuardedChild,
+        Option<std::process::ChildStdin>,
+        Arc<Mutex<String>>,
+    ),
+    VmError,
+> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child =
+        GuardedChild::spawn(cmd).map_err(|source| VmError::Spawn { program, source })?;
+    let stdin = child.child_mut().stdin.take();
+    let mut stderr_pipe = child.child_mut().stderr.take().expect("piped");
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let stderr_buf = stderr.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr_pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut s = stderr_buf.lock().unwrap();
+            if s.len() < 64 * 1024 {
+                s.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    });
+    Ok((child, stdin, stderr))
+}
+
+/// A unix socket path must fit `sun_path` (107 bytes and a NUL).
+fn check_socket_path(path: &Path) -> Result<(), VmError> {
+    if path.as_os_str().len() > 107 {
+        return Err(VmError::Io {
+            context: format!("socket path {}", path.display()),
+            source: std::io::Error::other(
+                "longer than the 107 bytes a unix socket address holds; use a shorter TMPDIR or state directory",
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn listen(path: &PathBuf) -> Result<UnixListener, VmError> {

@@ -17,10 +17,14 @@ pub const MAX_LINE: usize = 16 * 1024;
 pub const MAX_HISTORY_BYTES: usize = 32 * 1024 * 1024;
 
 /// Splits a byte stream into lines: `\n` ends a line, a trailing `\r` is dropped, invalid
-/// UTF-8 is replaced and over-long lines are cut at [`MAX_LINE`] bytes.
+/// UTF-8 is replaced and over-long lines are cut into pieces of [`MAX_LINE`] bytes (a line of
+/// exactly `MAX_LINE` bytes is one line).
 #[derive(Debug, Default)]
 pub struct LineSplitter {
     partial: Vec<u8>,
+    /// The last line was emitted because it reached [`MAX_LINE`]: a `\n` right after it
+    /// ends that line rather than an empty one.
+    cut: bool,
 }
 
 impl LineSplitter {
@@ -28,11 +32,15 @@ impl LineSplitter {
         let mut lines = Vec::new();
         for &b in bytes {
             if b == b'\n' {
-                lines.push(self.take());
+                if !std::mem::take(&mut self.cut) {
+                    lines.push(self.take());
+                }
             } else {
+                self.cut = false;
                 self.partial.push(b);
                 if self.partial.len() >= MAX_LINE {
                     lines.push(self.take());
+                    self.cut = true;
                 }
             }
         }
@@ -209,6 +217,22 @@ mod tests {
         assert_eq!(s.push(b"a\r\nb"), vec!["a"]);
         assert_eq!(s.push(b"\xff\n"), vec!["b\u{fffd}"]);
         assert_eq!(s.finish(), None);
+    }
+
+    #[test]
+    fn line_of_exactly_max_line_is_one_line() {
+        // Found by the `serial_lines` fuzz target: MAX_LINE bytes and a newline gave the
+        // line and then an empty one.
+        let mut s = LineSplitter::default();
+        let mut data = vec![b'x'; MAX_LINE];
+        data.push(b'\n');
+        assert_eq!(s.push(&data), vec!["x".repeat(MAX_LINE)]);
+        assert_eq!(s.finish(), None);
+        // Also when the newline arrives in a later read, and with CRLF across the cut.
+        let mut data = vec![b'y'; MAX_LINE * 2 - 1];
+        data.extend_from_slice(b"\r");
+        assert_eq!(s.push(&data).len(), 2);
+        assert_eq!(s.push(b"\n\nz\n"), vec!["", "z"]);
     }
 
     #[test]

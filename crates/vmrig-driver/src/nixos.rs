@@ -1,0 +1,321 @@
+//! Machines from NixOS start commands, and the NixOS-compatible driver run
+//! (`vmrig nixos-driver`, or vmrig invoked as `nixos-test-driver`).
+//!
+//! As the upstream driver: each machine has a state directory `vm-state-<name>` (its
+//! `TMPDIR`, working directory and socket home), `SHARED_DIR` names `shared-xchg` next to
+//! it, `QEMU_VDE_SOCKET_<n>` names VLAN `n`'s switch (vmrig's switch speaks VDE), and the
+//! driver's options are appended to the command ([`vmrig_vm::cmdline::nixos_driver_args`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use vmrig_python::{MachineInfo, Mode, ScriptContext};
+use vmrig_vm::machine::StartCommand;
+
+use crate::cleanup::{self, RunDir};
+use crate::events::{Event, Reporter};
+use crate::logger::Logger;
+use crate::machine::{Machine, RunContext};
+use crate::reporters::{JsonLines, Terminal};
+use crate::rpc::DriverHandler;
+use crate::{ApiError, RunError};
+
+/// The machine name of a start command, as upstream takes it: `run-<name>-vm` at its end,
+/// else `machine`.
+pub fn machine_name_from_command(command: &str) -> String {
+    let command = command.trim_end();
+    command
+        .strip_suffix("-vm")
+        .and_then(|rest| rest.rfind("run-").map(|i| &rest[i + 4..]))
+        .filter(|name| !name.is_empty() && !name.contains('/') && !name.contains(' '))
+        .unwrap_or("machine")
+        .to_owned()
+}
+
+/// Makes machines from start commands for a run (`create_machine`, `nixos-driver`).
+pub struct MachineCreator {
+    ctx: Arc<RunContext>,
+    /// Where `vm-state-<name>` directories go when their state is kept (`-K`, or
+    /// `keep_vm_state=True`); otherwise they live in the run directory and go with it.
+    keep_dir: PathBuf,
+    /// `shared-xchg`, the `SHARED_DIR` of every machine.
+    shared_dir: PathBuf,
+    vlans: BTreeMap<u8, Arc<vmrig_net::Vlan>>,
+    /// `QEMU_VDE_SOCKET_<n>` for every VLAN.
+    env: Vec<(String, String)>,
+    /// `-K` for the whole run.
+    keep_all: bool,
+}
+
+impl MachineCreator {
+    /// Gives every VLAN a VDE directory for start scripts.
+    pub fn new(
+        ctx: Arc<RunContext>,
+        keep_dir: PathBuf,
+        vlans: &BTreeMap<u8, Arc<vmrig_net::Vlan>>,
+        keep_all: bool,
+    ) -> Result<MachineCreator, RunError> {
+        let shared_dir = if keep_all { &keep_dir } else { &ctx.run_dir }.join("shared-xchg");
+        std::fs::create_dir_all(&shared_dir)
+            .map_err(|e| RunError::Infra(format!("creating {}: {e}", shared_dir.display())))?;
+        let mut env = vec![(
+            "SHARED_DIR".to_owned(),
+            shared_dir.to_string_lossy().into_owned(),
+        )];
+        for (nr, vlan) in vlans {
+            let dir = vlan
+                .vde_dir()
+                .map_err(|e| RunError::Infra(format!("the VDE socket of VLAN {nr}: {e}")))?;
+            env.push((
+                format!("QEMU_VDE_SOCKET_{nr}"),
+                dir.to_string_lossy().into_owned(),
+            ));
+        }
+        Ok(MachineCreator {
+            ctx,
+            keep_dir,
+            shared_dir,
+            vlans: vlans.clone(),
+            env,
+            keep_all,
+        })
+    }
+
+    /// The environment start commands get besides `TMPDIR` and `USE_TMPDIR`.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
+    pub fn shared_dir(&self) -> &Path {
+        &self.shared_dir
+    }
+
+    /// A machine for `command` (named `name`, else from the command). Without kept state,
+    /// a fresh state directory; with it, the one a previous run left.
+    pub fn create(
+        &self,
+        name: Option<&str>,
+        command: &str,
+        keep_state: bool,
+    ) -> Result<Machine, ApiError> {
+        let name = name
+            .map(str::to_owned)
+            .unwrap_or_else(|| machine_name_from_command(command));
+        if name.is_empty() || name.contains('/') {
+            return Err(ApiError::Machine(format!(
+                "`{name}` cannot name a machine (it names its state directory)"
+            )));
+        }
+        let keep = keep_state || self.keep_all;
+        let base = if keep {
+            &self.keep_dir
+        } else {
+            &self.ctx.run_dir
+        };
+        let state_dir = base.join(format!("vm-state-{name}"));
+        if !keep && state_dir.exists() {
+            std::fs::remove_dir_all(&state_dir)
+                .map_err(|e| ApiError::Machine(format!("removing {}: {e}", state_dir.display())))?;
+        }
+        let command = StartCommand {
+            name: name.clone(),
+            command: command.to_owned(),
+            state_dir,
+            env: self.env.clone(),
+            allow_reboot: false,
+        };
+        let vlans = self.vlans.iter().map(|(nr, v)| (*nr, v.clone())).collect();
+        Ok(Machine::from_start_command(
+            self.ctx.clone(),
+            command,
+            vlans,
+        ))
+    }
+}
+
+/// A NixOS driver run, as the upstream command line describes it.
+#[derive(Clone)]
+pub struct NixosRun {
+    /// `(name, start command)`; a missing name comes from the command.
+    pub machines: Vec<(Option<String>, String)>,
+    pub vlans: Vec<u8>,
+    pub test_script: PathBuf,
+    pub out_dir: PathBuf,
+    pub keep_vm_state: bool,
+    pub global_timeout: Duration,
+    pub interactive: bool,
+    pub python: PathBuf,
+    pub reporters: Vec<Arc<dyn Reporter>>,
+}
+
+/// How a NixOS driver run ended.
+#[derive(Debug, Clone)]
+pub struct NixosOutcome {
+    pub failure: Option<String>,
+    pub timed_out: bool,
+    pub elapsed: Duration,
+}
+
+/// Runs a NixOS test: switches for the VLANs, a machine per start command, the script.
+pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
+    let started = Instant::now();
+    cleanup::install_signal_handlers();
+    let python = crate::run::find_program(&run.python).ok_or_else(|| {
+        RunError::Python(vmrig_python::BridgeError::PythonNotFound {
+            python: run.python.clone(),
+        })
+    })?;
+    let text = std::fs::read_to_string(&run.test_script).map_err(|e| {
+        RunError::Infra(format!(
+            "cannot read the test script {}: {e}",
+            run.test_script.display()
+        ))
+    })?;
+    let script = vmrig_spec::ScriptSource {
+        text,
+        filename: run.test_script.clone(),
+        first_line: 1,
+    };
+    vmrig_python::check_syntax(&python, &script).map_err(RunError::Script)?;
+    let logger = nixos_logger(run)?;
+    if !run.keep_vm_state {
+        logger.info("Machine state will be reset. To keep it, pass --keep-vm-state");
+    }
+    let run_dir = RunDir::create(false)
+        .map_err(|e| RunError::Infra(format!("creating a run directory: {e}")))?;
+    let deadline = Instant::now() + run.global_timeout;
+    let serial_stdout = Arc::new(AtomicBool::new(true));
+    let decision = vmrig_vm::accel::decide(vmrig_vm::accel::AccelChoice::Auto)
+        .map_err(|e| RunError::Infra(e.to_string()))?;
+    let store = vmrig_store::Store::open_default()
+        .map_err(|e| RunError::Infra(format!("opening the store: {e}")))?;
+    let ctx = Arc::new(RunContext {
+        // Start commands bring their own QEMU; these are for nodes, which this run has not.
+        qemu: "qemu-system-x86_64".into(),
+        qemu_img: "qemu-img".into(),
+        accel: decision.accel,
+        firmware: None,
+        logger: logger.clone(),
+        out_dir: run.out_dir.clone(),
+        run_dir: run_dir.path().to_owned(),
+        serial_stdout: serial_stdout.clone(),
+        deadline,
+        store,
+        snapshots: false,
+        qemu_version: String::new(),
+        keep_state_in: None,
+    });
+    let mut vlans = BTreeMap::new();
+    for &nr in &run.vlans {
+        let vlan = vmrig_net::Vlan::start(nr, run_dir.path())
+            .map_err(|e| RunError::Infra(format!("starting the switch of VLAN {nr}: {e}")))?;
+        vlans.insert(nr, Arc::new(vlan));
+    }
+    let keep_dir = std::env::temp_dir();
+    let creator = MachineCreator::new(ctx.clone(), keep_dir, &vlans, run.keep_vm_state)?;
+    let mut machines = BTreeMap::new();
+    let mut infos = Vec::new();
+    for (name, command) in &run.machines {
+        let machine = creator
+            .create(name.as_deref(), command, false)
+            .map_err(|e| RunError::Infra(e.to_string()))?;
+        infos.push(MachineInfo::new(machine.name.clone()));
+        if machines
+            .insert(machine.name.clone(), Arc::new(Mutex::new(machine)))
+            .is_some()
+        {
+            return Err(RunError::Infra(format!(
+                "two machines are named `{}`: name them with --vm-names",
+                infos.last().expect("pushed").name
+            )));
+        }
+    }
+    let handler = DriverHandler {
+        machines: RwLock::new(machines),
+        vlans,
+        logger: logger.clone(),
+        serial_stdout,
+        creator,
+    };
+    let script_ctx = ScriptContext {
+        machines: infos,
+        vlans: run.vlans.clone(),
+        out_dir: run.out_dir.clone(),
+        work_dir: run_dir.path().to_owned(),
+    };
+    let mode = if run.interactive {
+        Mode::Interactive
+    } else {
+        Mode::Script
+    };
+    let secs = run.global_timeout.as_secs();
+    let served = crate::run::serve_script(
+        &handler,
+        &python,
+        &script,
+        &script_ctx,
+        mode,
+        (deadline, secs),
+    )?;
+    drop(handler);
+    drop(run_dir);
+    let elapsed = started.elapsed();
+    let (failure, timed_out) = served;
+    let summary = match &failure {
+        None => format!("test script finished in {:.2}s", elapsed.as_secs_f64()),
+        Some(why) => format!("test FAILED after {:.1} s: {why}", elapsed.as_secs_f64()),
+    };
+    logger.emit(Event::RunFinished {
+        passed: failure.is_none(),
+        elapsed,
+        summary,
+    });
+    Ok(NixosOutcome {
+        failure,
+        timed_out,
+        elapsed,
+    })
+}
+
+/// The terminal log, `events.jsonl` in the output directory, and the caller's reporters.
+fn nixos_logger(run: &NixosRun) -> Result<Logger, RunError> {
+    let events = JsonLines::create(&run.out_dir.join("events.jsonl")).map_err(|e| {
+        RunError::Infra(format!(
+            "cannot write to the output directory {}: {e}; choose another with `-o DIR`",
+            run.out_dir.display()
+        ))
+    })?;
+    let mut reporters: Vec<Box<dyn Reporter>> =
+        vec![Box::new(events), Box::new(Terminal::stderr())];
+    for extra in &run.reporters {
+        reporters.push(Box::new(crate::run::Shared(extra.clone())));
+    }
+    let logger = Logger::new(reporters);
+    logger.emit(Event::RunStarted {
+        test: "nixos-test".into(),
+        file: run.test_script.display().to_string(),
+    });
+    Ok(logger)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_names_come_from_run_name_vm() {
+        assert_eq!(
+            machine_name_from_command("/nix/store/abc-nixos-vm/bin/run-server-vm"),
+            "server"
+        );
+        assert_eq!(machine_name_from_command("./run-my-node-vm"), "my-node");
+        assert_eq!(
+            machine_name_from_command("qemu-system-x86_64 -m 512"),
+            "machine"
+        );
+        assert_eq!(machine_name_from_command("/x/run--vm"), "machine");
+    }
+}

@@ -1,0 +1,270 @@
+//! NixOS-style start scripts (`run-<node>-vm`) for vmrig machines, so that vmrig images run
+//! under the upstream NixOS test driver as well as under vmrig's `nixos-driver`.
+//!
+//! The script holds the machine part of the QEMU command line ([`machine_args`], the one
+//! place it is made) and honours what NixOS's scripts honour: `NIX_DISK_IMAGE` (the
+//! writable disk, created on first start over the store's root image), `TMPDIR` with
+//! `USE_TMPDIR`, `QEMU_OPTS`, `QEMU_NET_OPTS` (appended to eth0's user netdev),
+//! `QEMU_KERNEL_PARAMS` and `"$@"`. Each VLAN's NIC joins the switch named by
+//! `QEMU_VDE_SOCKET_<n>` (`-netdev vde`), as the NixOS driver sets it. The driver appends
+//! its own sockets, console and `-serial stdio` ([`crate::cmdline::nixos_driver_args`]).
+
+use std::path::Path;
+
+use crate::backdoor::shell_quote;
+use crate::cmdline::{machine_args, vlan_netdev_id, vlan_nic_args, VmConfig, USER_NETDEV};
+
+/// Stands for the disk path in the argv until it is rendered as a shell expansion.
+const DISK: &str = "@vmrig-disk@";
+/// Stands for the end of the kernel command line.
+const KERNEL_PARAMS: &str = "@vmrig-kernel-params@";
+/// Stands for the end of eth0's netdev.
+const NET_OPTS: &str = "@vmrig-net-opts@";
+
+/// What a start script needs besides the machine's [`VmConfig`] (whose `disk`, sockets,
+/// `incoming` and VLAN sockets are ignored: those are the caller's at run time).
+pub struct StartScript<'a> {
+    pub cfg: &'a VmConfig,
+    /// The read-only root image the writable disk is layered on (raw).
+    pub root_image: &'a Path,
+    pub qemu: &'a Path,
+    pub qemu_img: &'a Path,
+    /// Where the script comes from, for its header comment.
+    pub origin: &'a str,
+}
+
+/// The script's file name, as NixOS names it (the driver takes the machine name from it).
+pub fn file_name(machine: &str) -> String {
+    format!("run-{machine}-vm")
+}
+
+/// The script's text.
+pub fn render(s: &StartScript) -> String {
+    let mut cfg = s.cfg.clone();
+    cfg.disk = DISK.into();
+    cfg.kernel_params.push(KERNEL_PARAMS.into());
+    let mut args = machine_args(&cfg);
+    for arg in args.iter_mut() {
+        if arg.starts_with(USER_NETDEV) {
+            arg.push_str(NET_OPTS);
+        }
+    }
+    for (i, nic) in cfg.vlans.iter().enumerate() {
+        let netdev = format!(
+            "vde,id={},sock={}",
+            vlan_netdev_id(nic.vlan),
+            vde_socket(nic.vlan)
+        );
+        args.extend(vlan_nic_args(nic, i, netdev));
+    }
+    let name = &cfg.name;
+    let mut out = format!(
+        "#!/usr/bin/env bash
+# {file}: starts the vmrig machine `{name}` the way a NixOS start script does.
+# Made by {origin}. It uses store paths: keep them (`vmrig store gc` removes unused ones).
+set -eu
+if [ -z \"${{TMPDIR:-}}\" ] || [ -z \"${{USE_TMPDIR:-}}\" ]; then
+    TMPDIR=$(mktemp -d nix-vm.XXXXXXXXXX --tmpdir)
+fi
+NIX_DISK_IMAGE=$(readlink -f \"${{NIX_DISK_IMAGE:-./{name}.qcow2}}\")
+if [ ! -e \"$NIX_DISK_IMAGE\" ]; then
+    {qemu_img} create -q -f qcow2 -F raw -b {root} \"$NIX_DISK_IMAGE\"
+fi
+cd \"$TMPDIR\"
+exec {qemu}",
+        file = file_name(name),
+        origin = s.origin,
+        qemu_img = shell_quote(&s.qemu_img.to_string_lossy()),
+        root = shell_quote(&s.root_image.to_string_lossy()),
+        qemu = shell_quote(&s.qemu.to_string_lossy()),
+    );
+    for arg in &args {
+        out.push_str(" \\\n    ");
+        out.push_str(&render_arg(arg));
+    }
+    out.push_str(" \\\n    ${QEMU_OPTS:-} \"$@\"\n");
+    out
+}
+
+/// `"$QEMU_VDE_SOCKET_<n>"`, failing with a clear message when it is unset.
+fn vde_socket(vlan: u8) -> String {
+    format!("@vde{vlan}@")
+}
+
+/// One argument, single-quoted, with the placeholders turned into expansions.
+fn render_arg(arg: &str) -> String {
+    let mut quoted = shell_quote(arg);
+    quoted = quoted.replace(DISK, "'\"${NIX_DISK_IMAGE//,/,,}\"'");
+    quoted = quoted.replace(
+        &format!(" {KERNEL_PARAMS}"),
+        "'\"${QEMU_KERNEL_PARAMS:+ $QEMU_KERNEL_PARAMS}\"'",
+    );
+    quoted = quoted.replace(NET_OPTS, "'\"${QEMU_NET_OPTS:+,$QEMU_NET_OPTS}\"'");
+    while let Some(start) = quoted.find("@vde") {
+        let end = start + quoted[start + 1..].find('@').expect("closed placeholder") + 2;
+        let vlan = &quoted[start + 4..end - 1];
+        let var = format!("QEMU_VDE_SOCKET_{vlan}");
+        let expansion = format!(
+            "'\"${{{var}:?is not set: the test driver names the switch of VLAN {vlan} there}}\"'"
+        );
+        quoted.replace_range(start..end, &expansion);
+    }
+    // Drop the empty '' pieces the substitutions leave behind.
+    quoted.replace("\"''", "\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accel::Accel;
+    use crate::cmdline::VlanNic;
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            name: "server".into(),
+            accel: Accel::Tcg,
+            memory_mib: 512,
+            cpus: 1,
+            kernel: "/store/k/vmlinux".into(),
+            initrd: "/scripts/server-initrd".into(),
+            disk: "/ignored".into(),
+            kernel_params: vec!["foo=bar".into()],
+            shell_socket: "/ignored".into(),
+            qmp_socket: "/ignored".into(),
+            vlans: vec![VlanNic {
+                vlan: 1,
+                mac: "52:54:00:12:01:02".into(),
+                socket: "/ignored".into(),
+            }],
+            graphics: false,
+            firmware: None,
+            allow_reboot: true,
+            forwards: vec![],
+            incoming: None,
+        }
+    }
+
+    fn script() -> String {
+        render(&StartScript {
+            cfg: &cfg(),
+            root_image: Path::new("/store/r/root.img"),
+            qemu: Path::new("/usr/bin/qemu-system-x86_64"),
+            qemu_img: Path::new("/usr/bin/qemu-img"),
+            origin: "a test",
+        })
+    }
+
+    #[test]
+    fn script_honours_the_nixos_variables() {
+        let s = script();
+        assert!(s.starts_with("#!/usr/bin/env bash\n"));
+        assert!(
+            s.contains("'file='\"${NIX_DISK_IMAGE//,/,,}\"',if=virtio"),
+            "{s}"
+        );
+        assert!(
+            s.contains("foo=bar'\"${QEMU_KERNEL_PARAMS:+ $QEMU_KERNEL_PARAMS}\""),
+            "{s}"
+        );
+        assert!(
+            s.contains("'user,id=user0,restrict=on'\"${QEMU_NET_OPTS:+,$QEMU_NET_OPTS}\""),
+            "{s}"
+        );
+        assert!(
+            s.contains("'vde,id=vlan1,sock='\"${QEMU_VDE_SOCKET_1:?"),
+            "{s}"
+        );
+        assert!(s.trim_end().ends_with("${QEMU_OPTS:-} \"$@\""));
+        assert!(!s.contains("@vmrig") && !s.contains("@vde"), "{s}");
+        assert!(
+            !s.contains("-serial") && !s.contains("virtconsole"),
+            "the driver adds those"
+        );
+    }
+
+    /// The rendered script, run by bash with a fake QEMU that prints its argv.
+    #[test]
+    fn bash_expands_the_script_into_the_expected_argv() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-qemu");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done\n",
+        )
+        .unwrap();
+        let fake_img = dir.path().join("fake-qemu-img");
+        std::fs::write(
+            &fake_img,
+            "#!/bin/sh\nfor a; do last=$a; done; : > \"$last\"\n",
+        )
+        .unwrap();
+        for f in [&fake, &fake_img] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let text = render(&StartScript {
+            cfg: &cfg(),
+            root_image: Path::new("/store/r/root.img"),
+            qemu: &fake,
+            qemu_img: &fake_img,
+            origin: "a test",
+        });
+        let script = dir.path().join("run-server-vm");
+        std::fs::write(&script, text).unwrap();
+        let state = dir.path().join("state,1");
+        std::fs::create_dir(&state).unwrap();
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .args(["-extra", "arg with space"])
+            .current_dir(&state)
+            .env("TMPDIR", &state)
+            .env("USE_TMPDIR", "1")
+            .env("QEMU_OPTS", "-m 1024")
+            .env("QEMU_NET_OPTS", "hostfwd=tcp::2222-:22")
+            .env("QEMU_KERNEL_PARAMS", "quiet=1")
+            .env("QEMU_VDE_SOCKET_1", "/tmp/vde1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let argv = String::from_utf8(out.stdout).unwrap();
+        let argv: Vec<&str> = argv.lines().collect();
+        let after = |flag: &str| argv[argv.iter().position(|a| *a == flag).unwrap() + 1];
+        assert_eq!(
+            after("-drive"),
+            format!(
+                "file={}/server.qcow2,if=virtio,format=qcow2,cache=unsafe,discard=unmap",
+                state.to_string_lossy().replace(',', ",,")
+            )
+        );
+        assert!(
+            state.join("server.qcow2").exists(),
+            "the disk is created on first start"
+        );
+        assert!(after("-append").ends_with(" foo=bar quiet=1"));
+        assert_eq!(
+            after("-netdev"),
+            "user,id=user0,restrict=on,hostfwd=tcp::2222-:22"
+        );
+        assert!(argv.contains(&"vde,id=vlan1,sock=/tmp/vde1"));
+        assert_eq!(
+            &argv[argv.len() - 4..],
+            ["-m", "1024", "-extra", "arg with space"]
+        );
+
+        // Without the VLAN's variable the script says what is missing.
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .current_dir(&state)
+            .env_remove("QEMU_VDE_SOCKET_1")
+            .env("TMPDIR", &state)
+            .env("USE_TMPDIR", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("QEMU_VDE_SOCKET_1: is not set"));
+    }
+}
