@@ -279,24 +279,13 @@ impl Machine {
             node_layer::write_initrd(&image.initrd_file(), layer, &initrd)
                 .map_err(|e| ApiError::Machine(format!("writing {}: {e}", initrd.display())))?;
         }
-        let mut cfg = VmConfig {
-            name: self.name.clone(),
-            accel: self.ctx.accel,
-            memory_mib: node.memory,
-            cpus: node.cpus,
-            kernel: image.kernel_file(),
-            initrd: initrd.clone(),
-            disk: disk.clone(),
-            kernel_params: node.kernel_params.clone(),
-            shell_socket: self.dir.join("shell.sock"),
-            qmp_socket: self.dir.join("qmp.sock"),
-            vlans: vlans.clone(),
-            graphics: node.graphics,
-            firmware: self.ctx.firmware.clone(),
-            allow_reboot,
-            forwards: self.forwards.clone(),
-            incoming: None,
-        };
+        let mut cfg = node_vm_config(node, image, &initrd, vlans.clone(), self.ctx.accel);
+        cfg.disk = disk.clone();
+        cfg.shell_socket = self.dir.join("shell.sock");
+        cfg.qmp_socket = self.dir.join("qmp.sock");
+        cfg.firmware = self.ctx.firmware.clone();
+        cfg.allow_reboot = allow_reboot;
+        cfg.forwards = self.forwards.clone();
         // A snapshot only stands in for a first boot: a restart keeps the disk as the
         // test left it, as NixOS does.
         let mut backing = (image.root_image(), "raw");
@@ -577,6 +566,35 @@ impl Drop for Machine {
         if let Some(mut vm) = self.vm.take() {
             vm.kill();
         }
+    }
+}
+
+/// The QEMU configuration of `node` booting `image` with its own `initrd` (the image's plus
+/// the node layer); the caller fills in the disk, sockets, firmware and run-time options.
+pub fn node_vm_config(
+    node: &NodeSpec,
+    image: &NodeImage,
+    initrd: &std::path::Path,
+    vlans: Vec<VlanNic>,
+    accel: Accel,
+) -> VmConfig {
+    VmConfig {
+        name: node.name.clone(),
+        accel,
+        memory_mib: node.memory,
+        cpus: node.cpus,
+        kernel: image.kernel_file(),
+        initrd: initrd.to_owned(),
+        disk: PathBuf::new(),
+        kernel_params: node.kernel_params.clone(),
+        shell_socket: PathBuf::new(),
+        qmp_socket: PathBuf::new(),
+        vlans,
+        graphics: node.graphics,
+        firmware: None,
+        allow_reboot: false,
+        forwards: Vec::new(),
+        incoming: None,
     }
 }
 

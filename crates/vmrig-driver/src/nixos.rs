@@ -151,6 +151,20 @@ pub struct NixosRun {
     pub reporters: Vec<Arc<dyn Reporter>>,
 }
 
+impl std::fmt::Debug for NixosRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NixosRun")
+            .field("machines", &self.machines)
+            .field("vlans", &self.vlans)
+            .field("test_script", &self.test_script)
+            .field("out_dir", &self.out_dir)
+            .field("keep_vm_state", &self.keep_vm_state)
+            .field("global_timeout", &self.global_timeout)
+            .field("interactive", &self.interactive)
+            .finish_non_exhaustive()
+    }
+}
+
 /// How a NixOS driver run ended.
 #[derive(Debug, Clone)]
 pub struct NixosOutcome {
@@ -299,6 +313,61 @@ fn nixos_logger(run: &NixosRun) -> Result<Logger, RunError> {
         file: run.test_script.display().to_string(),
     });
     Ok(logger)
+}
+
+/// Writes a NixOS-style start script `run-<node>-vm` (and the node's initrd,
+/// `<node>-initrd`) into `dir` for every node of `spec`, booting `images`. VLAN NICs join
+/// the switches named by `QEMU_VDE_SOCKET_<n>`; the scripts run under vmrig's
+/// `nixos-driver` or the upstream driver. Returns the scripts' paths.
+pub fn write_start_scripts(
+    spec: &vmrig_spec::TestSpec,
+    images: &BTreeMap<String, vmrig_image::NodeImage>,
+    dir: &Path,
+    accel: vmrig_vm::accel::Accel,
+) -> Result<Vec<PathBuf>, RunError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |what: &Path, e: std::io::Error| {
+        RunError::Infra(format!("writing {}: {e}", what.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let dir = dir.canonicalize().map_err(|e| io(dir, e))?;
+    let program = |name: &str| {
+        crate::run::find_program(Path::new(name)).unwrap_or_else(|| PathBuf::from(name))
+    };
+    let (qemu, qemu_img) = (program("qemu-system-x86_64"), program("qemu-img"));
+    let mut scripts = Vec::new();
+    for (name, node) in &spec.nodes {
+        let image = &images[name];
+        let layer = vmrig_image::node_layer::node_layer(spec, node)
+            .map_err(|e| RunError::Infra(format!("node `{name}`: {e}")))?;
+        let initrd = dir.join(format!("{name}-initrd"));
+        vmrig_image::node_layer::write_initrd(&image.initrd_file(), &layer, &initrd)
+            .map_err(|e| io(&initrd, e))?;
+        let nics = vmrig_image::node_layer::vlan_addresses(spec, node)
+            .into_iter()
+            .map(|a| vmrig_vm::cmdline::VlanNic {
+                vlan: a.vlan,
+                mac: a.mac,
+                socket: PathBuf::new(),
+            })
+            .collect();
+        let mut cfg = crate::machine::node_vm_config(node, image, &initrd, nics, accel);
+        cfg.firmware = crate::run::firmware();
+        let origin = format!("`vmrig build --start-scripts` from {}", spec.path.display());
+        let text = vmrig_vm::start_script::render(&vmrig_vm::start_script::StartScript {
+            cfg: &cfg,
+            root_image: &image.root_image(),
+            qemu: &qemu,
+            qemu_img: &qemu_img,
+            origin: &origin,
+        });
+        let script = dir.join(vmrig_vm::start_script::file_name(name));
+        std::fs::write(&script, text).map_err(|e| io(&script, e))?;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| io(&script, e))?;
+        scripts.push(script);
+    }
+    Ok(scripts)
 }
 
 #[cfg(test)]

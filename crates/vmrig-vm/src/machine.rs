@@ -423,14 +423,24 @@ impl Vm {
             "shell",
             connect_deadline,
         )?;
+        self.connect_qmp(connect_deadline)?;
+        Ok(stream)
+    }
+
+    /// Connects QMP (and a start command's monitor) unless connected: QEMU opens them at
+    /// start-up, so QMP works before the guest has booted (`block()`, screenshots).
+    fn connect_qmp(&mut self, deadline: Instant) -> Result<(), VmError> {
+        if self.qmp.is_some() {
+            return Ok(());
+        }
         let qmp = match &self.qmp_endpoint {
             QmpEndpoint::Listen(listener) => {
                 let listener = listener.try_clone().map_err(io_err("qmp socket"))?;
-                self.accept(&listener, "QMP", connect_deadline)?
+                self.accept(&listener, "QMP", deadline)?
             }
             QmpEndpoint::Connect(path) => {
                 let path = path.clone();
-                self.connect_to(&path, "QMP", connect_deadline)?
+                self.connect_to(&path, "QMP", deadline)?
             }
         };
         if let Some((listener, stream @ None)) = self.monitor.as_mut() {
@@ -445,7 +455,7 @@ impl Vm {
             source,
         })?;
         self.qmp = Some(qmp);
-        Ok(stream)
+        Ok(())
     }
 
     fn accept(
@@ -574,6 +584,9 @@ impl Vm {
 
     /// The QMP client, once QEMU has connected.
     pub fn qmp(&mut self) -> Result<&mut Qmp<UnixStream>, VmError> {
+        if self.qmp.is_none() && self.is_running() {
+            self.connect_qmp(Instant::now() + CONNECT_TIMEOUT)?;
+        }
         let machine = self.name.clone();
         self.qmp.as_mut().ok_or(VmError::NotRunning { machine })
     }

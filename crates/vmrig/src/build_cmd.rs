@@ -23,6 +23,13 @@ pub struct BuildArgs {
     /// {"tests":[{"name":…,"file":…,"nodes":{"<node>":{"kernel":…,"initrd":…,"rootfs":…}}}]}
     #[arg(long)]
     pub json: bool,
+
+    /// Also write a NixOS-style start script `run-<node>-vm` per node into DIR (with each
+    /// node's initrd), for `vmrig nixos-driver` or the upstream NixOS test driver. VLANs join
+    /// the switches named by QEMU_VDE_SOCKET_<n>; QEMU_OPTS, QEMU_NET_OPTS,
+    /// QEMU_KERNEL_PARAMS, NIX_DISK_IMAGE and extra arguments are honoured.
+    #[arg(long, value_name = "DIR")]
+    pub start_scripts: Option<PathBuf>,
 }
 
 pub fn run(args: BuildArgs) -> anyhow::Result<i32> {
@@ -60,6 +67,15 @@ pub fn run(args: BuildArgs) -> anyhow::Result<i32> {
         }
     }
     drop(progress);
+
+    if let Some(dir) = &args.start_scripts {
+        let accel = vmrig_vm::accel::decide(vmrig_vm::accel::AccelChoice::Auto)?.accel;
+        for (spec, images) in &built {
+            for script in vmrig_driver::nixos::write_start_scripts(spec, images, dir, accel)? {
+                eprintln!("wrote {}", script.display());
+            }
+        }
+    }
 
     let mut out = std::io::stdout().lock();
     if args.json {

@@ -26,6 +26,7 @@ mod doctor;
 mod exit;
 mod jobs;
 mod list_cmd;
+mod nixos_cmd;
 mod progress;
 mod run_cmd;
 mod runner;
@@ -85,6 +86,9 @@ enum Command {
         #[arg(long, default_value = "python3", env = "VMRIG_PYTHON")]
         python: std::path::PathBuf,
     },
+    /// Run a NixOS VM test on vmrig's driver, with the upstream nixos-test-driver's command
+    /// line (vmrig also answers to that name: symlink it as `nixos-test-driver`).
+    NixosDriver(nixos_cmd::NixosArgs),
     /// Inspect and clean the image store.
     Store {
         #[command(subcommand)]
@@ -93,6 +97,12 @@ enum Command {
 }
 
 fn main() {
+    // Invoked as the NixOS driver (a symlink named nixos-test-driver): its command line.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name() == Some("nixos-test-driver".as_ref()) {
+        let args = <nixos_cmd::NixosArgs as Parser>::parse();
+        std::process::exit(exit::finish(nixos_cmd::run(args)));
+    }
     let cli = Cli::parse(); // exits 2 on a usage error, 0 on --help/--version
     VERBOSITY.store(cli.verbose, Ordering::Relaxed);
     let result = match cli.command {
@@ -101,6 +111,7 @@ fn main() {
         Command::Build(args) => build_cmd::run(args),
         Command::List(args) => list_cmd::run(args),
         Command::Doctor { qemu, python } => doctor::run(qemu, python),
+        Command::NixosDriver(args) => nixos_cmd::run(args),
         Command::Store { command } => store_cmd::run(command),
     };
     std::process::exit(exit::finish(result));

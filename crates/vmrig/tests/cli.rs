@@ -265,3 +265,39 @@ fn doctor_on_an_empty_path_says_what_to_install_and_exits_4() {
     assert!(stdout.contains("MISS python3 not found"), "{stdout}");
     assert!(stdout.contains("info accelerator: "), "{stdout}");
 }
+
+#[test]
+fn invoked_as_nixos_test_driver_it_takes_the_upstream_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("nixos-test-driver");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vmrig"), &link).unwrap();
+    let out = Command::new(&link).arg("--help").output().unwrap();
+    let help = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{help}");
+    for flag in [
+        "--start-scripts",
+        "--vm-names",
+        "--vm-start-scripts",
+        "--vlans",
+        "--keep-vm-state",
+        "--global-timeout",
+        "--junit-xml",
+        "--config",
+        "--interactive",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    // No test script anywhere: a clear error, not a crash.
+    let out = Command::new(&link)
+        .args(["-o"])
+        .arg(dir.path())
+        .env_remove("testScript")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no test script"),
+        "{}",
+        text(&out.stderr)
+    );
+}
