@@ -62,7 +62,8 @@ pub fn vlan_addresses(spec: &TestSpec, node: &NodeSpec) -> Vec<VlanAddress> {
         .map(|(i, &v)| VlanAddress {
             vlan: v,
             interface: format!("eth{}", i + 1),
-            mac: format!("52:54:00:12:{v:02}:{k:02}"),
+            // As NixOS (qemu-flags.nix): both numbers as two hex digits.
+            mac: format!("52:54:00:12:{v:02x}:{k:02x}"),
             ipv4: format!("192.168.{v}.{k}"),
             ipv6: format!("2001:db8:{v}::{k}"),
         })

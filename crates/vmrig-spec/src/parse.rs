@@ -87,6 +87,13 @@ pub const RESERVED_NAMES: &[&str] = &[
     "create_machine",
     "t",
     "test_script",
+    "run_tests",
+    "machines_qemu",
+    "machines_nspawn",
+    "os",
+    "partition",
+    "heal",
+    "debug",
 ];
 /// Python keywords (the lowercase ones; a node name cannot be any other).
 pub const PYTHON_KEYWORDS: &[&str] = &[

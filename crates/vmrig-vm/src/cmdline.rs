@@ -267,12 +267,6 @@ pub fn nixos_driver_args(
     a
 }
 
-/// The MAC of node number `node` (1-based, alphabetical) on VLAN `vlan`, as NixOS writes
-/// it: `52:54:00:12:vv:kk` with both numbers in zero-padded decimal.
-pub fn vlan_mac(vlan: u8, node: u8) -> String {
-    format!("52:54:00:12:{vlan:02}:{node:02}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,7 +285,7 @@ mod tests {
             qmp_socket: "/run/server/qmp".into(),
             vlans: vec![VlanNic {
                 vlan: 1,
-                mac: vlan_mac(1, 2),
+                mac: "52:54:00:12:01:02".into(),
                 socket: "/run/vlan1/server.sock".into(),
             }],
             graphics: false,
@@ -366,7 +360,7 @@ mod tests {
         let mut cfg = config();
         cfg.vlans.push(VlanNic {
             vlan: 2,
-            mac: vlan_mac(2, 2),
+            mac: "52:54:00:12:02:02".into(),
             socket: "/run/vlan2/server.sock".into(),
         });
         let line = joined(&cfg);
