@@ -95,6 +95,24 @@ pub const RESERVED_NAMES: &[&str] = &[
     "heal",
     "debug",
 ];
+/// Error messages are one line (`file:line:col: message`): control characters from the
+/// test file's values (a newline in a quoted string) are shown escaped.
+fn one_line(message: String) -> String {
+    if !message.chars().any(char::is_control) {
+        return message;
+    }
+    message
+        .chars()
+        .map(|c| match c {
+            '\n' => "\\n".to_owned(),
+            '\r' => "\\r".to_owned(),
+            '\t' => "\\t".to_owned(),
+            c if c.is_control() => c.escape_unicode().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 /// Python keywords (the lowercase ones; a node name cannot be any other).
 pub const PYTHON_KEYWORDS: &[&str] = &[
     "and", "as", "assert", "async", "await", "break", "class", "continue", "def", "del", "elif",
@@ -284,7 +302,13 @@ fn is_guest_path(s: &str) -> bool {
 
 impl<'a> Ctx<'a> {
     fn err(&self, kind: ErrorKind, span: Span, message: impl Into<String>) -> SpecError {
-        SpecError::new(kind, self.path, Some(self.src), span, message)
+        SpecError::new(
+            kind,
+            self.path,
+            Some(self.src),
+            span,
+            one_line(message.into()),
+        )
     }
 
     /// The entries of `table`, refusing keys not in `allowed`.

@@ -462,3 +462,12 @@ fn miette_rendering() {
     assert!(out.contains("pakages = [\"curl\"]"), "{out}");
     assert!(out.contains("did you mean `packages`?"), "{out}");
 }
+
+#[test]
+fn control_characters_in_values_are_escaped_to_keep_one_line() {
+    check(
+        &with_head("[nodes.web]\nmirror = \"file:///a\\n-b\"\n"),
+        ErrorKind::Invalid,
+        "t.toml:4:10: invalid `mirror` `file:///a\\n-b` in node `web`: expected a URL",
+    );
+}
