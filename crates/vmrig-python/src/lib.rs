@@ -99,7 +99,8 @@ pub use child::{BridgeError, Mode, ScriptChild, ScriptContext, ScriptKiller, Scr
 pub use names::{pythonize_name, MachineInfo};
 pub use rpc::{Handler, RpcError, RpcErrorKind};
 pub use syntax::{
-    check_syntax, probe_python, PythonVersion, ScriptError, ScriptSource, SyntaxDiagnostic,
+    check_syntax, driver_symbols, probe_python, PythonVersion, ScriptError, ScriptSource,
+    SyntaxDiagnostic,
 };
 
 /// The embedded Python module (`vmrig_driver.py`): the test-script API.

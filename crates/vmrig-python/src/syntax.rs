@@ -208,3 +208,19 @@ pub fn check_syntax(python: &Path, src: &ScriptSource) -> Result<(), ScriptError
         message: answer.message,
     })))
 }
+
+/// The global names a test script sees (the driver's functions and classes; not the
+/// machines), as upstream's `generate-driver-symbols` lists them for pyflakes.
+pub fn driver_symbols(python: &Path) -> Result<Vec<String>, BridgeError> {
+    probe_python(python)?;
+    let dir =
+        tempfile::tempdir().map_err(|e| BridgeError::io("creating a temporary directory", e))?;
+    let module = dir.path().join(crate::MODULE_FILE_NAME);
+    std::fs::write(&module, crate::PYTHON_MODULE)
+        .map_err(|e| BridgeError::io(format!("writing {}", module.display()), e))?;
+    let code = "import sys; sys.path.insert(0, sys.argv[1]); import vmrig_driver as v; \
+                print(','.join(v._Session({'machines': [], 'vlans': []}, None).symbols()))";
+    let dir_arg = dir.path().to_string_lossy().into_owned();
+    let out = run_python(python, &["-B", "-c", code, &dir_arg], None)?;
+    Ok(out.trim().split(',').map(str::to_owned).collect())
+}

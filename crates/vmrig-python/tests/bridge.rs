@@ -1059,3 +1059,23 @@ fn module_parses_as_python_3_9() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
+
+#[test]
+fn driver_symbols_name_the_script_globals() {
+    let symbols = vmrig_python::driver_symbols(std::path::Path::new("python3")).unwrap();
+    for name in [
+        "start_all",
+        "join_all",
+        "subtest",
+        "polling_condition",
+        "create_machine",
+        "t",
+        "driver",
+        "Machine",
+    ] {
+        assert!(
+            symbols.iter().any(|s| s == name),
+            "{name} missing from {symbols:?}"
+        );
+    }
+}

@@ -99,9 +99,19 @@ enum Command {
 fn main() {
     // Invoked as the NixOS driver (a symlink named nixos-test-driver): its command line.
     let argv0 = std::env::args_os().next().unwrap_or_default();
-    if std::path::Path::new(&argv0).file_name() == Some("nixos-test-driver".as_ref()) {
-        let args = <nixos_cmd::NixosArgs as Parser>::parse();
-        std::process::exit(exit::finish(nixos_cmd::run(args)));
+    match std::path::Path::new(&argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+    {
+        Some("nixos-test-driver") => {
+            let args = <nixos_cmd::NixosArgs as Parser>::parse();
+            std::process::exit(exit::finish(nixos_cmd::run(args)));
+        }
+        // The other program of upstream's driver package: the script globals for pyflakes.
+        Some("generate-driver-symbols") => {
+            std::process::exit(exit::finish(nixos_cmd::generate_driver_symbols()))
+        }
+        _ => {}
     }
     let cli = Cli::parse(); // exits 2 on a usage error, 0 on --help/--version
     VERBOSITY.store(cli.verbose, Ordering::Relaxed);

@@ -76,6 +76,9 @@ pub struct NixosArgs {
     /// The driver configuration as JSON (newest upstream form).
     #[arg(long, value_name = "FILE.json")]
     pub config: Option<PathBuf>,
+    /// Accepted for compatibility (the Nix wrapper passes it); vmrig logs everything.
+    #[arg(long, hide = true)]
+    pub log_level: Option<String>,
     /// Accepted for compatibility; vmrig has no debug hook.
     #[arg(long, hide = true)]
     pub debug_hook_attach: Option<String>,
@@ -269,6 +272,15 @@ fn parse_timedelta(v: &serde_json::Value) -> anyhow::Result<u64> {
         return Ok(h * 3600 + m * 60 + sec.round() as u64);
     }
     Err(bad())
+}
+
+/// `generate-driver-symbols`: writes `driver-symbols` (the script's global names, comma
+/// separated) into the current directory, as the upstream program does for pyflakes.
+pub fn generate_driver_symbols() -> anyhow::Result<i32> {
+    let python = std::env::var_os("VMRIG_PYTHON").unwrap_or_else(|| "python3".into());
+    let symbols = vmrig_python::driver_symbols(Path::new(&python))?;
+    std::fs::write("driver-symbols", symbols.join(",")).context("writing driver-symbols")?;
+    Ok(exit::OK)
 }
 
 /// Runs it: exit 0 passed, 1 failed, 143 global timeout (as upstream, which ends itself
