@@ -164,11 +164,27 @@ pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io
                 }
             }
         } else if service.enable {
+            if let Some(conf) = drop_in(service) {
+                add(
+                    &format!("/etc/systemd/system/{unit}.d/vmrig.conf"),
+                    0o644,
+                    conf.into_bytes(),
+                );
+            }
             let _ = writeln!(
                 script,
                 "systemctl enable --quiet {} 2>&1 || echo \"vmrig: could not enable {unit}\"",
                 q(&unit)
             );
+            // Extra targets for a packaged unit (its own [Install] section still applies).
+            for target in &service.wanted_by {
+                let _ = writeln!(
+                    script,
+                    "mkdir -p {wants} && ln -sf {path} {wants}/ || echo \"vmrig: could not add {unit} to {target}\"",
+                    wants = q(&format!("/etc/systemd/system/{target}.wants")),
+                    path = q(&format!("/lib/systemd/system/{unit}")),
+                );
+            }
         } else {
             let _ = writeln!(
                 script,
@@ -298,12 +314,7 @@ fn users_setup(node: &NodeSpec) -> String {
 /// The unit file of a new service.
 pub fn unit_file(name: &str, service: &ServiceSpec) -> String {
     let mut s = format!("[Unit]\nDescription=vmrig test service {name}\n");
-    for a in &service.after {
-        let _ = writeln!(s, "After={a}");
-    }
-    for r in &service.requires {
-        let _ = writeln!(s, "Requires={r}");
-    }
+    unit_settings(&mut s, service);
     s.push_str("\n[Service]\n");
     if let Some(t) = &service.type_ {
         let _ = writeln!(s, "Type={t}");
@@ -317,6 +328,44 @@ pub fn unit_file(name: &str, service: &ServiceSpec) -> String {
         }
         (None, None) => {}
     }
+    service_settings(&mut s, service);
+    s
+}
+
+/// A drop-in (`<unit>.d/vmrig.conf`) with what the test file sets for a unit a package
+/// brings (`after`, `requires`, `type`, `user`, `environment`, `service_config`), as NixOS
+/// merges such options into the unit; `None` when it sets none of them.
+pub fn drop_in(service: &ServiceSpec) -> Option<String> {
+    let mut unit = String::new();
+    unit_settings(&mut unit, service);
+    let mut svc = String::new();
+    if let Some(t) = &service.type_ {
+        let _ = writeln!(svc, "Type={t}");
+    }
+    service_settings(&mut svc, service);
+    if unit.is_empty() && svc.is_empty() {
+        return None;
+    }
+    let mut s = String::from("# vmrig: settings from the test file\n");
+    if !unit.is_empty() {
+        let _ = write!(s, "[Unit]\n{unit}");
+    }
+    if !svc.is_empty() {
+        let _ = write!(s, "[Service]\n{svc}");
+    }
+    Some(s)
+}
+
+fn unit_settings(s: &mut String, service: &ServiceSpec) {
+    for a in &service.after {
+        let _ = writeln!(s, "After={a}");
+    }
+    for r in &service.requires {
+        let _ = writeln!(s, "Requires={r}");
+    }
+}
+
+fn service_settings(s: &mut String, service: &ServiceSpec) {
     if let Some(user) = &service.user {
         let _ = writeln!(s, "User={user}");
     }
@@ -332,7 +381,6 @@ pub fn unit_file(name: &str, service: &ServiceSpec) -> String {
             let _ = writeln!(s, "{k}={value}");
         }
     }
-    s
 }
 
 /// nftables rules: on VLAN interfaces accept only established traffic, ICMP and the listed
@@ -504,6 +552,31 @@ mod tests {
             "/etc/systemd/system/multi-user.target.wants/hello.service".into(),
             "../hello.service".into()
         )));
+    }
+
+    #[test]
+    fn packaged_units_get_a_drop_in_with_the_test_files_settings() {
+        let s = spec("name = \"t\"\ntest_script = \"x\"\n[nodes.m.services.nginx]\nafter = [\"network-online.target\"]\nenvironment = { A = \"1\" }\nwanted_by = [\"graphical.target\"]\n[nodes.m.services.cron]\n");
+        let layer = node_layer(&s, &s.nodes["m"]).unwrap();
+        let file = |path: &str| {
+            layer
+                .files
+                .iter()
+                .find(|f| f.path == path)
+                .map(|f| String::from_utf8(f.contents.clone()).unwrap())
+        };
+        assert_eq!(
+            file("/etc/systemd/system/nginx.service.d/vmrig.conf").unwrap(),
+            "# vmrig: settings from the test file\n[Unit]\nAfter=network-online.target\n[Service]\nEnvironment=\"A=1\"\n"
+        );
+        // Enabling alone needs no drop-in.
+        assert!(file("/etc/systemd/system/cron.service.d/vmrig.conf").is_none());
+        let setup = file("/etc/vmrig/node-setup.sh").unwrap();
+        assert!(setup.contains("systemctl enable --quiet 'nginx.service'"), "{setup}");
+        assert!(
+            setup.contains("ln -sf '/lib/systemd/system/nginx.service' '/etc/systemd/system/graphical.target.wants'/"),
+            "{setup}"
+        );
     }
 
     #[test]
