@@ -387,4 +387,57 @@ mod tests {
         );
         assert_eq!(machine_name_from_command("/x/run--vm"), "machine");
     }
+
+    /// What makes start scripts' `-netdev vde,sock=$QEMU_VDE_SOCKET_<n>` hermetic (see
+    /// `vmrig_vm::cmdline`'s `guests_are_hermetic_in_start_scripts_too`): the driver names
+    /// vmrig's own switch of VLAN `n` there, in the run directory, and nothing else.
+    #[test]
+    fn guests_are_hermetic_start_scripts_get_vmrigs_switch_as_vde_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run_dir = tmp.path().join("run");
+        std::fs::create_dir(&run_dir).unwrap();
+        let ctx = Arc::new(RunContext {
+            qemu: "qemu-system-x86_64".into(),
+            qemu_img: "qemu-img".into(),
+            accel: vmrig_vm::accel::Accel::Tcg,
+            firmware: None,
+            logger: Logger::new(Vec::new()),
+            out_dir: tmp.path().join("out"),
+            run_dir: run_dir.clone(),
+            serial_stdout: Arc::new(AtomicBool::new(false)),
+            deadline: Instant::now() + Duration::from_secs(60),
+            store: vmrig_store::Store::open(tmp.path().join("store")).unwrap(),
+            snapshots: false,
+            qemu_version: String::new(),
+            keep_state_in: None,
+        });
+        let vlans: BTreeMap<u8, Arc<vmrig_net::Vlan>> = [1, 5]
+            .into_iter()
+            .map(|nr| (nr, Arc::new(vmrig_net::Vlan::start(nr, &run_dir).unwrap())))
+            .collect();
+        let creator = MachineCreator::new(ctx, tmp.path().join("keep"), &vlans, false).unwrap();
+        let vde: Vec<(&str, &str)> = creator
+            .env()
+            .iter()
+            .filter(|(k, _)| k.starts_with("QEMU"))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let expected: Vec<(String, String)> = vlans
+            .iter()
+            .map(|(nr, vlan)| {
+                let dir = vlan.vde_dir().unwrap();
+                assert!(dir.starts_with(&run_dir), "{}", dir.display());
+                assert!(dir.join("ctl").exists(), "the switch listens there");
+                (
+                    format!("QEMU_VDE_SOCKET_{nr}"),
+                    dir.to_string_lossy().into_owned(),
+                )
+            })
+            .collect();
+        let expected: Vec<(&str, &str)> = expected
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(vde, expected, "no QEMU_NET_OPTS or QEMU_OPTS either");
+    }
 }

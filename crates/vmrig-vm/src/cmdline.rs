@@ -367,4 +367,347 @@ mod tests {
         assert!(line.contains("netdev=vlan1,addr=0x11,mac=52:54:00:12:01:02"));
         assert!(line.contains("netdev=vlan2,addr=0x12,mac=52:54:00:12:02:02"));
     }
+
+    /// QEMU's `kind,key=value,...` option syntax split into its parts, `,,` read as a comma.
+    fn qemu_opts(value: &str) -> Vec<String> {
+        let mut parts = vec![String::new()];
+        let mut chars = value.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                ',' if chars.peek() == Some(&',') => {
+                    chars.next();
+                    parts.last_mut().unwrap().push(',');
+                }
+                ',' => parts.push(String::new()),
+                c => parts.last_mut().unwrap().push(c),
+            }
+        }
+        parts
+    }
+
+    /// `key=value` options as (key, value) pairs, in order (repeats kept: QEMU's last wins).
+    fn key_values(parts: &[String]) -> Vec<(&str, &str)> {
+        parts
+            .iter()
+            .map(|p| {
+                p.split_once('=')
+                    .unwrap_or_else(|| panic!("option `{p}` without a value"))
+            })
+            .collect()
+    }
+
+    /// How the VLAN NICs must reach vmrig's switch.
+    enum VlanBackend<'a> {
+        /// `-netdev stream` to the VLAN's unix socket (vmrig's own command line).
+        Stream(&'a [VlanNic]),
+        /// `-netdev vde` at the directory the driver named in `QEMU_VDE_SOCKET_<n>` (start
+        /// scripts): (VLAN, that directory).
+        Vde(&'a [(u8, String)]),
+    }
+
+    /// Asserts that the QEMU command line `argv` lets the guest reach nothing but its VLANs
+    /// (through `vlans`) and restricted user networking with exactly `forwards` host
+    /// forwards, each listening on 127.0.0.1 only.
+    fn assert_hermetic(argv: &[String], vlans: &VlanBackend, forwards: usize) {
+        let line = argv.join(" ");
+        // Without these QEMU adds a default NIC (user networking with a route out) or reads
+        // config files that may declare netdevs.
+        assert!(argv.iter().any(|a| a == "-nodefaults"), "{line}");
+        assert!(argv.iter().any(|a| a == "-no-user-config"), "{line}");
+        let flag = |a: &str| {
+            a.strip_prefix('-')
+                .map(|f| f.trim_start_matches('-').to_owned())
+        };
+        let mut netdev_ids = Vec::new();
+        let mut nic_netdevs = Vec::new();
+        let mut vlans_seen = Vec::new();
+        let mut hostfwds = 0;
+        for (i, arg) in argv.iter().enumerate() {
+            let Some(flag) = flag(arg) else { continue };
+            let value = argv.get(i + 1).map(String::as_str).unwrap_or("");
+            match flag.as_str() {
+                // Legacy and shorthand networking, and config files, each of which can
+                // make a backend that the -netdev checks below would not see.
+                "net" | "nic" | "redir" | "tftp" | "bootp" | "smb" | "readconfig" => {
+                    panic!("`{arg}` gives the guest a network path: {line}")
+                }
+                "netdev" => {
+                    let parts = qemu_opts(value);
+                    let options = key_values(&parts[1..]);
+                    let ids: Vec<&str> = options
+                        .iter()
+                        .filter(|(k, _)| *k == "id")
+                        .map(|(_, v)| *v)
+                        .collect();
+                    assert_eq!(ids.len(), 1, "one id: {value}");
+                    netdev_ids.push(ids[0].to_owned());
+                    let keys: Vec<&str> = options.iter().map(|(k, _)| *k).collect();
+                    match (parts[0].as_str(), vlans) {
+                        ("user", _) => {
+                            // An allowlist: guestfwd, smb, tftp, bootfile, net, host, dns,
+                            // ipv6 and every other option is a failure.
+                            for key in &keys {
+                                assert!(
+                                    ["id", "restrict", "hostfwd"].contains(key),
+                                    "user networking option `{key}`: {value}"
+                                );
+                            }
+                            let restrict: Vec<&str> = options
+                                .iter()
+                                .filter(|(k, _)| *k == "restrict")
+                                .map(|(_, v)| *v)
+                                .collect();
+                            assert_eq!(restrict, ["on"], "{value}");
+                            for (_, fwd) in options.iter().filter(|(k, _)| *k == "hostfwd") {
+                                assert!(
+                                    fwd.starts_with("tcp:127.0.0.1:")
+                                        && fwd.matches(':').count() == 3,
+                                    "hostfwd not on 127.0.0.1 only: {fwd}"
+                                );
+                                hostfwds += 1;
+                            }
+                        }
+                        ("stream", VlanBackend::Stream(nics)) => {
+                            for key in &keys {
+                                assert!(
+                                    ["id", "server", "addr.type", "addr.path"].contains(key),
+                                    "stream option `{key}`: {value}"
+                                );
+                            }
+                            let get = |key: &str| {
+                                options.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+                            };
+                            assert_eq!(get("server"), Some("off"), "{value}");
+                            assert_eq!(get("addr.type"), Some("unix"), "{value}");
+                            let nic = nics
+                                .iter()
+                                .find(|n| vlan_netdev_id(n.vlan) == ids[0])
+                                .unwrap_or_else(|| panic!("a netdev of no VLAN: {value}"));
+                            assert_eq!(
+                                get("addr.path"),
+                                Some(nic.socket.to_str().unwrap()),
+                                "VLAN {} is not on its switch socket",
+                                nic.vlan
+                            );
+                            vlans_seen.push(nic.vlan);
+                        }
+                        ("vde", VlanBackend::Vde(sockets)) => {
+                            for key in &keys {
+                                assert!(
+                                    ["id", "sock"].contains(key),
+                                    "vde option `{key}`: {value}"
+                                );
+                            }
+                            let (vlan, dir) = sockets
+                                .iter()
+                                .find(|(n, _)| vlan_netdev_id(*n) == ids[0])
+                                .unwrap_or_else(|| panic!("a netdev of no VLAN: {value}"));
+                            let sock: Vec<&str> = options
+                                .iter()
+                                .filter(|(k, _)| *k == "sock")
+                                .map(|(_, v)| *v)
+                                .collect();
+                            assert_eq!(
+                                sock,
+                                [dir.as_str()],
+                                "VLAN {vlan} is not on the switch named by QEMU_VDE_SOCKET_{vlan}"
+                            );
+                            vlans_seen.push(*vlan);
+                        }
+                        // tap, bridge, socket (udp, mcast, tcp), l2tpv3, dgram, vhost-user,
+                        // netmap, vmnet-*, af-xdp, a stream or vde where the other is
+                        // expected, ...
+                        (kind, _) => panic!("netdev `{kind}` is not allowed: {value}"),
+                    }
+                }
+                "device" => {
+                    for (k, v) in key_values(&qemu_opts(value)[1..]) {
+                        if k == "netdev" {
+                            nic_netdevs.push(v.to_owned());
+                        }
+                    }
+                }
+                // Host-side channels of the driver: unix sockets only, never TCP/UDP.
+                "chardev" => {
+                    let parts = qemu_opts(value);
+                    assert_eq!(parts[0], "socket", "{value}");
+                    let keys: Vec<&str> = key_values(&parts[1..]).iter().map(|(k, _)| *k).collect();
+                    assert!(keys.contains(&"path"), "{value}");
+                    assert!(
+                        !keys.contains(&"host") && !keys.contains(&"port"),
+                        "{value}"
+                    );
+                }
+                "serial" | "monitor" | "qmp" => assert!(
+                    value == "stdio" || value.starts_with("unix:"),
+                    "-{flag} {value}"
+                ),
+                _ => {}
+            }
+        }
+        let mut expected: Vec<u8> = match vlans {
+            VlanBackend::Stream(nics) => nics.iter().map(|n| n.vlan).collect(),
+            VlanBackend::Vde(sockets) => sockets.iter().map(|(n, _)| *n).collect(),
+        };
+        expected.sort_unstable();
+        vlans_seen.sort_unstable();
+        assert_eq!(vlans_seen, expected, "one netdev per VLAN: {line}");
+        assert_eq!(hostfwds, forwards, "host forwards: {line}");
+        netdev_ids.sort();
+        nic_netdevs.sort();
+        assert_eq!(
+            netdev_ids, nic_netdevs,
+            "every NIC on a checked netdev: {line}"
+        );
+    }
+
+    fn strings(args: Vec<OsString>) -> Vec<String> {
+        args.into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn guests_are_hermetic_only_vlans_and_restricted_user_networking() {
+        let mut cfg = config();
+        cfg.vlans.push(VlanNic {
+            vlan: 7,
+            mac: "52:54:00:12:07:02".into(),
+            socket: "/run/vlan7,x/server.sock".into(),
+        });
+        assert_hermetic(
+            &strings(qemu_args(&cfg)),
+            &VlanBackend::Stream(&cfg.vlans),
+            1,
+        );
+        // No forwards configured: no hostfwd at all.
+        cfg.forwards.clear();
+        assert_hermetic(
+            &strings(qemu_args(&cfg)),
+            &VlanBackend::Stream(&cfg.vlans),
+            0,
+        );
+        // Every other switch: KVM, graphics, reboots, a restored state, no VLAN at all.
+        cfg.accel = Accel::Kvm;
+        cfg.graphics = true;
+        cfg.allow_reboot = true;
+        cfg.incoming = Some("/store/s/state".into());
+        cfg.forwards = vec![(8080, 80), (2222, 22)];
+        assert_hermetic(
+            &strings(qemu_args(&cfg)),
+            &VlanBackend::Stream(&cfg.vlans),
+            2,
+        );
+        cfg.vlans.clear();
+        assert_hermetic(&strings(qemu_args(&cfg)), &VlanBackend::Stream(&[]), 2);
+
+        // The checker itself catches the holes it is about.
+        let base = strings(qemu_args(&config()));
+        for (from, to) in [
+            ("restrict=on", "restrict=off"),
+            (
+                "restrict=on",
+                "restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:nc x 80",
+            ),
+            ("restrict=on", "restrict=on,smb=/srv"),
+            ("restrict=on", "restrict=on,tftp=/srv,bootfile=x"),
+            ("tcp:127.0.0.1:8080", "tcp::8080"),
+            ("stream,", "socket,mcast=230.0.0.1:1234,"),
+            ("addr.type=unix", "addr.type=inet"),
+            ("addr.path=/run/vlan1/server.sock", "addr.path=/elsewhere"),
+        ] {
+            let holed: Vec<String> = base.iter().map(|a| a.replacen(from, to, 1)).collect();
+            let caught = std::panic::catch_unwind(|| {
+                assert_hermetic(&holed, &VlanBackend::Stream(&config().vlans), 1)
+            });
+            assert!(caught.is_err(), "not caught: {to}");
+        }
+        for extra in [
+            ["-netdev", "tap,id=t0,ifname=tap0"],
+            ["-netdev", "bridge,id=b0,br=br0"],
+            ["-netdev", "l2tpv3,id=l0,src=1.2.3.4,dst=5.6.7.8"],
+            ["-net", "nic"],
+            ["-nic", "user"],
+            ["-chardev", "socket,id=c,host=0.0.0.0,port=99"],
+            ["-serial", "tcp:1.2.3.4:99"],
+        ] {
+            let mut holed = base.clone();
+            holed.extend(extra.map(String::from));
+            let caught = std::panic::catch_unwind(|| {
+                assert_hermetic(&holed, &VlanBackend::Stream(&config().vlans), 1)
+            });
+            assert!(caught.is_err(), "not caught: {extra:?}");
+        }
+    }
+
+    /// The same for a NixOS start script: bash expands it (a fake QEMU prints its argv),
+    /// with the NixOS driver's own options after it. The VLAN NICs are `vde` at exactly
+    /// the directories in `QEMU_VDE_SOCKET_<n>` (the driver points them at vmrig's switch:
+    /// `MachineCreator::new`), and eth0 is the same restricted user networking.
+    #[test]
+    fn guests_are_hermetic_in_start_scripts_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-qemu");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done\n",
+        )
+        .unwrap();
+        let fake_img = dir.path().join("fake-qemu-img");
+        std::fs::write(
+            &fake_img,
+            "#!/bin/sh\nfor a; do last=$a; done; : > \"$last\"\n",
+        )
+        .unwrap();
+        for f in [&fake, &fake_img] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut cfg = config();
+        cfg.forwards.clear();
+        cfg.vlans.push(VlanNic {
+            vlan: 2,
+            mac: "52:54:00:12:02:02".into(),
+            socket: "/ignored".into(),
+        });
+        let text = crate::start_script::render(&crate::start_script::StartScript {
+            cfg: &cfg,
+            root_image: std::path::Path::new("/store/r/root.img"),
+            qemu: &fake,
+            qemu_img: &fake_img,
+            origin: "a test",
+        });
+        let script = dir.path().join("run-server-vm");
+        std::fs::write(&script, text).unwrap();
+        let vde: Vec<(u8, String)> = [1, 2]
+            .map(|n| (n, format!("/tmp/vmrig-run-1-x/vlan{n}/vde")))
+            .into();
+        let sockets = NixosSockets {
+            qmp: dir.path().join("qmp"),
+            monitor: dir.path().join("monitor"),
+            shell: dir.path().join("shell"),
+        };
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(&script)
+            .args(nixos_driver_args(&sockets, false, true))
+            .current_dir(dir.path())
+            .env("TMPDIR", dir.path())
+            .env("USE_TMPDIR", "1")
+            // What a user may add on purpose (NixOS's own knobs) is not vmrig's to check.
+            .env_remove("QEMU_OPTS")
+            .env_remove("QEMU_NET_OPTS");
+        for (n, path) in &vde {
+            cmd.env(format!("QEMU_VDE_SOCKET_{n}"), path);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let argv: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        assert_hermetic(&argv, &VlanBackend::Vde(&vde), 0);
+    }
 }

@@ -198,6 +198,8 @@ fn sigkill_of_the_driver_leaves_no_qemu_and_no_temp_dir() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Nor any other process of the run (the script's python3, the watcher, ...).
+    assert_no_leftovers(tmp.path());
 }
 
 fn is_zombie(pid: u32) -> bool {
@@ -256,6 +258,7 @@ fn concurrent_builds_of_one_file_build_once_and_both_succeed() {
     // Drop this test's image again; it is of no use to anyone else.
     let dir = Path::new(&rootfs(&a)).parent().unwrap().to_owned();
     std::fs::remove_dir_all(dir).unwrap();
+    assert_no_leftovers(tmp.path());
 }
 
 #[test]
@@ -407,4 +410,6 @@ fn keep_vm_state_carries_the_disk_to_the_next_run() {
         assert!(log.contains(expected), "{expected} missing:\n{log}");
     }
     assert!(out_dir.join("vm-state-machine/disk.qcow2").exists());
+    // `-K` keeps the run directory on purpose; nothing may keep running.
+    common::assert_no_processes_left(tmp.path());
 }

@@ -79,6 +79,7 @@ fn a_passing_run_is_cached_until_rerun() {
             || rerun_log.contains("restored from the boot snapshot"),
         "{rerun_log}"
     );
+    common::assert_no_leftovers(tmp.path());
 }
 
 #[test]
@@ -170,4 +171,5 @@ fn two_tests_in_parallel_with_junit_and_no_cache_for_failures() {
         "{}",
         text(&listed)
     );
+    common::assert_no_leftovers(tmp.path());
 }

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// The repository root (examples are relative to it).
 pub fn repo() -> PathBuf {
@@ -56,12 +57,70 @@ pub fn run_dirs(tmp: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// No run directory and no QEMU left from runs that used `tmp`.
+/// Live processes that runs using `tmp` started, directly or not: they inherit
+/// `TMPDIR=<tmp>` (vmrig, its QEMUs, the script's python3, the run directory's watcher,
+/// build tools, start scripts) or name a path in it (QEMU's sockets live there). Zombies
+/// hold nothing and are not counted. As (pid, command line).
+pub fn processes_under(tmp: &Path) -> Vec<(u32, String)> {
+    let dir = tmp.to_string_lossy().into_owned();
+    let in_dir = format!("{dir}/");
+    let env_entry = format!("TMPDIR={dir}");
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            if stat.rsplit_once(')')?.1.trim_start().starts_with('Z') {
+                return None;
+            }
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let inherited = environ.split(|b| *b == 0).any(|v| {
+                let v = String::from_utf8_lossy(v);
+                v == env_entry || v.starts_with(&format!("{env_entry}/"))
+            });
+            let named = args
+                .iter()
+                .any(|a| a.contains(&in_dir) || a.ends_with(&dir));
+            (inherited || named).then(|| (pid, args.join(" ")))
+        })
+        .collect()
+}
+
+/// Waits (a few seconds at most: a process may still be ending) until `done` holds.
+fn settles(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
+/// No process left from runs that used `tmp` (see [`processes_under`]).
+pub fn assert_no_processes_left(tmp: &Path) {
+    if !settles(|| processes_under(tmp).is_empty()) {
+        panic!("processes left running: {:#?}", processes_under(tmp));
+    }
+}
+
+/// No run directory and no process (QEMU or any other) left from runs that used `tmp`.
+/// Every real-VM test ends with it (`-K` runs keep their run directory on purpose: they
+/// check [`assert_no_processes_left`]).
 pub fn assert_no_leftovers(tmp: &Path) {
+    assert_no_processes_left(tmp);
     assert!(
-        run_dirs(tmp).is_empty(),
+        settles(|| run_dirs(tmp).is_empty()),
         "run dirs left: {:?}",
         run_dirs(tmp)
     );
-    assert!(qemu_pids_under(tmp).is_empty(), "QEMU left running");
 }
