@@ -121,17 +121,7 @@ pub fn run_test(
         Store::open_default().map_err(|e| RunError::Infra(format!("opening the store: {e}")))?;
     let builder = ImageBuilder::new(&store, observer);
     builder.check_tools().map_err(RunError::Image)?;
-    let images = builder.build_test(spec).map_err(RunError::Image)?;
-    let mut guards = Vec::new();
-    for image in images.values() {
-        for path in image.store_paths() {
-            guards.push(
-                store
-                    .use_path(path)
-                    .map_err(|e| RunError::Infra(e.to_string()))?,
-            );
-        }
-    }
+    let (images, guards) = build_and_hold(&store, &builder, spec)?;
 
     let out_dir = opts
         .out_dir
@@ -342,6 +332,37 @@ pub(crate) fn serve_script(
         )),
     };
     Ok((failure, timed_out))
+}
+
+/// Builds (or finds) the test's images and marks every store path in use. A `store gc`
+/// may remove a path between the build and the guard: then build again (bounded).
+fn build_and_hold(
+    store: &Store,
+    builder: &ImageBuilder,
+    spec: &TestSpec,
+) -> Result<
+    (
+        BTreeMap<String, vmrig_image::NodeImage>,
+        Vec<vmrig_store::UseGuard>,
+    ),
+    RunError,
+> {
+    let mut attempt = 0;
+    'build: loop {
+        attempt += 1;
+        let images = builder.build_test(spec).map_err(RunError::Image)?;
+        let mut guards = Vec::new();
+        for image in images.values() {
+            for path in image.store_paths() {
+                match store.use_path(path) {
+                    Ok(guard) => guards.push(guard),
+                    Err(vmrig_store::StoreError::Gone { .. }) if attempt < 5 => continue 'build,
+                    Err(e) => return Err(RunError::Infra(e.to_string())),
+                }
+            }
+        }
+        return Ok((images, guards));
+    }
 }
 
 /// The oldest QEMU vmrig works with: `-netdev stream` (the switch) arrived in 7.2.
