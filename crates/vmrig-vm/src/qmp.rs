@@ -98,9 +98,13 @@ pub struct Event {
 /// A connected QMP session (capabilities already negotiated).
 pub struct Qmp<S: TimeoutStream> {
     stream: S,
-    /// Bytes read but not yet consumed as complete lines.
+    /// Bytes read; `buf[start..]` is not consumed yet. Consumed lines are cut off the front
+    /// only when no complete line is left (not once per line: a read full of short lines
+    /// would move the rest of the buffer once per line, quadratic in the read size).
     buf: Vec<u8>,
-    /// Offset in `buf` up to which we already know there is no newline.
+    /// Offset in `buf` of the first byte not yet consumed.
+    start: usize,
+    /// Offset in `buf` up to which we already know there is no newline (`>= start`).
     scanned: usize,
     /// After an oversized line, drop bytes until the next newline.
     discarding: bool,
@@ -163,6 +167,7 @@ impl<S: TimeoutStream> Qmp<S> {
         let mut qmp = Qmp {
             stream,
             buf: Vec::with_capacity(4096),
+            start: 0,
             scanned: 0,
             discarding: false,
             eof: false,
@@ -528,14 +533,13 @@ impl<S: TimeoutStream> Qmp<S> {
         timeout: Duration,
         waiting_for: &str,
     ) -> Result<Vec<u8>, QmpError> {
-        let mut chunk = [0u8; 64 * 1024];
         loop {
             // Complete line already buffered?
             if let Some(off) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
                 let end = self.scanned + off;
-                let mut line: Vec<u8> = self.buf.drain(..=end).collect();
-                line.pop();
-                self.scanned = 0;
+                let line = self.start..end;
+                self.start = end + 1;
+                self.scanned = self.start;
                 if self.discarding {
                     self.discarding = false;
                     continue;
@@ -545,8 +549,11 @@ impl<S: TimeoutStream> Qmp<S> {
                         limit: MAX_LINE_LEN,
                     });
                 }
-                return Ok(line);
+                return Ok(self.buf[line].to_vec());
             }
+            // No complete line left: drop the consumed ones before reading more.
+            self.buf.drain(..self.start);
+            self.start = 0;
             self.scanned = self.buf.len();
             if self.discarding {
                 self.buf.clear();
@@ -572,6 +579,9 @@ impl<S: TimeoutStream> Qmp<S> {
                 });
             }
             self.stream.set_read_timeout(Some(remaining))?;
+            // Here rather than once per call: zeroing 64 KiB for every line returned from a
+            // buffer full of short lines would cost more than reading them.
+            let mut chunk = [0u8; 64 * 1024];
             match self.stream.read(&mut chunk) {
                 Ok(0) => {
                     self.eof = true;
