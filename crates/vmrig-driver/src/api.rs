@@ -15,6 +15,10 @@ use crate::ApiError;
 
 /// Default budget of upstream's waits.
 pub const DEFAULT_WAIT: f64 = 900.0;
+/// The least time one attempt of a polling wait gets, even at the end of the wait: a quick
+/// command cut off by the wait's deadline would keep running and leave the machine's shell
+/// busy (every next command failing with `MachineError`) until its late reply came.
+const MIN_ATTEMPT: f64 = 2.0;
 /// Output shown in a failure message.
 const OUTPUT_EXCERPT: usize = 4000;
 
@@ -81,8 +85,9 @@ impl Machine {
         Ok(all)
     }
 
-    /// Polls `attempt` until it returns `Some`, each attempt bounded by the time left.
-    /// On timeout the error tells what was awaited and the last attempt's diagnosis.
+    /// Polls `attempt` until it returns `Some`, each attempt bounded by the time left (but
+    /// given at least [`MIN_ATTEMPT`]). On timeout the error tells what was awaited and the
+    /// last attempt's diagnosis.
     pub fn poll<T>(
         &mut self,
         what: &str,
@@ -96,7 +101,7 @@ impl Machine {
             let left = deadline
                 .saturating_duration_since(Instant::now())
                 .as_secs_f64();
-            let last = match attempt(self, left.max(0.001)) {
+            let last = match attempt(self, left.max(MIN_ATTEMPT)) {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(diagnosis)) => diagnosis,
                 Err(ApiError::Timeout(_)) if Instant::now() >= deadline => {
@@ -414,25 +419,27 @@ impl Machine {
 impl Machine {
     /// The text of virtual terminal `tty` (`/dev/vcs<tty>`, folded at the terminal width).
     pub fn get_tty_text(&mut self, tty: &str) -> Result<String, ApiError> {
+        self.read_tty(tty, TTY_READ_TIMEOUT)
+    }
+
+    fn read_tty(&mut self, tty: &str, timeout: f64) -> Result<String, ApiError> {
         if !tty.chars().all(|c| c.is_ascii_digit()) || tty.is_empty() {
             return Err(ApiError::Assertion(format!(
                 "tty must be a number, not {tty:?}"
             )));
         }
-        let (status, output) = self.execute(
-            &format!(
-                "fold -w \"$(stty -F /dev/tty{tty} size | awk '{{print $2}}')\" /dev/vcs{tty}"
-            ),
-            Some(60.0),
-        )?;
+        let (status, output) = self.execute(&tty_text_command(tty), Some(timeout))?;
         if status != 0 {
             return Err(ApiError::Assertion(format!(
-                "reading /dev/vcs{tty} failed (exit code {status})"
+                "reading /dev/vcs{tty} failed (exit code {status}; the error is on the console)"
             )));
         }
         Ok(output)
     }
 
+    /// Polls `get_tty_text(tty)` until it matches. A read that fails (the terminal's getty
+    /// is just starting, say) counts as "no match yet", as upstream, where the read's
+    /// output is simply empty then.
     pub fn wait_until_tty_matches(
         &mut self,
         tty: &str,
@@ -441,6 +448,11 @@ impl Machine {
     ) -> Result<(), ApiError> {
         let re = regex::Regex::new(regexp)
             .map_err(|e| ApiError::Assertion(format!("invalid regex {regexp:?}: {e}")))?;
+        if !tty.chars().all(|c| c.is_ascii_digit()) || tty.is_empty() {
+            return Err(ApiError::Assertion(format!(
+                "tty must be a number, not {tty:?}"
+            )));
+        }
         let logger = self.logger().clone();
         let name = self.name.clone();
         logger.nested(
@@ -450,18 +462,35 @@ impl Machine {
                 self.poll(
                     &format!("waiting for {regexp:?} on tty {tty}"),
                     timeout,
-                    |m, _| {
-                        let text = m.get_tty_text(tty)?;
-                        Ok(if re.is_match(&text) {
-                            Ok(())
-                        } else {
-                            Err(format!("tty {tty} shows:\n{}", excerpt(&text)))
-                        })
+                    |m, left| match m.read_tty(tty, left.min(TTY_READ_TIMEOUT)) {
+                        Ok(text) if re.is_match(&text) => Ok(Ok(())),
+                        Ok(text) => Ok(Err(format!("tty {tty} shows:\n{}", excerpt(&text)))),
+                        Err(ApiError::Assertion(why)) => Ok(Err(why)),
+                        Err(e) => Err(e),
                     },
                 )
             },
         )
     }
+}
+
+/// The longest one read of a virtual terminal may take.
+const TTY_READ_TIMEOUT: f64 = 60.0;
+
+/// The guest command that prints virtual terminal `tty` (digits only): `/dev/vcs<tty>` folded
+/// at the terminal's width. The width comes from `/dev/vcsa<tty>`'s header (its second byte)
+/// rather than from `stty -F /dev/tty<tty> size` as upstream: opening the terminal races
+/// with a getty starting on it (its `vhangup()` makes the `stty` fail). A terminal nothing
+/// has opened yet has no `/dev/vcsa<tty>`; it is opened once (`stty`, as upstream), which
+/// allocates it, and reads as a blank screen.
+fn tty_text_command(tty: &str) -> String {
+    tty_text_command_in("/dev", tty)
+}
+
+fn tty_text_command_in(dev: &str, tty: &str) -> String {
+    format!(
+        "{{ test -e {dev}/vcsa{tty} || stty -F {dev}/tty{tty} size >/dev/null; }} && w=$(od -An -tu1 -j1 -N1 {dev}/vcsa{tty}) && fold -w $((w)) {dev}/vcs{tty}"
+    )
 }
 
 /// Parses `Key=Value` lines (systemctl show).
@@ -485,6 +514,32 @@ mod tests {
         assert_eq!(p["ActiveState"], "active");
         assert_eq!(p["ExecStart"], "{ path=/bin/x ; argv[]=x a=b }");
         assert_eq!(p.len(), 2);
+    }
+
+    /// The guest command, run by a real bash on fake `vcs`/`vcsa` files.
+    #[test]
+    fn tty_text_is_folded_at_the_width_in_the_vcsa_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().to_str().unwrap();
+        // 3 rows of 5 columns; the header is rows, columns, cursor x, cursor y.
+        std::fs::write(dir.path().join("vcsa7"), [3u8, 5, 0, 0]).unwrap();
+        std::fs::write(dir.path().join("vcs7"), "hello     world").unwrap();
+        let run = |tty: &str| {
+            std::process::Command::new("bash")
+                .arg("-c")
+                .arg(tty_text_command_in(dev, tty))
+                .stderr(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        };
+        let out = run("7");
+        assert!(out.status.success());
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            "hello\n     \nworld"
+        );
+        // No such terminal: opening it fails, and so does the read.
+        assert!(!run("8").status.success());
     }
 
     #[test]

@@ -78,6 +78,18 @@ enum Source {
     },
 }
 
+/// Where a machine stands after `reboot()` (Ctrl+Alt+Delete).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reboot {
+    None,
+    /// Started with `allow_reboot`: the guest reboots inside the same QEMU; the next
+    /// command waits for its new shell.
+    InPlace,
+    /// Started without it (`-no-reboot`): QEMU exits once the guest is down; the next
+    /// command waits for that and boots the machine again (NixOS).
+    QemuExits,
+}
+
 /// One machine of the test.
 pub struct Machine {
     pub name: String,
@@ -94,6 +106,9 @@ pub struct Machine {
     snapshot: Snapshot,
     /// Keeps `store gc` away from the snapshot this machine's disk is layered on.
     snapshot_in_use: Option<vmrig_store::UseGuard>,
+    /// The running QEMU's `allow_reboot`.
+    allow_reboot: bool,
+    reboot: Reboot,
 }
 
 impl Machine {
@@ -123,6 +138,8 @@ impl Machine {
             forwards: Vec::new(),
             snapshot: Snapshot::Off,
             snapshot_in_use: None,
+            allow_reboot: false,
+            reboot: Reboot::None,
         }
     }
 
@@ -146,6 +163,8 @@ impl Machine {
             forwards: Vec::new(),
             snapshot: Snapshot::Off,
             snapshot_in_use: None,
+            allow_reboot: false,
+            reboot: Reboot::None,
         }
     }
 
@@ -212,6 +231,8 @@ impl Machine {
 
     fn launch(&mut self, allow_reboot: bool) -> Result<(), ApiError> {
         self.snapshot = Snapshot::Off;
+        self.reboot = Reboot::None;
+        self.allow_reboot = allow_reboot;
         let vm = match &self.source {
             Source::Node { .. } => self.launch_node(allow_reboot)?,
             Source::Command { command, vlans } => {
@@ -351,6 +372,17 @@ impl Machine {
         if self.connected && self.is_booted() {
             return Ok(());
         }
+        // A failed wait keeps the reboot pending, so the next command waits the same way.
+        let reboot = self.reboot;
+        match reboot {
+            Reboot::QemuExits => self.wait_for_exit_after_reboot()?,
+            Reboot::InPlace if self.is_booted() => {
+                self.reconnect_after_reboot()?;
+                self.reboot = Reboot::None;
+                return Ok(());
+            }
+            _ => {}
+        }
         self.start(false)?;
         let deadline = self.deadline_in(Some(BOOT_TIMEOUT.as_secs_f64()));
         let logger = self.ctx.logger.clone();
@@ -400,6 +432,74 @@ impl Machine {
         if let Snapshot::Save(key) = std::mem::replace(&mut self.snapshot, Snapshot::Off) {
             self.save_snapshot(&key);
         }
+        Ok(())
+    }
+
+    /// `reboot()` without `allow_reboot`: QEMU (`-no-reboot`) exits once the guest is down.
+    fn wait_for_exit_after_reboot(&mut self) -> Result<(), ApiError> {
+        let Some(vm) = self.vm.as_mut() else {
+            return Ok(());
+        };
+        let timeout = self
+            .ctx
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .min(SHUTDOWN_TIMEOUT);
+        let logger = self.ctx.logger.clone();
+        let name = self.name.clone();
+        logger.nested(
+            "waiting for QEMU to exit after the reboot (started without allow_reboot)",
+            Some(&name),
+            || match vm.wait_for_exit(timeout) {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(ApiError::Timeout(format!(
+                    "`{name}` did not go down within {:.0} s of reboot() (QEMU runs with -no-reboot, so the guest's reboot ends it: did the guest ignore Ctrl+Alt+Delete?)",
+                    timeout.as_secs_f64()
+                ))),
+                Err(e) => Err(vm_error(e)),
+            },
+        )?;
+        self.vm = None;
+        self.reboot = Reboot::None;
+        Ok(())
+    }
+
+    /// `reboot()` with `allow_reboot`: waits for the rebooted guest's new shell.
+    fn reconnect_after_reboot(&mut self) -> Result<(), ApiError> {
+        let deadline = self.deadline_in(Some(BOOT_TIMEOUT.as_secs_f64()));
+        let logger = self.ctx.logger.clone();
+        let name = self.name.clone();
+        let started = Instant::now();
+        logger.nested("waiting for the VM to finish booting", Some(&name), || {
+            // The shell waits for the new guest's banner before it runs the command.
+            let vm = self.vm.as_mut().expect("booted");
+            match vm.execute("true", Some(deadline)) {
+                Ok(_) => {
+                    logger.log(
+                        crate::events::Level::Info,
+                        format!(
+                            "connected to guest root shell ({:.2} s after the reboot)",
+                            started.elapsed().as_secs_f64()
+                        ),
+                        Some(&name),
+                    );
+                    Ok(())
+                }
+                Err(VmError::Shell {
+                    source: ShellError::Timeout(_),
+                    ..
+                }) => Err(ApiError::Timeout(format!(
+                    "`{name}` did not come back from its reboot within {:.0} s; last console lines:\n{}",
+                    started.elapsed().as_secs_f64(),
+                    vmrig_vm::machine::console_tail(&self.console)
+                ))),
+                Err(e) => Err(ApiError::Machine(format!(
+                    "`{name}` did not come back from its reboot: {e}; last console lines:\n{}",
+                    vmrig_vm::machine::console_tail(&self.console)
+                ))),
+            }
+        })?;
+        self.connected = true;
         Ok(())
     }
 
@@ -486,6 +586,10 @@ impl Machine {
         if !self.is_booted() {
             return Ok(());
         }
+        if self.reboot == Reboot::QemuExits {
+            // reboot() without allow_reboot: the guest is going down already.
+            return self.wait_for_shutdown();
+        }
         self.connect()?;
         if let Some(vm) = self.vm.as_mut() {
             vm.send_and_forget("poweroff").map_err(vm_error)?;
@@ -519,6 +623,7 @@ impl Machine {
         )?;
         self.vm = None;
         self.connected = false;
+        self.reboot = Reboot::None;
         Ok(())
     }
 
@@ -533,6 +638,7 @@ impl Machine {
             vm.kill();
         }
         self.connected = false;
+        self.reboot = Reboot::None;
     }
 
     /// The running VM, for QMP and the switch.
@@ -543,11 +649,21 @@ impl Machine {
             .ok_or_else(|| ApiError::Machine(format!("`{name}` is not running")))
     }
 
-    /// The machine will reconnect to a new shell after a guest-side reboot.
-    pub fn expect_reboot(&mut self) {
-        if let Some(vm) = self.vm.as_mut() {
-            vm.expect_new_shell();
-        }
+    /// After Ctrl+Alt+Delete: not connected until the guest is back. With `allow_reboot`
+    /// the guest reboots inside the same QEMU and the next command waits for its new shell;
+    /// without, QEMU exits and the next command boots the machine again (as NixOS). Returns
+    /// whether the reboot stays inside the running QEMU.
+    pub fn expect_reboot(&mut self) -> bool {
+        self.connected = false;
+        self.reboot = if self.allow_reboot {
+            if let Some(vm) = self.vm.as_mut() {
+                vm.expect_new_shell();
+            }
+            Reboot::InPlace
+        } else {
+            Reboot::QemuExits
+        };
+        self.allow_reboot
     }
 
     pub fn add_forward(&mut self, host: u16, guest: u16) {

@@ -254,9 +254,12 @@ impl DriverHandler {
                     .map_err(|e| RpcError::machine(e.to_string()))?
                     .send_key(&["ctrl", "alt", "delete"], None)
                     .map_err(|e| RpcError::machine(e.to_string()))?;
-                m.expect_reboot();
-                self.logger
-                    .log(Level::Info, "rebooting (ctrl-alt-delete)", Some(name));
+                let message = if m.expect_reboot() {
+                    "rebooting (ctrl-alt-delete)"
+                } else {
+                    "rebooting (ctrl-alt-delete); QEMU runs without allow_reboot, so it exits and the next command boots the machine again"
+                };
+                self.logger.log(Level::Info, message, Some(name));
                 Value::Null
             }
             "send_console" => {

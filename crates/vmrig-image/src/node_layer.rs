@@ -572,7 +572,10 @@ mod tests {
         // Enabling alone needs no drop-in.
         assert!(file("/etc/systemd/system/cron.service.d/vmrig.conf").is_none());
         let setup = file("/etc/vmrig/node-setup.sh").unwrap();
-        assert!(setup.contains("systemctl enable --quiet 'nginx.service'"), "{setup}");
+        assert!(
+            setup.contains("systemctl enable --quiet 'nginx.service'"),
+            "{setup}"
+        );
         assert!(
             setup.contains("ln -sf '/lib/systemd/system/nginx.service' '/etc/systemd/system/graphical.target.wants'/"),
             "{setup}"

@@ -8,7 +8,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{run_dirs, text};
+use common::{assert_no_leftovers, text};
 
 fn vmrig(args: &[&str], tmp: &Path) -> Output {
     common::command(tmp).args(args).output().expect("run vmrig")
@@ -25,11 +25,7 @@ fn run_example(example: &str, tmp: &Path) -> (String, PathBuf) {
     let out = vmrig(&["run", example, "-o", out_dir.to_str().unwrap()], tmp);
     let log = text(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
-    assert!(
-        run_dirs(tmp).is_empty(),
-        "run dirs left: {:?}",
-        run_dirs(tmp)
-    );
+    assert_no_leftovers(tmp);
     (log, out_dir)
 }
 
@@ -150,4 +146,5 @@ print("TEXT-ELAPSED", time.monotonic() - start)
         is_png(&out_dir.join("machine-wait_for_text-failed.png")),
         "{log}"
     );
+    assert_no_leftovers(tmp.path());
 }
