@@ -120,27 +120,14 @@ impl Machine {
         vlans: Vec<VlanNic>,
     ) -> Machine {
         let dir = ctx.run_dir.join(&node.name);
-        Machine {
-            name: node.name.clone(),
-            ctx,
-            source: Source::Node {
-                node: Box::new(node),
-                image: Box::new(image),
-                layer: Box::new(layer),
-                vlans,
-            },
-            dir,
-            console: Console::new(),
-            console_cursor: 0,
-            vm: None,
-            connected: false,
-            started_at: None,
-            forwards: Vec::new(),
-            snapshot: Snapshot::Off,
-            snapshot_in_use: None,
-            allow_reboot: false,
-            reboot: Reboot::None,
-        }
+        let name = node.name.clone();
+        let source = Source::Node {
+            node: Box::new(node),
+            image: Box::new(image),
+            layer: Box::new(layer),
+            vlans,
+        };
+        Machine::with_source(ctx, name, dir, source)
     }
 
     /// A machine started by a NixOS start command in `command.state_dir`; `vlans` are the
@@ -150,11 +137,16 @@ impl Machine {
         command: vmrig_vm::machine::StartCommand,
         vlans: Vec<(u8, Arc<vmrig_net::Vlan>)>,
     ) -> Machine {
+        let (name, dir) = (command.name.clone(), command.state_dir.clone());
+        Machine::with_source(ctx, name, dir, Source::Command { command, vlans })
+    }
+
+    fn with_source(ctx: Arc<RunContext>, name: String, dir: PathBuf, source: Source) -> Machine {
         Machine {
-            name: command.name.clone(),
+            name,
             ctx,
-            dir: command.state_dir.clone(),
-            source: Source::Command { command, vlans },
+            source,
+            dir,
             console: Console::new(),
             console_cursor: 0,
             vm: None,

@@ -644,23 +644,8 @@ mod tests {
     /// `MachineCreator::new`), and eth0 is the same restricted user networking.
     #[test]
     fn guests_are_hermetic_in_start_scripts_too() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let fake = dir.path().join("fake-qemu");
-        std::fs::write(
-            &fake,
-            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done\n",
-        )
-        .unwrap();
-        let fake_img = dir.path().join("fake-qemu-img");
-        std::fs::write(
-            &fake_img,
-            "#!/bin/sh\nfor a; do last=$a; done; : > \"$last\"\n",
-        )
-        .unwrap();
-        for f in [&fake, &fake_img] {
-            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
+        let (fake, fake_img) = crate::start_script::fake_qemu(dir.path());
         let mut cfg = config();
         cfg.forwards.clear();
         cfg.vlans.push(VlanNic {

@@ -113,6 +113,29 @@ fn render_arg(arg: &str) -> String {
     quoted.replace("\"''", "\"")
 }
 
+/// Stand-ins for QEMU (prints its argv, one per line) and qemu-img (creates the disk
+/// file it is asked for), to run rendered scripts in tests.
+#[cfg(test)]
+pub(crate) fn fake_qemu(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let qemu = dir.join("fake-qemu");
+    let qemu_img = dir.join("fake-qemu-img");
+    std::fs::write(
+        &qemu,
+        "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &qemu_img,
+        "#!/bin/sh\nfor a; do last=$a; done; : > \"$last\"\n",
+    )
+    .unwrap();
+    for f in [&qemu, &qemu_img] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    (qemu, qemu_img)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,22 +209,7 @@ mod tests {
     #[test]
     fn bash_expands_the_script_into_the_expected_argv() {
         let dir = tempfile::tempdir().unwrap();
-        let fake = dir.path().join("fake-qemu");
-        std::fs::write(
-            &fake,
-            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done\n",
-        )
-        .unwrap();
-        let fake_img = dir.path().join("fake-qemu-img");
-        std::fs::write(
-            &fake_img,
-            "#!/bin/sh\nfor a; do last=$a; done; : > \"$last\"\n",
-        )
-        .unwrap();
-        for f in [&fake, &fake_img] {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
+        let (fake, fake_img) = fake_qemu(dir.path());
         let text = render(&StartScript {
             cfg: &cfg(),
             root_image: Path::new("/store/r/root.img"),
