@@ -17,6 +17,8 @@ use crate::serial::{Console, LineSink};
 
 /// How long QEMU gets to connect its sockets after it starts.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `send_console` waits for QEMU to take its input.
+const SEND_CONSOLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Console lines shown with an error.
 pub const ERROR_CONSOLE_LINES: usize = 20;
 
@@ -570,16 +572,46 @@ impl Vm {
         Ok(())
     }
 
-    /// Types `chars` on the serial console.
+    /// Types `chars` on the serial console. Bounded: a guest that does not read its
+    /// serial port cannot block the driver once QEMU's input pipe is full.
     pub fn send_console(&mut self, chars: &[u8]) -> Result<(), VmError> {
         use std::io::Write;
+        use std::os::fd::AsRawFd;
         let stdin = self.stdin.as_mut().ok_or(VmError::NotRunning {
             machine: self.name.clone(),
         })?;
-        stdin
-            .write_all(chars)
-            .and_then(|()| stdin.flush())
-            .map_err(io_err("writing to the serial console"))
+        let fd = stdin.as_raw_fd();
+        // SAFETY: fcntl on a pipe fd this Vm owns.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+        }
+        let deadline = Instant::now() + SEND_CONSOLE_TIMEOUT;
+        let mut rest = chars;
+        while !rest.is_empty() {
+            match stdin.write(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(VmError::Io {
+                            context: format!(
+                                "`{}`: the serial console took no input for {SEND_CONSOLE_TIMEOUT:?} ({} of {} bytes sent)",
+                                self.name,
+                                chars.len() - rest.len(),
+                                chars.len()
+                            ),
+                            source: e,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("writing to the serial console")(e)),
+            }
+        }
+        Ok(())
     }
 
     /// The QMP client, once QEMU has connected.
