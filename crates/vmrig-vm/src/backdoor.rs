@@ -219,9 +219,11 @@ fn excerpt(bytes: &[u8]) -> String {
 /// The host end of a guest's backdoor shell.
 pub struct Shell<S: TimedStream> {
     stream: S,
-    /// Bytes read past the last complete line.
+    /// Bytes read past the last complete reply or line.
     pending: Vec<u8>,
     busy: Option<String>,
+    /// The read buffer, allocated once (not a fresh 64 KiB per read of a dribbling guest).
+    chunk: Vec<u8>,
 }
 
 impl<S: TimedStream> Shell<S> {
@@ -230,16 +232,35 @@ impl<S: TimedStream> Shell<S> {
             stream,
             pending: Vec::new(),
             busy: None,
+            chunk: vec![0; 64 * 1024],
         }
     }
 
-    /// Reads until the banner line; anything before it is discarded.
+    /// Reads until the banner line; anything before it is discarded. Lines are looked at
+    /// in place and dropped once per read (not once per line: a guest printing many short
+    /// lines would otherwise cost quadratic time). A line over 64 KiB is an error.
     pub fn wait_for_banner(&mut self, deadline: Instant) -> Result<(), ShellError> {
+        const LIMIT: usize = 64 * 1024;
+        let start = Instant::now();
+        let mut scanned = 0;
         loop {
-            let line = self.read_line(deadline, 64 * 1024)?;
-            if String::from_utf8_lossy(&line).trim_end().ends_with(BANNER) {
-                return Ok(());
+            let mut line_start = 0;
+            while let Some(pos) = self.pending[scanned..].iter().position(|&b| b == b'\n') {
+                let end = scanned + pos;
+                let line = self.pending[line_start..end].trim_ascii_end();
+                line_start = end + 1;
+                scanned = line_start;
+                if line.ends_with(BANNER.as_bytes()) {
+                    self.pending.drain(..line_start);
+                    return Ok(());
+                }
             }
+            self.pending.drain(..line_start);
+            scanned = self.pending.len();
+            if self.pending.len() > LIMIT {
+                return Err(ShellError::TooLarge);
+            }
+            self.fill(start, deadline)?;
         }
     }
 
@@ -309,24 +330,6 @@ impl<S: TimedStream> Shell<S> {
         }
     }
 
-    fn read_line(&mut self, deadline: Instant, limit: usize) -> Result<Vec<u8>, ShellError> {
-        let start = Instant::now();
-        let mut scanned = 0;
-        loop {
-            if let Some(pos) = self.pending[scanned..].iter().position(|&b| b == b'\n') {
-                let end = scanned + pos;
-                let mut line: Vec<u8> = self.pending.drain(..=end).collect();
-                line.pop();
-                return Ok(line);
-            }
-            scanned = self.pending.len();
-            if self.pending.len() > limit {
-                return Err(ShellError::TooLarge);
-            }
-            self.fill(start, deadline)?;
-        }
-    }
-
     /// One bounded read into `pending` (a timeout or signal is not an error here; running
     /// past `deadline` is).
     fn fill(&mut self, start: Instant, deadline: Instant) -> Result<(), ShellError> {
@@ -335,11 +338,10 @@ impl<S: TimedStream> Shell<S> {
             return Err(ShellError::Timeout(now - start));
         }
         self.stream.set_read_deadline(Some(deadline - now))?;
-        let mut buf = [0u8; 64 * 1024];
-        match self.stream.read(&mut buf) {
+        match self.stream.read(&mut self.chunk) {
             Ok(0) => Err(ShellError::Closed),
             Ok(n) => {
-                self.pending.extend_from_slice(&buf[..n]);
+                self.pending.extend_from_slice(&self.chunk[..n]);
                 Ok(())
             }
             Err(e)

@@ -247,3 +247,27 @@ fn shell_recovers_once_a_timed_out_command_finishes() {
     assert_eq!(out.text(), "fresh\n");
     let _ = child.kill();
 }
+
+#[test]
+fn many_short_lines_before_the_banner_cost_linear_time() {
+    let (host, guest) = UnixStream::pair().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut g = guest;
+        let noise = vec![b'\n'; 8 * 1024 * 1024];
+        g.write_all(&noise).unwrap();
+        g.write_all(format!("{BANNER}\n").as_bytes()).unwrap();
+        g
+    });
+    let mut shell = Shell::new(host);
+    let started = Instant::now();
+    shell
+        .wait_for_banner(Instant::now() + Duration::from_secs(60))
+        .unwrap();
+    // Per-line draining took minutes for this in a debug build; a linear scan, well under 10 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(writer.join().unwrap());
+}
