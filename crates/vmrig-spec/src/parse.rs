@@ -1146,15 +1146,25 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<TestSpec> {
             },
             (None, Some((file, _, value))) => {
                 let filename = cx.dir.join(&file);
-                let content = std::fs::read_to_string(&filename).map_err(|e| {
-                    cx.err(
-                        ErrorKind::Io,
-                        value,
-                        format!("cannot read `test_script_file` {}: {e}", filename.display()),
-                    )
-                    .label("cannot read this file")
-                    .help("`test_script_file` is relative to the directory of the test file")
-                })?;
+                // A regular file only: a device (/dev/zero) or FIFO would never end.
+                let regular = std::fs::metadata(&filename).and_then(|m| {
+                    if m.is_file() {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::other("not a regular file"))
+                    }
+                });
+                let content = regular
+                    .and_then(|()| std::fs::read_to_string(&filename))
+                    .map_err(|e| {
+                        cx.err(
+                            ErrorKind::Io,
+                            value,
+                            format!("cannot read `test_script_file` {}: {e}", filename.display()),
+                        )
+                        .label("cannot read this file")
+                        .help("`test_script_file` is relative to the directory of the test file")
+                    })?;
                 ScriptSource {
                     text: content,
                     filename,

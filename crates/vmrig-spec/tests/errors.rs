@@ -471,3 +471,12 @@ fn control_characters_in_values_are_escaped_to_keep_one_line() {
         "t.toml:4:10: invalid `mirror` `file:///a\\n-b` in node `web`: expected a URL",
     );
 }
+
+#[test]
+fn a_script_file_that_is_not_a_regular_file_is_refused() {
+    let e = err("name = \"t\"\ntest_script_file = \"/dev/zero\"\n[nodes.a]\n");
+    assert_eq!(
+        e.to_string(),
+        "t.toml:2:20: cannot read `test_script_file` /dev/zero: not a regular file"
+    );
+}
