@@ -19,6 +19,7 @@ pub fn run_tool(
 ) -> Result<Vec<String>, ImageError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let rendered = render(cmd);
+    let mut cmd = guarded(cmd);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -56,6 +57,60 @@ pub fn run_tool(
             lines: tail,
         })
     }
+}
+
+/// `cmd`, made to die with this process, with everything it started and everything it
+/// mounted. Its first process gets SIGKILL when the calling thread ends (PR_SET_PDEATHSIG;
+/// `run_tool` waits for it, so that is when the driver dies) and leads its own process
+/// group. As root it also runs under `unshare --pid --mount --kill-child`: its own PID and
+/// mount namespaces, which the kernel tears down (every process killed, every mount gone,
+/// e.g. mmdebstrap's /proc, /sys and /dev/pts in the chroot) once `unshare` dies.
+fn guarded(cmd: &Command) -> Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut out = if root && crate::tools::find_program("unshare").is_some() {
+        let mut c = Command::new("unshare");
+        c.args([
+            "--pid",
+            "--fork",
+            "--kill-child=SIGKILL",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+        ])
+        .arg(cmd.get_program());
+        c
+    } else {
+        Command::new(cmd.get_program())
+    };
+    out.args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => out.env(key, value),
+            None => out.env_remove(key),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        out.current_dir(dir);
+    }
+    let parent = std::process::id();
+    // SAFETY: only async-signal-safe calls (setpgid, prctl, getppid, _exit).
+    unsafe {
+        out.pre_exec(move || {
+            libc::setpgid(0, 0);
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The driver may have died before prctl took effect.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    out
 }
 
 fn forward(stream: impl std::io::Read, tx: std::sync::mpsc::Sender<String>) {

@@ -31,9 +31,10 @@ fn spawner() -> &'static Mutex<Sender<Request>> {
 /// Spawns `cmd` in a new process group, killed if this process dies.
 pub fn spawn_guarded(mut cmd: Command) -> io::Result<Child> {
     use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setpgid(0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -47,8 +48,10 @@ pub fn spawn_guarded(mut cmd: Command) -> io::Result<Child> {
             {
                 return Err(io::Error::last_os_error());
             }
-            // The parent may already be gone between fork and prctl.
-            if libc::getppid() == 1 {
+            // The parent may already be gone between fork and prctl. Compare with its pid,
+            // not with 1: an orphan goes to the nearest subreaper (systemd --user, a
+            // container's init, a test harness), which need not be pid 1.
+            if libc::getppid() as u32 != parent {
                 libc::_exit(1);
             }
             Ok(())

@@ -33,6 +33,8 @@ pub struct BuildArgs {
 }
 
 pub fn run(args: BuildArgs) -> anyhow::Result<i32> {
+    // SIGINT/SIGTERM: say so and exit 130/143; build tools die with the process.
+    vmrig_driver::cleanup::install_signal_handlers();
     let specs = load_specs(&args.files)?;
     let store = Store::open_default().context("failed to open the image store")?;
     let progress = Progress::new(crate::verbosity() > 0);
