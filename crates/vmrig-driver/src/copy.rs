@@ -41,10 +41,12 @@ pub fn from_host(m: &mut Machine, source: &str, target: &str) -> Result<(), ApiE
     let data = base64::engine::general_purpose::STANDARD.encode(&out.stdout);
     let name = shell_quote(&base.to_string_lossy());
     let target_q = shell_quote(target);
-    // Unpack into a temporary directory next to the target, then move into place.
+    // Unpack into a temporary directory next to the target, then move into place. The
+    // archive is the command's input (read in bulk), base64 so that no byte can be taken
+    // for a terminal control character on the way.
     let command = format!(
         "set -e; t={target_q}; d=$(dirname \"$t\"); mkdir -p \"$d\"; tmp=$(mktemp -d \"$d/.vmrig-copy.XXXXXX\"); \
-         printf %s '{data}' | base64 -d | tar -xz -C \"$tmp\"; rm -rf \"$t\"; mv \"$tmp\"/{name} \"$t\"; rmdir \"$tmp\""
+         base64 -d | tar -xz -C \"$tmp\"; rm -rf \"$t\"; mv \"$tmp\"/{name} \"$t\"; rmdir \"$tmp\""
     );
     let logger = m.logger().clone();
     let name_m = m.name.clone();
@@ -52,7 +54,8 @@ pub fn from_host(m: &mut Machine, source: &str, target: &str) -> Result<(), ApiE
         format!("copying {source} ({} bytes) to {target}", meta.len()),
         Some(&name_m),
         || {
-            let (status, output) = m.execute(&command, Some(COPY_TIMEOUT))?;
+            let (status, output) =
+                m.execute_with_input(&command, Some(data.as_bytes()), Some(COPY_TIMEOUT))?;
             if status != 0 {
                 return Err(ApiError::Machine(format!(
                     "copying into the guest failed (exit code {status}): {}",

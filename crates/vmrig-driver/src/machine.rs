@@ -541,10 +541,20 @@ impl Machine {
         command: &str,
         timeout: Option<f64>,
     ) -> Result<(i32, String), ApiError> {
+        self.execute_with_input(command, None, timeout)
+    }
+
+    /// [`Machine::execute`] with `input` (if any) as the command's stdin.
+    pub fn execute_with_input(
+        &mut self,
+        command: &str,
+        input: Option<&[u8]>,
+        timeout: Option<f64>,
+    ) -> Result<(i32, String), ApiError> {
         self.connect()?;
         let deadline = self.deadline_in(timeout);
         let vm = self.vm.as_mut().expect("connected");
-        match vm.execute(command, Some(deadline)) {
+        match vm.execute_with_input(command, input, Some(deadline)) {
             Ok(out) => Ok((out.status, out.text())),
             Err(VmError::Shell {
                 source: ShellError::Timeout(waited),

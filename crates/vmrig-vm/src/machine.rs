@@ -537,6 +537,16 @@ impl Vm {
         command: &str,
         deadline: Option<Instant>,
     ) -> Result<CommandOutput, VmError> {
+        self.execute_with_input(command, None, deadline)
+    }
+
+    /// Runs a command in the guest's shell; `input` (if any) is its stdin.
+    pub fn execute_with_input(
+        &mut self,
+        command: &str,
+        input: Option<&[u8]>,
+        deadline: Option<Instant>,
+    ) -> Result<CommandOutput, VmError> {
         let name = self.name.clone();
         let shell = self.shell.as_mut().ok_or(VmError::NotRunning {
             machine: name.clone(),
@@ -551,12 +561,14 @@ impl Vm {
                 })?;
             self.needs_banner = false;
         }
-        shell
-            .run(command, deadline)
-            .map_err(|source| VmError::Shell {
-                machine: name,
-                source,
-            })
+        match input {
+            Some(input) => shell.run_with_input(command, input, deadline),
+            None => shell.run(command, deadline),
+        }
+        .map_err(|source| VmError::Shell {
+            machine: name,
+            source,
+        })
     }
 
     /// Sends a command without waiting for a reply (e.g. `poweroff`), dropping the shell.

@@ -271,3 +271,27 @@ fn many_short_lines_before_the_banner_cost_linear_time() {
     );
     drop(writer.join().unwrap());
 }
+
+#[test]
+fn real_bash_commands_read_their_input_after_the_line() {
+    let (mut shell, mut child) = bash_guest();
+    let input: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let out = shell.run_with_input("wc -c", &input, soon(60)).unwrap();
+    assert_eq!(out.text().trim(), "3000000");
+    // Input with newlines and what looks like commands is data, not commands.
+    let out = shell
+        .run_with_input("cat", b"echo not run\nexit 7\n", soon(10))
+        .unwrap();
+    assert_eq!(
+        (out.status, out.text()),
+        (0, "echo not run\nexit 7\n".into())
+    );
+    let out = shell
+        .run_with_input("cat >/dev/null; exit 4", b"", soon(10))
+        .unwrap();
+    assert_eq!(out.status, 4);
+    // The shell goes on with the next command line.
+    let out = shell.run("echo next", soon(10)).unwrap();
+    assert_eq!(out.text(), "next\n");
+    let _ = child.kill();
+}
