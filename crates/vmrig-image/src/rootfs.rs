@@ -86,7 +86,11 @@ fn key_and_script(
 ) -> Result<(StoreKey, String), ImageError> {
     let version = kernel::version(kernel)?;
     let script = customize_script(inputs, kernel.path(), &version);
-    let script_hash = hex::encode(Sha256::digest(script.as_bytes()));
+    // The key names the kernel by its store name, not by where the store is: the same
+    // script with the kernel's path left out, so a moved store (or another VMRIG_STORE
+    // spelling) finds its images again.
+    let keyed_script = customize_script(inputs, Path::new("/<kernel>"), &version);
+    let script_hash = hex::encode(Sha256::digest(keyed_script.as_bytes()));
     let material = format!(
         "{BUILDER_VERSION}\nrootfs\n{}\n{}\n{script_hash}\n{}",
         inputs.canonical_json(),
@@ -265,6 +269,29 @@ mod tests {
             Some("foo")
         );
         assert_eq!(unknown_package_in("I: running apt-get update..."), None);
+    }
+
+    #[test]
+    fn the_key_does_not_depend_on_where_the_store_is() {
+        let inputs = ImageInputs {
+            suite: "bookworm".into(),
+            packages: vec!["less".into()],
+            ..Default::default()
+        };
+        let key_in = |dir: &Path| {
+            let store = vmrig_store::Store::open(dir).unwrap();
+            let kernel = store
+                .build(&StoreKey::new("kernel-bookworm", b"k"), |out| {
+                    std::fs::write(out.join("version"), "6.1.0-test")
+                })
+                .unwrap();
+            key(&inputs, &kernel).unwrap()
+        };
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        assert_eq!(
+            key_in(&a.path().join("store")),
+            key_in(&b.path().join("elsewhere/store"))
+        );
     }
 
     #[test]
