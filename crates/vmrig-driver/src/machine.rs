@@ -429,6 +429,20 @@ impl Machine {
 
     /// `reboot()` without `allow_reboot`: QEMU (`-no-reboot`) exits once the guest is down.
     fn wait_for_exit_after_reboot(&mut self) -> Result<(), ApiError> {
+        let name = self.name.clone();
+        self.wait_for_qemu_exit(
+            "waiting for QEMU to exit after the reboot (started without allow_reboot)",
+            |secs| format!("`{name}` did not go down within {secs:.0} s of reboot() (QEMU runs with -no-reboot, so the guest's reboot ends it: did the guest ignore Ctrl+Alt+Delete?)"),
+        )
+    }
+
+    /// Waits (bounded by the shutdown timeout and the global deadline) until QEMU has
+    /// exited; `what` names the wait in the log, `timed_out` says what went wrong.
+    fn wait_for_qemu_exit(
+        &mut self,
+        what: &str,
+        timed_out: impl Fn(f64) -> String,
+    ) -> Result<(), ApiError> {
         let Some(vm) = self.vm.as_mut() else {
             return Ok(());
         };
@@ -438,20 +452,13 @@ impl Machine {
             .saturating_duration_since(Instant::now())
             .min(SHUTDOWN_TIMEOUT);
         let logger = self.ctx.logger.clone();
-        let name = self.name.clone();
-        logger.nested(
-            "waiting for QEMU to exit after the reboot (started without allow_reboot)",
-            Some(&name),
-            || match vm.wait_for_exit(timeout) {
-                Ok(Some(_)) => Ok(()),
-                Ok(None) => Err(ApiError::Timeout(format!(
-                    "`{name}` did not go down within {:.0} s of reboot() (QEMU runs with -no-reboot, so the guest's reboot ends it: did the guest ignore Ctrl+Alt+Delete?)",
-                    timeout.as_secs_f64()
-                ))),
-                Err(e) => Err(vm_error(e)),
-            },
-        )?;
+        logger.nested(what, Some(&self.name), || match vm.wait_for_exit(timeout) {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(ApiError::Timeout(timed_out(timeout.as_secs_f64()))),
+            Err(e) => Err(vm_error(e)),
+        })?;
         self.vm = None;
+        self.connected = false;
         self.reboot = Reboot::None;
         Ok(())
     }
@@ -601,32 +608,10 @@ impl Machine {
 
     /// Waits (bounded) until QEMU has exited.
     pub fn wait_for_shutdown(&mut self) -> Result<(), ApiError> {
-        let Some(vm) = self.vm.as_mut() else {
-            return Ok(());
-        };
-        let timeout = self
-            .ctx
-            .deadline
-            .saturating_duration_since(Instant::now())
-            .min(SHUTDOWN_TIMEOUT);
-        let logger = self.ctx.logger.clone();
-        logger.nested(
-            "waiting for the VM to power off",
-            Some(&self.name),
-            || match vm.wait_for_exit(timeout) {
-                Ok(Some(_)) => Ok(()),
-                Ok(None) => Err(ApiError::Timeout(format!(
-                    "`{}` did not power off within {:.0} s",
-                    self.name,
-                    timeout.as_secs_f64()
-                ))),
-                Err(e) => Err(vm_error(e)),
-            },
-        )?;
-        self.vm = None;
-        self.connected = false;
-        self.reboot = Reboot::None;
-        Ok(())
+        let name = self.name.clone();
+        self.wait_for_qemu_exit("waiting for the VM to power off", |secs| {
+            format!("`{name}` did not power off within {secs:.0} s")
+        })
     }
 
     /// Kills QEMU at once.

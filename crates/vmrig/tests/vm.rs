@@ -8,14 +8,7 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{assert_no_leftovers, qemu_pids_under, repo, run_dirs, text};
 
-fn vmrig(args: &[&str], tmp: &Path) -> Output {
-    common::command(tmp)
-        .args(args)
-        // These tests are about running: never answer from the result cache.
-        .env("VMRIG_RERUN", "true")
-        .output()
-        .expect("run vmrig")
-}
+use common::vmrig_rerun as vmrig;
 
 /// A test file with the same node as examples/single.toml (same image) and `script`.
 fn single_node_test(dir: &Path, name: &str, script: &str) -> PathBuf {

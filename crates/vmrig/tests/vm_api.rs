@@ -6,21 +6,12 @@
 //! own JUnit case. (`create_machine` runs in `vm_nixos.rs`; the basics, waits and
 //! `shutdown` in `vm.rs`.) In the nextest `vm` group.
 
-use std::path::Path;
-use std::process::Output;
-
 mod common;
 use common::{assert_no_leftovers, text};
 
 use quick_junit::{NonSuccessKind, Report, TestCaseStatus};
 
-fn vmrig(args: &[&str], tmp: &Path) -> Output {
-    common::command(tmp)
-        .args(args)
-        .env("VMRIG_RERUN", "true")
-        .output()
-        .expect("run vmrig")
-}
+use common::vmrig_rerun as vmrig;
 
 /// `machine` starts as upstream's `start()` (QEMU with `-no-reboot`), `inplace` with
 /// `allow_reboot=True`. `__HOST_DIR__` is a host directory with `a.txt` and `run.sh` (0755).

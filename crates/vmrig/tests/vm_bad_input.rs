@@ -2,19 +2,10 @@
 //! group; the node is examples/single.toml's, so the image is shared with the other VM tests.
 //! The rest of the bad-input classes need no VM: see bad_input.rs and docs/bad-input.md.
 
-use std::path::Path;
-use std::process::Output;
-
 mod common;
 use common::{assert_no_leftovers, text};
 
-fn vmrig(args: &[&str], tmp: &Path) -> Output {
-    common::command(tmp)
-        .args(args)
-        .env("VMRIG_RERUN", "true")
-        .output()
-        .expect("run vmrig")
-}
+use common::vmrig_rerun as vmrig;
 
 #[test]
 fn bad_input_script_that_raises_names_the_toml_line() {

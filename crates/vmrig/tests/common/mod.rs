@@ -20,6 +20,16 @@ pub fn command(tmp: &Path) -> Command {
     cmd
 }
 
+/// `vmrig ARGS` with its own `TMPDIR`, never answered from the result cache (these tests
+/// are about running).
+pub fn vmrig_rerun(args: &[&str], tmp: &Path) -> Output {
+    command(tmp)
+        .args(args)
+        .env("VMRIG_RERUN", "true")
+        .output()
+        .expect("run vmrig")
+}
+
 /// Stdout and stderr together.
 pub fn text(out: &Output) -> String {
     format!(
