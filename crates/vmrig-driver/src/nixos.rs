@@ -17,9 +17,7 @@ use vmrig_vm::machine::StartCommand;
 
 use crate::cleanup::{self, RunDir};
 use crate::events::{Event, Reporter};
-use crate::logger::Logger;
 use crate::machine::{Machine, RunContext};
-use crate::reporters::{JsonLines, Terminal};
 use crate::rpc::DriverHandler;
 use crate::{ApiError, RunError};
 
@@ -36,61 +34,59 @@ pub fn machine_name_from_command(command: &str) -> String {
 }
 
 /// Makes machines from start commands for a run (`create_machine`, `nixos-driver`).
+/// Nothing is prepared until a machine is made: most runs never make one.
 pub struct MachineCreator {
     ctx: Arc<RunContext>,
-    /// Where `vm-state-<name>` directories go when their state is kept (`-K`, or
-    /// `keep_vm_state=True`); otherwise they live in the run directory and go with it.
+    /// Where `vm-state-<name>` directories (and `shared-xchg`) go when their state is kept
+    /// (`-K`, or `keep_vm_state=True`); otherwise they live in the run directory and go
+    /// with it.
     keep_dir: PathBuf,
-    /// `shared-xchg`, the `SHARED_DIR` of every machine.
-    shared_dir: PathBuf,
     vlans: BTreeMap<u8, Arc<vmrig_net::Vlan>>,
-    /// `QEMU_VDE_SOCKET_<n>` for every VLAN.
-    env: Vec<(String, String)>,
     /// `-K` for the whole run.
     keep_all: bool,
 }
 
 impl MachineCreator {
-    /// Gives every VLAN a VDE directory for start scripts.
     pub fn new(
         ctx: Arc<RunContext>,
         keep_dir: PathBuf,
         vlans: &BTreeMap<u8, Arc<vmrig_net::Vlan>>,
         keep_all: bool,
-    ) -> Result<MachineCreator, RunError> {
-        let shared_dir = if keep_all { &keep_dir } else { &ctx.run_dir }.join("shared-xchg");
+    ) -> MachineCreator {
+        MachineCreator {
+            ctx,
+            keep_dir,
+            vlans: vlans.clone(),
+            keep_all,
+        }
+    }
+
+    /// The environment start commands get besides `TMPDIR` and `USE_TMPDIR`: `SHARED_DIR`
+    /// (made here) and `QEMU_VDE_SOCKET_<n>` for every VLAN (its switch starts listening
+    /// for VDE clients on the first call).
+    pub fn env(&self) -> Result<Vec<(String, String)>, ApiError> {
+        let base = if self.keep_all {
+            &self.keep_dir
+        } else {
+            &self.ctx.run_dir
+        };
+        let shared_dir = base.join("shared-xchg");
         std::fs::create_dir_all(&shared_dir)
-            .map_err(|e| RunError::Infra(format!("creating {}: {e}", shared_dir.display())))?;
+            .map_err(|e| ApiError::Machine(format!("creating {}: {e}", shared_dir.display())))?;
         let mut env = vec![(
             "SHARED_DIR".to_owned(),
             shared_dir.to_string_lossy().into_owned(),
         )];
-        for (nr, vlan) in vlans {
+        for (nr, vlan) in &self.vlans {
             let dir = vlan
                 .vde_dir()
-                .map_err(|e| RunError::Infra(format!("the VDE socket of VLAN {nr}: {e}")))?;
+                .map_err(|e| ApiError::Machine(format!("the VDE socket of VLAN {nr}: {e}")))?;
             env.push((
                 format!("QEMU_VDE_SOCKET_{nr}"),
                 dir.to_string_lossy().into_owned(),
             ));
         }
-        Ok(MachineCreator {
-            ctx,
-            keep_dir,
-            shared_dir,
-            vlans: vlans.clone(),
-            env,
-            keep_all,
-        })
-    }
-
-    /// The environment start commands get besides `TMPDIR` and `USE_TMPDIR`.
-    pub fn env(&self) -> &[(String, String)] {
-        &self.env
-    }
-
-    pub fn shared_dir(&self) -> &Path {
-        &self.shared_dir
+        Ok(env)
     }
 
     /// A machine for `command` (named `name`, else from the command). Without kept state,
@@ -124,7 +120,7 @@ impl MachineCreator {
             name: name.clone(),
             command: command.to_owned(),
             state_dir,
-            env: self.env.clone(),
+            env: self.env()?,
             allow_reboot: false,
         };
         let vlans = self.vlans.iter().map(|(nr, v)| (*nr, v.clone())).collect();
@@ -194,7 +190,15 @@ pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
         first_line: 1,
     };
     vmrig_python::check_syntax(&python, &script).map_err(RunError::Script)?;
-    let logger = nixos_logger(run)?;
+    let logger = crate::run::run_logger(
+        &run.out_dir,
+        true,
+        &run.reporters,
+        Event::RunStarted {
+            test: "nixos-test".into(),
+            file: run.test_script.display().to_string(),
+        },
+    )?;
     if !run.keep_vm_state {
         logger.info("Machine state will be reset. To keep it, pass --keep-vm-state");
     }
@@ -229,7 +233,7 @@ pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
         vlans.insert(nr, Arc::new(vlan));
     }
     let keep_dir = std::env::temp_dir();
-    let creator = MachineCreator::new(ctx.clone(), keep_dir, &vlans, run.keep_vm_state)?;
+    let creator = MachineCreator::new(ctx.clone(), keep_dir, &vlans, run.keep_vm_state);
     let mut machines = BTreeMap::new();
     let mut infos = Vec::new();
     for (name, command) in &run.machines {
@@ -294,27 +298,6 @@ pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
     })
 }
 
-/// The terminal log, `events.jsonl` in the output directory, and the caller's reporters.
-fn nixos_logger(run: &NixosRun) -> Result<Logger, RunError> {
-    let events = JsonLines::create(&run.out_dir.join("events.jsonl")).map_err(|e| {
-        RunError::Infra(format!(
-            "cannot write to the output directory {}: {e}; choose another with `-o DIR`",
-            run.out_dir.display()
-        ))
-    })?;
-    let mut reporters: Vec<Box<dyn Reporter>> =
-        vec![Box::new(events), Box::new(Terminal::stderr())];
-    for extra in &run.reporters {
-        reporters.push(Box::new(crate::run::Shared(extra.clone())));
-    }
-    let logger = Logger::new(reporters);
-    logger.emit(Event::RunStarted {
-        test: "nixos-test".into(),
-        file: run.test_script.display().to_string(),
-    });
-    Ok(logger)
-}
-
 /// Writes a NixOS-style start script `run-<node>-vm` (and the node's initrd,
 /// `<node>-initrd`) into `dir` for every node of `spec`, booting `images`. VLAN NICs join
 /// the switches named by `QEMU_VDE_SOCKET_<n>`; the scripts run under vmrig's
@@ -373,6 +356,7 @@ pub fn write_start_scripts(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logger::Logger;
 
     #[test]
     fn machine_names_come_from_run_name_vm() {
@@ -415,9 +399,9 @@ mod tests {
             .into_iter()
             .map(|nr| (nr, Arc::new(vmrig_net::Vlan::start(nr, &run_dir).unwrap())))
             .collect();
-        let creator = MachineCreator::new(ctx, tmp.path().join("keep"), &vlans, false).unwrap();
-        let vde: Vec<(&str, &str)> = creator
-            .env()
+        let creator = MachineCreator::new(ctx, tmp.path().join("keep"), &vlans, false);
+        let env = creator.env().unwrap();
+        let vde: Vec<(&str, &str)> = env
             .iter()
             .filter(|(k, _)| k.starts_with("QEMU"))
             .map(|(k, v)| (k.as_str(), v.as_str()))

@@ -133,24 +133,15 @@ pub fn run_test(
             out_dir.display()
         ))
     })?;
-    let events = JsonLines::create(&out_dir.join("events.jsonl")).map_err(|e| {
-        RunError::Infra(format!(
-            "cannot write to the output directory {}: {e}; choose another with `-o DIR`",
-            out_dir.display()
-        ))
-    })?;
-    let mut reporters: Vec<Box<dyn Reporter>> = vec![Box::new(events)];
-    if opts.terminal_log {
-        reporters.push(Box::new(Terminal::stderr()));
-    }
-    for extra in &opts.reporters {
-        reporters.push(Box::new(Shared(extra.clone())));
-    }
-    let logger = Logger::new(reporters);
-    logger.emit(Event::RunStarted {
-        test: spec.name.clone(),
-        file: spec.path.display().to_string(),
-    });
+    let logger = run_logger(
+        &out_dir,
+        opts.terminal_log,
+        &opts.reporters,
+        Event::RunStarted {
+            test: spec.name.clone(),
+            file: spec.path.display().to_string(),
+        },
+    )?;
     logger.emit(Event::Info {
         message: format!("accelerator: {} ({})", decision.accel, decision.reason),
     });
@@ -219,7 +210,7 @@ pub fn run_test(
         let machine = Machine::new(ctx.clone(), node.clone(), images[name].clone(), layer, nics);
         machines.insert(name.clone(), Arc::new(Mutex::new(machine)));
     }
-    let creator = crate::nixos::MachineCreator::new(ctx.clone(), out_dir.clone(), &vlans, false)?;
+    let creator = crate::nixos::MachineCreator::new(ctx.clone(), out_dir.clone(), &vlans, false);
     let handler = DriverHandler {
         machines: std::sync::RwLock::new(machines),
         vlans,
@@ -334,6 +325,32 @@ pub(crate) fn serve_script(
     Ok((failure, timed_out))
 }
 
+/// The run's log: `events.jsonl` in `out_dir`, the terminal (if `terminal`), the caller's
+/// reporters; `started` is its first event.
+pub(crate) fn run_logger(
+    out_dir: &Path,
+    terminal: bool,
+    extra: &[Arc<dyn Reporter>],
+    started: Event,
+) -> Result<Logger, RunError> {
+    let events = JsonLines::create(&out_dir.join("events.jsonl")).map_err(|e| {
+        RunError::Infra(format!(
+            "cannot write to the output directory {}: {e}; choose another with `-o DIR`",
+            out_dir.display()
+        ))
+    })?;
+    let mut reporters: Vec<Box<dyn Reporter>> = vec![Box::new(events)];
+    if terminal {
+        reporters.push(Box::new(Terminal::stderr()));
+    }
+    for reporter in extra {
+        reporters.push(Box::new(Shared(reporter.clone())));
+    }
+    let logger = Logger::new(reporters);
+    logger.emit(started);
+    Ok(logger)
+}
+
 /// Builds (or finds) the test's images and marks every store path in use. A `store gc`
 /// may remove a path between the build and the guard: then build again (bounded).
 fn build_and_hold(
@@ -431,7 +448,7 @@ fn global_timeout_watchdog(
 }
 
 /// A reporter shared with the caller (who reads what it collected after the run).
-pub(crate) struct Shared(pub(crate) Arc<dyn Reporter>);
+struct Shared(Arc<dyn Reporter>);
 
 impl Reporter for Shared {
     fn report(&self, event: &crate::events::Stamped) {

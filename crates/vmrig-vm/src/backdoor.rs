@@ -105,10 +105,7 @@ pub enum Framing {
 
 /// The line sent to the guest for `command`.
 pub fn frame(command: &str, framing: Framing) -> Result<String, ShellError> {
-    if command.contains('\0') {
-        return Err(ShellError::NulInCommand);
-    }
-    let quoted = shell_quote(command);
+    let quoted = quote_command(command)?;
     Ok(match framing {
         Framing::Text => text_frame(&format!("eval {quoted} </dev/null")),
         Framing::Exact => format!(
@@ -123,11 +120,16 @@ pub fn frame(command: &str, framing: Framing) -> Result<String, ShellError> {
 /// input this way costs no shell parsing (a command line holding the data is read by bash
 /// at one byte per system call, ~60 KB/s under TCG).
 pub fn frame_with_input(command: &str, len: usize) -> Result<String, ShellError> {
+    let quoted = quote_command(command)?;
+    Ok(text_frame(&format!("head -c {len} | ( eval {quoted} )")))
+}
+
+/// `command` quoted for bash; a NUL cannot be sent on a line.
+fn quote_command(command: &str) -> Result<String, ShellError> {
     if command.contains('\0') {
         return Err(ShellError::NulInCommand);
     }
-    let quoted = shell_quote(command);
-    Ok(text_frame(&format!("head -c {len} | ( eval {quoted} )")))
+    Ok(shell_quote(command))
 }
 
 /// [`Framing::Text`] around `inner` (the command as the guest runs it).

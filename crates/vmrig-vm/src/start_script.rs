@@ -86,7 +86,8 @@ exec {qemu}",
     out
 }
 
-/// `"$QEMU_VDE_SOCKET_<n>"`, failing with a clear message when it is unset.
+/// Stands for VLAN `vlan`'s switch until it is rendered as `"$QEMU_VDE_SOCKET_<n>"`
+/// (failing with a clear message when that is unset).
 fn vde_socket(vlan: u8) -> String {
     format!("@vde{vlan}@")
 }

@@ -183,17 +183,20 @@ fn the_same_test_twice_at_once_both_pass_and_save_one_snapshot() {
     let file = test_file(tmp.path(), "twice", "machine", OWN_DISK);
     let store = PrivateStore::with_images_of(&[&file]);
 
+    // The same test twice at once, each with its own output directory.
+    let run_pair = |outs: [&str; 2]| {
+        all_at_once(
+            outs.iter()
+                .map(|out| {
+                    let mut cmd = store.vmrig(tmp.path());
+                    run_args(&mut cmd, &file, &tmp.path().join(out));
+                    cmd
+                })
+                .collect(),
+        )
+    };
     // No snapshot yet: both boot cold and both try to save one; one does.
-    let outs = all_at_once(
-        ["a1", "b1"]
-            .iter()
-            .map(|out| {
-                let mut cmd = store.vmrig(tmp.path());
-                run_args(&mut cmd, &file, &tmp.path().join(out));
-                cmd
-            })
-            .collect(),
-    );
+    let outs = run_pair(["a1", "b1"]);
     for out in &outs {
         assert_eq!(out.status.code(), Some(0), "{}", text(out));
         assert!(text(out).contains("test twice passed"), "{}", text(out));
@@ -208,16 +211,7 @@ fn the_same_test_twice_at_once_both_pass_and_save_one_snapshot() {
     store.assert_tmp_empty();
 
     // Now both restore that snapshot at once.
-    let outs = all_at_once(
-        ["a2", "b2"]
-            .iter()
-            .map(|out| {
-                let mut cmd = store.vmrig(tmp.path());
-                run_args(&mut cmd, &file, &tmp.path().join(out));
-                cmd
-            })
-            .collect(),
-    );
+    let outs = run_pair(["a2", "b2"]);
     for out in &outs {
         let log = text(out);
         assert_eq!(out.status.code(), Some(0), "{log}");
