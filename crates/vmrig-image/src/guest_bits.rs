@@ -83,12 +83,21 @@ vm.panic_on_oom = 2
 ";
 
 /// Drivers that udev would load for QEMU's emulated hardware that no test uses (the PC
-/// speaker, and the floppy controller of the `pc` machine type should a VM use it); each
-/// costs a good part of a second under TCG. `blacklist` only stops loading by alias:
-/// `modprobe pcspkr` still works.
+/// speaker, the floppy controller of the `pc` machine type should a VM use it, q35's
+/// built-in SATA controller without disks, its LPC bridge and SMBus, the PS/2 mouse and
+/// raw serio ports, QEMU's fw_cfg interface); each costs a good part of a second under
+/// TCG, and udev's workers load them while the network cards wait. `blacklist` only
+/// stops loading by alias: `modprobe psmouse` still works (every module of the kernel is
+/// there).
 pub const MODPROBE_BLACKLIST: &str = "# vmrig: not loaded automatically in test VMs.
 blacklist floppy
 blacklist pcspkr
+blacklist ahci
+blacklist lpc_ich
+blacklist i2c_i801
+blacklist psmouse
+blacklist serio_raw
+blacklist qemu_fw_cfg
 ";
 
 /// udev loads a module for every CPU feature that has one: kvm_intel/kvm_amd for
