@@ -186,6 +186,13 @@ pub const GUEST_FILES: &[GuestFile] = &[
         mode: 0o444,
         text: "8e1a5c4f0d9b4f7e9a3c2b1d0e6f7a8b\n",
     },
+    // No name servers, as in NixOS test VMs (tests are hermetic; /etc/hosts names the
+    // nodes). Without it the image would keep the build host's, copied in by mmdebstrap.
+    GuestFile {
+        path: "/etc/resolv.conf",
+        mode: 0o644,
+        text: "# vmrig: no name servers (tests are hermetic); /etc/hosts names the nodes.\n",
+    },
     GuestFile {
         path: "/etc/hostname",
         mode: 0o644,

@@ -53,8 +53,11 @@ status, out = machine.execute("echo small >&2; echo rc=$?")
 assert (status, out) == (0, "rc=0\n"), (status, out)
 status, out = machine.execute("seq 1 20000 >&2; echo rc=$?")
 assert (status, out) == (0, "rc=0\n"), (status, out)
-# grep's message goes to stderr: grep must exit with its real status (2), not 0.
+# grep's message goes to stderr: grep must exit with its real status (2), not 0 (commands
+# run under `set -euo pipefail`, as upstream, so the echo is not reached).
 status, out = machine.execute("grep -q inet /nonexistent; echo rc=$?")
+assert (status, out) == (2, ""), (status, out)
+status, out = machine.execute("grep -q inet /nonexistent || echo rc=$?")
 assert (status, out) == (0, "rc=2\n"), (status, out)
 machine.fail("grep -q inet /nonexistent")
 try:
