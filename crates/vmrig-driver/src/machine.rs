@@ -689,6 +689,7 @@ pub fn node_vm_config(
         kernel: image.kernel_file(),
         initrd: initrd.to_owned(),
         disk: PathBuf::new(),
+        modules_disk: image.modules_image(),
         kernel_params: node.kernel_params.clone(),
         shell_socket: PathBuf::new(),
         qmp_socket: PathBuf::new(),

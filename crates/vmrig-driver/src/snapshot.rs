@@ -72,6 +72,7 @@ mod tests {
             kernel: "/store/k/vmlinuz".into(),
             initrd: format!("{run}/server/initrd").into(),
             disk: format!("{run}/server/disk.qcow2").into(),
+            modules_disk: None,
             kernel_params: vec![],
             shell_socket: format!("{run}/server/shell.sock").into(),
             qmp_socket: format!("{run}/server/qmp.sock").into(),

@@ -152,6 +152,7 @@ mod tests {
             kernel: "/store/k/vmlinux".into(),
             initrd: "/scripts/server-initrd".into(),
             disk: "/ignored".into(),
+            modules_disk: None,
             kernel_params: vec!["foo=bar".into()],
             shell_socket: "/ignored".into(),
             qmp_socket: "/ignored".into(),
