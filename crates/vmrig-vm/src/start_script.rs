@@ -71,7 +71,14 @@ if [ ! -e \"$NIX_DISK_IMAGE\" ]; then
     {qemu_img} create -q -f qcow2 -F raw -b {root} \"$NIX_DISK_IMAGE\"
 fi
 cd \"$TMPDIR\"
-exec {qemu}",
+# QEMU goes down with this script's parent: the upstream driver starts the script through
+# `/bin/sh -c`, and a shell that does not exec its last command (dash) would leave QEMU
+# running when the driver stops it. setpriv (util-linux) keeps the pid: QEMU replaces it.
+pdeathsig=()
+if setpriv --pdeathsig TERM -- true >/dev/null 2>&1; then
+    pdeathsig=(setpriv --pdeathsig TERM --)
+fi
+exec ${{pdeathsig[@]+\"${{pdeathsig[@]}}\"}} {qemu}",
         file = file_name(name),
         origin = s.origin,
         qemu_img = shell_quote(&s.qemu_img.to_string_lossy()),
@@ -203,6 +210,141 @@ mod tests {
         assert!(
             !s.contains("-serial") && !s.contains("virtconsole"),
             "the driver adds those"
+        );
+    }
+
+    /// A start script whose fake QEMU records its pid and sleeps, started the way the
+    /// upstream driver starts it: by `/bin/sh -c` (here with a command after it, so that
+    /// no shell execs the script in its own place). `path` is the PATH it runs with.
+    /// Returns the shell and the fake QEMU's pid.
+    fn start_sleeping_qemu(dir: &Path, path: &std::ffi::OsStr) -> (std::process::Child, i32) {
+        use std::os::unix::fs::PermissionsExt;
+        let (_, fake_img) = fake_qemu(dir);
+        let qemu = dir.join("sleeping-qemu");
+        let pid_file = dir.join("qemu.pid");
+        std::fs::write(
+            &qemu,
+            "#!/bin/sh\necho $$ > \"$FAKE_QEMU_PID\"\nexec sleep 300\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let text = render(&StartScript {
+            cfg: &cfg(),
+            root_image: Path::new("/store/r/root.img"),
+            qemu: &qemu,
+            qemu_img: &fake_img,
+            origin: "a test",
+        });
+        let script = dir.join("run-server-vm");
+        std::fs::write(&script, text).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut shell = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "{}; exit $?",
+                shell_quote(&script.to_string_lossy())
+            ))
+            .current_dir(dir)
+            .env("PATH", path)
+            .env("TMPDIR", dir)
+            .env("USE_TMPDIR", "1")
+            .env("QEMU_VDE_SOCKET_1", "/tmp/vde1")
+            .env("FAKE_QEMU_PID", &pid_file)
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let pid = std::fs::read_to_string(&pid_file).unwrap_or_default();
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                // The pid is QEMU's own (the script and setpriv exec it): wait until the
+                // process is the sleep, so the signal below finds it in place.
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.trim() == "sleep" {
+                    return (shell, pid);
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = shell.kill();
+                let _ = shell.wait();
+                panic!("the fake QEMU did not start");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Whether `pid` is gone (or a zombie waiting for whoever inherited it).
+    fn gone_within(pid: i32, secs: u64) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
+            if stat.is_empty() || state == Some("Z") {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    fn terminate(shell: &mut std::process::Child) {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(shell.id() as i32, libc::SIGTERM) };
+        shell.wait().unwrap();
+    }
+
+    /// The upstream driver stops a machine with SIGTERM to the `/bin/sh -c` it started the
+    /// script with. Debian's dash does not exec the script, so the signal reaches only the
+    /// shell: QEMU must go down by itself (setpriv --pdeathsig).
+    #[test]
+    fn qemu_goes_down_with_the_shell_that_started_the_script() {
+        if std::process::Command::new("setpriv")
+            .args(["--pdeathsig", "TERM", "--", "true"])
+            .status()
+            .map(|s| !s.success())
+            .unwrap_or(true)
+        {
+            eprintln!("skipped: no setpriv with --pdeathsig on this host (util-linux)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = std::env::var_os("PATH").unwrap();
+        let (mut shell, qemu) = start_sleeping_qemu(dir.path(), &path);
+        terminate(&mut shell);
+        assert!(
+            gone_within(qemu, 10),
+            "QEMU (pid {qemu}) outlived the shell"
+        );
+    }
+
+    /// Without setpriv the script still starts QEMU (which then outlives a killed shell:
+    /// what the test above guards against).
+    #[test]
+    fn without_setpriv_the_script_still_starts_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        for tool in ["bash", "readlink", "mktemp", "sleep"] {
+            let found = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+                .map(|d| d.join(tool))
+                .find(|p| p.exists())
+                .unwrap_or_else(|| panic!("{tool} is not on PATH"));
+            std::os::unix::fs::symlink(found, bin.join(tool)).unwrap();
+        }
+        let (mut shell, qemu) = start_sleeping_qemu(dir.path(), bin.as_os_str());
+        terminate(&mut shell);
+        let survived = !gone_within(qemu, 1);
+        // SAFETY: the fake QEMU this test started.
+        unsafe { libc::kill(qemu, libc::SIGKILL) };
+        assert!(
+            survived,
+            "without setpriv nothing takes QEMU down with the shell"
         );
     }
 
