@@ -217,6 +217,7 @@ mod tests {
     /// upstream driver starts it: by `/bin/sh -c` (here with a command after it, so that
     /// no shell execs the script in its own place). `path` is the PATH it runs with.
     /// Returns the shell and the fake QEMU's pid.
+    #[allow(clippy::zombie_processes)] // the caller waits for the shell it gets back
     fn start_sleeping_qemu(dir: &Path, path: &std::ffi::OsStr) -> (std::process::Child, i32) {
         use std::os::unix::fs::PermissionsExt;
         let (_, fake_img) = fake_qemu(dir);
