@@ -9,7 +9,7 @@
 //! `QEMU_VDE_SOCKET_<n>` (`-netdev vde`), as the NixOS driver sets it. The driver appends
 //! its own sockets, console and `-serial stdio` ([`crate::cmdline::nixos_driver_args`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::backdoor::shell_quote;
 use crate::cmdline::{machine_args, vlan_netdev_id, vlan_nic_args, VmConfig, USER_NETDEV};
@@ -31,6 +31,35 @@ pub struct StartScript<'a> {
     pub qemu_img: &'a Path,
     /// Where the script comes from, for its header comment.
     pub origin: &'a str,
+}
+
+/// Starts the line of a script vmrig wrote that says, as JSON ([`ScriptInputs`]), what it
+/// boots: the NixOS driver keys boot snapshots of such scripts by it.
+pub const INPUTS_MARKER: &str = "# vmrig-start-script: ";
+
+/// What a start script written by vmrig boots, read back from its [`INPUTS_MARKER`] line.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScriptInputs {
+    /// The node the script was made for.
+    pub machine: String,
+    pub qemu: PathBuf,
+    pub qemu_img: PathBuf,
+    /// Store paths it names (kernel, root image): their names are their contents' hashes.
+    pub store_files: Vec<PathBuf>,
+    /// Files it names that are not in the store (its initrd, next to the script): keys
+    /// must hash their contents.
+    pub other_files: Vec<PathBuf>,
+    /// The writable disk's file name when `NIX_DISK_IMAGE` is unset (relative to the
+    /// script's working directory, the machine's state directory).
+    pub default_disk: String,
+}
+
+/// The [`ScriptInputs`] of a script's text, if vmrig wrote it.
+pub fn read_inputs(text: &str) -> Option<ScriptInputs> {
+    text.lines()
+        .take(8)
+        .find_map(|line| line.strip_prefix(INPUTS_MARKER))
+        .and_then(|json| serde_json::from_str(json).ok())
 }
 
 /// The script's file name, as NixOS names it (the driver takes the machine name from it).
@@ -58,10 +87,19 @@ pub fn render(s: &StartScript) -> String {
         args.extend(vlan_nic_args(nic, i, netdev));
     }
     let name = &cfg.name;
+    let inputs = ScriptInputs {
+        machine: name.clone(),
+        qemu: s.qemu.to_owned(),
+        qemu_img: s.qemu_img.to_owned(),
+        store_files: vec![s.cfg.kernel.clone(), s.root_image.to_owned()],
+        other_files: vec![s.cfg.initrd.clone()],
+        default_disk: format!("{name}.qcow2"),
+    };
     let mut out = format!(
         "#!/usr/bin/env bash
 # {file}: starts the vmrig machine `{name}` the way a NixOS start script does.
 # Made by {origin}. It uses store paths: keep them (`vmrig store gc` removes unused ones).
+{marker}{inputs}
 set -eu
 if [ -z \"${{TMPDIR:-}}\" ] || [ -z \"${{USE_TMPDIR:-}}\" ]; then
     TMPDIR=$(mktemp -d nix-vm.XXXXXXXXXX --tmpdir)
@@ -81,6 +119,8 @@ fi
 exec ${{pdeathsig[@]+\"${{pdeathsig[@]}}\"}} {qemu}",
         file = file_name(name),
         origin = s.origin,
+        marker = INPUTS_MARKER,
+        inputs = serde_json::to_string(&inputs).expect("plain data"),
         qemu_img = shell_quote(&s.qemu_img.to_string_lossy()),
         root = shell_quote(&s.root_image.to_string_lossy()),
         qemu = shell_quote(&s.qemu.to_string_lossy()),
@@ -206,6 +246,22 @@ mod tests {
             "{s}"
         );
         assert!(s.trim_end().ends_with("${QEMU_OPTS:-} \"$@\""));
+        let inputs = read_inputs(&s).expect("vmrig's scripts say what they boot");
+        assert_eq!(inputs.machine, "server");
+        assert_eq!(inputs.qemu, Path::new("/usr/bin/qemu-system-x86_64"));
+        assert_eq!(
+            inputs.store_files,
+            [
+                Path::new("/store/k/vmlinux"),
+                Path::new("/store/r/root.img")
+            ]
+        );
+        assert_eq!(inputs.other_files, [Path::new("/scripts/server-initrd")]);
+        assert_eq!(inputs.default_disk, "server.qcow2");
+        assert_eq!(
+            read_inputs("#!/bin/sh\nexec qemu-system-x86_64 \"$@\"\n"),
+            None
+        );
         assert!(!s.contains("@vmrig") && !s.contains("@vde"), "{s}");
         assert!(
             !s.contains("-serial") && !s.contains("virtconsole"),
