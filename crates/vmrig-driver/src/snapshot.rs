@@ -80,10 +80,28 @@ pub fn start_script_snapshot(
     if value("NIX_DISK_IMAGE").is_some() {
         return None;
     }
+    // The same script written into another directory (every `vmrig build
+    // --start-scripts DIR`) boots the same machine: its comments (which name where it came
+    // from) and its own directory do not count; the files it names there are hashed below.
+    let dir = script
+        .parent()
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let code: Vec<String> = text
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .map(|line| {
+            if dir.is_empty() {
+                line.to_owned()
+            } else {
+                line.replace(&dir, "<scripts>")
+            }
+        })
+        .collect();
     let mut material = format!(
         "{SNAPSHOT_FORMAT}\nvmrig {}\nstart script {}\n",
         env!("CARGO_PKG_VERSION"),
-        hex::encode(Sha256::digest(text.as_bytes()))
+        hex::encode(Sha256::digest(code.join("\n").as_bytes()))
     );
     material.push_str(&format!("qemu {}\n", qemu_version(&inputs.qemu)?));
     for file in &inputs.store_files {
@@ -92,11 +110,8 @@ pub fn start_script_snapshot(
         material.push_str(&format!("store file {}\n", file.display()));
     }
     for file in &inputs.other_files {
-        material.push_str(&format!(
-            "file {} {}\n",
-            file.display(),
-            file_hash(file).ok()?
-        ));
+        let name = file.to_string_lossy().replace(&dir, "<scripts>");
+        material.push_str(&format!("file {name} {}\n", file_hash(file).ok()?));
     }
     for var in ["QEMU_OPTS", "QEMU_NET_OPTS", "QEMU_KERNEL_PARAMS"] {
         material.push_str(&format!("{var}={:?}\n", value(var)));
@@ -215,6 +230,7 @@ pub fn set_clock_command(now: std::time::SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
     use vmrig_vm::accel::Accel;
 
     fn cfg(run: &str) -> VmConfig {
@@ -310,65 +326,66 @@ mod tests {
         assert_eq!(replay_console(empty.path(), &console, &log).unwrap(), 0);
     }
 
-    fn start_script(dir: &Path, initrd: &str) -> vmrig_vm::machine::StartCommand {
-        let qemu = dir.join("qemu");
+    /// A start script in `<root>/<sub>` as vmrig writes it, with its initrd (`initrd` is
+    /// its contents) next to it; QEMU and the kernel are `<root>`'s (the store's).
+    fn start_script(root: &Path, sub: &str, initrd: &str) -> vmrig_vm::machine::StartCommand {
+        use std::os::unix::fs::PermissionsExt;
+        let qemu = root.join("qemu");
         std::fs::write(&qemu, "#!/bin/sh\necho QEMU emulator version 7.2.0\n").unwrap();
-        let kernel = dir.join("vmlinux");
+        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let kernel = root.join("vmlinux");
         std::fs::write(&kernel, "k").unwrap();
+        let dir = root.join(sub);
+        std::fs::create_dir_all(&dir).unwrap();
         let initrd_file = dir.join("m-initrd");
         std::fs::write(&initrd_file, initrd).unwrap();
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
         let inputs = vmrig_vm::start_script::ScriptInputs {
             machine: "m".into(),
             qemu,
             qemu_img: "/usr/bin/qemu-img".into(),
             store_files: vec![kernel],
-            other_files: vec![initrd_file],
+            other_files: vec![initrd_file.clone()],
             default_disk: "m.qcow2".into(),
         };
         let script = dir.join("run-m-vm");
         std::fs::write(
             &script,
             format!(
-                "#!/usr/bin/env bash\n{}{}\nexec qemu\n",
+                "#!/usr/bin/env bash\n# Made from {sub}\n{}{}\nexec qemu -initrd {}\n",
                 vmrig_vm::start_script::INPUTS_MARKER,
-                serde_json::to_string(&inputs).unwrap()
+                serde_json::to_string(&inputs).unwrap(),
+                initrd_file.display()
             ),
         )
         .unwrap();
         vmrig_vm::machine::StartCommand {
             name: "m".into(),
             command: script.to_string_lossy().into_owned(),
-            state_dir: dir.join(format!("state-{initrd}")),
-            env: vec![("QEMU_VDE_SOCKET_1".into(), format!("/run/{initrd}/vde1"))],
+            state_dir: dir.join("vm-state-m"),
+            env: vec![("QEMU_VDE_SOCKET_1".into(), format!("/run/{sub}/vde1"))],
             allow_reboot: false,
         }
     }
 
     #[test]
     fn start_script_keys_cover_what_the_script_boots() {
-        let dir = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
         let none = |_: &str| None;
-        let a = start_script(dir.path(), "layer-a");
+        let a = start_script(root.path(), "a", "layer-a");
         let snap = start_script_snapshot(&a, &none).expect("a vmrig script");
         assert_eq!(snap.disk, a.state_dir.join("m.qcow2"));
         assert_eq!(snap.key.name(), "snapshot-m");
         // Another state directory and switch path: the same key.
         let mut moved = a.clone();
-        moved.state_dir = dir.path().join("elsewhere");
+        moved.state_dir = root.path().join("elsewhere");
         moved.env = vec![("QEMU_VDE_SOCKET_1".into(), "/other/vde1".into())];
         assert_eq!(start_script_snapshot(&moved, &none).unwrap().key, snap.key);
+        // The same script and initrd written into another directory: the same key.
+        let copy = start_script(root.path(), "copy", "layer-a");
+        assert_eq!(start_script_snapshot(&copy, &none).unwrap().key, snap.key);
         // The initrd's contents (the node's layer) change it.
-        let other = dir.path().join("b");
-        std::fs::create_dir(&other).unwrap();
-        let b = start_script(&other, "layer-b");
-        std::fs::write(other.join("m-initrd"), "layer-b").unwrap();
-        let kb = start_script_snapshot(&b, &none).unwrap().key;
-        std::fs::write(other.join("m-initrd"), "layer-c").unwrap();
-        assert_ne!(start_script_snapshot(&b, &none).unwrap().key, kb);
+        let b = start_script(root.path(), "b", "layer-b");
+        assert_ne!(start_script_snapshot(&b, &none).unwrap().key, snap.key);
         // So do the variables the script reads, allow_reboot and the set of VLANs.
         let opts = |v: &str| (v == "QEMU_OPTS").then(|| "-m 2048".to_owned());
         assert_ne!(start_script_snapshot(&a, &opts).unwrap().key, snap.key);
@@ -379,10 +396,15 @@ mod tests {
         two.env
             .push(("QEMU_VDE_SOCKET_2".into(), "/run/x/vde2".into()));
         assert_ne!(start_script_snapshot(&two, &none).unwrap().key, snap.key);
+        // A changed command line in the script changes it.
+        let script = PathBuf::from(&a.command);
+        let text = std::fs::read_to_string(&script).unwrap();
+        std::fs::write(&script, text.replace("exec qemu", "exec qemu -smp 2")).unwrap();
+        assert_ne!(start_script_snapshot(&a, &none).unwrap().key, snap.key);
         // A disk the run places itself, and scripts vmrig did not write: no snapshot.
         let disk = |v: &str| (v == "NIX_DISK_IMAGE").then(|| "/tmp/d.qcow2".to_owned());
         assert!(start_script_snapshot(&a, &disk).is_none());
-        let foreign = dir.path().join("run-n-vm");
+        let foreign = root.path().join("run-n-vm");
         std::fs::write(&foreign, "#!/bin/sh\nexec qemu-kvm \"$@\"\n").unwrap();
         let mut n = a.clone();
         n.command = foreign.to_string_lossy().into_owned();
