@@ -494,7 +494,8 @@ impl Machine {
                 "tty must be a number, not {tty:?}"
             )));
         }
-        let (status, output) = self.execute(&tty_text_command(tty), Some(timeout))?;
+        // Killed in the guest if it hangs (a terminal being set up), so the shell stays free.
+        let (status, output) = self.execute_limited(&tty_text_command(tty), Some(timeout))?;
         if status != 0 {
             return Err(ApiError::Assertion(format!(
                 "reading /dev/vcs{tty} failed (exit code {status}; the error is on the console)"
@@ -612,6 +613,18 @@ mod tests {
         );
         // No such terminal: opening it fails, and so does the read.
         assert!(!run("8").status.success());
+    }
+
+    #[test]
+    fn timed_out_text_is_upstreams() {
+        assert_eq!(
+            timed_out_text(10.04, 10.0),
+            "action timed out after 10.04 seconds (timeout=10)"
+        );
+        assert_eq!(python_number(2.5), "2.5");
+        assert_eq!(python_number(900.0), "900");
+        assert_eq!(under_user(Some("alice")), " under user \"alice\"");
+        assert_eq!(under_user(None), "");
     }
 
     #[test]
