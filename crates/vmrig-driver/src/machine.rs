@@ -609,13 +609,29 @@ impl Machine {
     }
 
     /// Runs a test script's command as NixOS does: under `set -euo pipefail`, so a failing
-    /// step or pipeline stage fails the command.
+    /// step or pipeline stage fails the command, and killed in the guest after `timeout`
+    /// seconds (status 124, as NixOS's `timeout` wrapper), so the shell is free at once.
     pub fn execute_user(
         &mut self,
         command: &str,
         timeout: Option<f64>,
     ) -> Result<(i32, String), ApiError> {
-        self.execute(&format!("set -euo pipefail; {command}"), timeout)
+        self.execute_limited(&user_command(command), timeout)
+    }
+
+    /// [`Machine::execute_user`] without waiting for the command (NixOS's
+    /// `execute(check_output=False)`): its reply is read and dropped before the next
+    /// command's.
+    pub fn execute_user_detached(
+        &mut self,
+        command: &str,
+        timeout: Option<f64>,
+    ) -> Result<(), ApiError> {
+        self.connect()?;
+        let deadline = self.deadline_in(timeout.map(|t| t + LIMIT_GRACE));
+        let vm = self.vm.as_mut().expect("connected");
+        vm.execute_detached(&user_command(command), guest_limit(timeout), deadline)
+            .map_err(|e| self.command_error(command, e))
     }
 
     /// Runs `command` in the guest: `(status, stdout)`.
@@ -625,6 +641,22 @@ impl Machine {
         timeout: Option<f64>,
     ) -> Result<(i32, String), ApiError> {
         self.execute_with_input(command, None, timeout)
+    }
+
+    /// Runs `command`, killed in the guest after `limit` seconds (status 124); the driver
+    /// waits a few seconds longer for the reply before it gives up on the shell.
+    pub fn execute_limited(
+        &mut self,
+        command: &str,
+        limit: Option<f64>,
+    ) -> Result<(i32, String), ApiError> {
+        self.connect()?;
+        let deadline = self.deadline_in(limit.map(|t| t + LIMIT_GRACE));
+        let vm = self.vm.as_mut().expect("connected");
+        match vm.execute_limited(command, guest_limit(limit), Some(deadline)) {
+            Ok(out) => Ok((out.status, out.text())),
+            Err(e) => Err(self.command_error(command, e)),
+        }
     }
 
     /// [`Machine::execute`] with `input` (if any) as the command's stdin.
@@ -639,10 +671,17 @@ impl Machine {
         let vm = self.vm.as_mut().expect("connected");
         match vm.execute_with_input(command, input, Some(deadline)) {
             Ok(out) => Ok((out.status, out.text())),
-            Err(VmError::Shell {
+            Err(e) => Err(self.command_error(command, e)),
+        }
+    }
+
+    /// The error for a command that got no reply.
+    fn command_error(&mut self, command: &str, e: VmError) -> ApiError {
+        match e {
+            VmError::Shell {
                 source: ShellError::Timeout(waited),
                 ..
-            }) => Err(ApiError::Timeout(format!(
+            } => ApiError::Timeout(format!(
                 "command `{command}` did not finish within {:.0} s{}",
                 waited.as_secs_f64(),
                 if Instant::now() >= self.ctx.deadline {
@@ -650,20 +689,37 @@ impl Machine {
                 } else {
                     ""
                 }
-            ))),
-            Err(VmError::Shell {
+            )),
+            VmError::Shell {
                 source: ShellError::Closed,
                 ..
-            }) => {
+            } => {
                 self.connected = false;
-                Err(ApiError::Machine(format!(
+                ApiError::Machine(format!(
                     "`{}`: the guest shell closed while running `{command}` (did the machine stop?); last console lines:\n{}",
                     self.name,
                     vmrig_vm::machine::console_tail(&self.console)
-                )))
+                ))
             }
-            Err(e) => Err(vm_error(e)),
+            e => vm_error(e),
         }
+    }
+
+    /// `switch_root()`: from the initrd's shell to the system's (NixOS's
+    /// `testing.initrdBackdoor` with a systemd initrd): isolates `initrd-switch-root.target`
+    /// and waits for the new shell.
+    pub fn switch_root(&mut self) -> Result<(), ApiError> {
+        self.wait_for_unit("initrd.target", None, crate::api::DEFAULT_WAIT)?;
+        self.execute_user_detached(
+            "systemctl isolate --no-block initrd-switch-root.target 2>/dev/null >/dev/null",
+            Some(crate::api::DEFAULT_WAIT),
+        )?;
+        self.connected = false;
+        if let Some(vm) = self.vm.as_mut() {
+            vm.expect_new_shell();
+        }
+        self.reboot = Reboot::InPlace;
+        self.connect()
     }
 
     /// Sends `poweroff` and waits for QEMU to exit.
@@ -802,6 +858,22 @@ pub fn node_vm_config(
         forwards: Vec::new(),
         incoming: None,
     }
+}
+
+/// How much longer than a command's time limit the driver waits for its reply (the guest
+/// kills it at the limit; TERM, then KILL two seconds later).
+const LIMIT_GRACE: f64 = 10.0;
+
+/// A test script's command as NixOS runs it.
+fn user_command(command: &str) -> String {
+    format!("set -euo pipefail; {command}")
+}
+
+/// A time limit in seconds as the guest enforces it (none for 0, negative, or not finite:
+/// `timeout 0` means no limit).
+fn guest_limit(secs: Option<f64>) -> Option<Duration> {
+    secs.filter(|s| s.is_finite() && *s > 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(1e9)))
 }
 
 pub(crate) fn vm_error(e: VmError) -> ApiError {
