@@ -75,7 +75,7 @@ impl std::fmt::Display for UsernsProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "image builds as a normal user need user namespaces, but {}; fix: {}",
+            "image builds as a normal user need user namespaces: {}; fix: {}",
             self.what, self.fix
         )
     }
@@ -177,14 +177,11 @@ pub fn userns_problems_on(host: &UsernsHost) -> Vec<UsernsProblem> {
     };
     let (uid_count, gid_count) = (mine(&subuid), mine(&subgid));
     if uid_count.unwrap_or(0) < SUBID_COUNT || gid_count.unwrap_or(0) < SUBID_COUNT {
-        let start = subuid
-            .iter()
-            .chain(&subgid)
-            .map(|&(_, s, c)| s + c)
-            .max()
-            .unwrap_or(0)
-            .max(100_000);
-        let start = start.div_ceil(SUBID_COUNT) * SUBID_COUNT;
+        // After every range already given out (100000 on a host with none, as useradd).
+        let start = match subuid.iter().chain(&subgid).map(|&(_, s, c)| s + c).max() {
+            None => 100_000,
+            Some(end) => end.max(100_000).div_ceil(SUBID_COUNT) * SUBID_COUNT,
+        };
         let range = format!("{start}-{}", start + SUBID_COUNT - 1);
         let files = match (
             uid_count.unwrap_or(0) < SUBID_COUNT,
@@ -217,20 +214,20 @@ pub fn userns_problems_on(host: &UsernsHost) -> Vec<UsernsProblem> {
     };
     if sysctl("kernel.unprivileged_userns_clone") == Some(0) {
         out.push(problem(
-            "the kernel forbids them to unprivileged users (kernel.unprivileged_userns_clone = 0)"
+            "the kernel forbids unprivileged user namespaces (kernel.unprivileged_userns_clone = 0)"
                 .into(),
             persist("kernel.unprivileged_userns_clone=1"),
         ));
     }
     if sysctl("user.max_user_namespaces") == Some(0) {
         out.push(problem(
-            "they are turned off (user.max_user_namespaces = 0)".into(),
+            "user namespaces are turned off (user.max_user_namespaces = 0)".into(),
             persist("user.max_user_namespaces=65536"),
         ));
     }
     if sysctl("kernel.apparmor_restrict_unprivileged_userns") == Some(1) {
         out.push(problem(
-            "AppArmor restricts them (kernel.apparmor_restrict_unprivileged_userns = 1)".into(),
+            "AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns = 1)".into(),
             persist("kernel.apparmor_restrict_unprivileged_userns=0"),
         ));
     }
@@ -359,7 +356,7 @@ mod tests {
             "{}",
             p[5]
         );
-        assert!(p[0].starts_with("image builds as a normal user need user namespaces, but "));
+        assert!(p[0].starts_with("image builds as a normal user need user namespaces: "));
     }
 
     #[test]
