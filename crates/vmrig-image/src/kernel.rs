@@ -39,15 +39,21 @@ fn extract(
     mirror: Option<&str>,
     out: &Path,
 ) -> Result<(), ImageError> {
-    let unpacked = out.join("extract");
+    // As a normal user mmdebstrap (unshare mode) works where its namespace can reach.
+    let scratch = (!crate::run::is_root())
+        .then(|| crate::run::Scratch::new(out))
+        .transpose()?;
+    let work = scratch.as_ref().map_or(out, |s| s.path());
+    let unpacked = work.join("extract");
     let mut cmd = Command::new("mmdebstrap");
-    cmd.env("TMPDIR", out)
+    cmd.env("TMPDIR", work)
         .arg("--variant=extract")
         .arg(format!("--include={KERNEL_PACKAGE}"))
         .arg(suite)
         .arg(&unpacked);
     cmd.args(mirror);
     run_tool(&mut cmd, step, b.observer)?;
+    crate::run::reclaim(&unpacked, step, b.observer)?;
 
     let vmlinuz = only_entry(&unpacked.join("boot"), "vmlinuz-", "vmlinuz")?;
     let modules_root = modules_root(&unpacked);
@@ -57,12 +63,11 @@ fn extract(
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    std::fs::rename(&vmlinuz, out.join("vmlinuz")).map_err(ImageError::io("moving vmlinuz"))?;
+    crate::run::move_path(&vmlinuz, &out.join("vmlinuz"))?;
     unpack_vmlinux(&out.join("vmlinuz"), &out.join("vmlinux"))?;
     std::fs::create_dir_all(out.join("lib/modules"))
         .map_err(ImageError::io("creating lib/modules"))?;
-    std::fs::rename(&version_dir, out.join("lib/modules").join(&version))
-        .map_err(ImageError::io("moving the kernel modules"))?;
+    crate::run::move_path(&version_dir, &out.join("lib/modules").join(&version))?;
     std::fs::remove_dir_all(&unpacked)
         .map_err(ImageError::io("removing the unpacked kernel package"))?;
     std::fs::write(out.join("version"), &version).map_err(ImageError::io("writing version"))?;

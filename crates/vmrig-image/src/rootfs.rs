@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use vmrig_spec::ImageInputs;
 use vmrig_store::{StoreKey, StorePath};
 
-use crate::run::run_tool;
+use crate::run::{is_root, run_tool};
 use crate::{guest_bits, tools, ImageBuilder, ImageError, BUILDER_VERSION};
 
 /// Packages every guest gets: systemd as init, and what the driver runs in the guest.
@@ -30,10 +30,6 @@ pub const BASE_PACKAGES: &[&str] = &[
     "nftables",
 ];
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// Builds or finds the root image for `inputs` (shared by `nodes`, named in errors).
 pub fn build(
@@ -85,14 +81,19 @@ fn bootstrap(
     script: &str,
     out: &Path,
 ) -> Result<(), ImageError> {
-    let hook = out.join("customize.sh");
+    // As a normal user mmdebstrap (unshare mode) works where its namespace can reach.
+    let scratch = (!is_root())
+        .then(|| crate::run::Scratch::new(out))
+        .transpose()?;
+    let work = scratch.as_ref().map_or(out, |s| s.path());
+    let hook = work.join("customize.sh");
     std::fs::write(&hook, script).map_err(ImageError::io("writing the customize hook"))?;
-    let root = out.join("root");
+    let root = work.join("root");
     let mut include: Vec<&str> = BASE_PACKAGES.to_vec();
     include.extend(inputs.packages.iter().map(String::as_str));
 
     let mut cmd = Command::new("mmdebstrap");
-    cmd.env("TMPDIR", out)
+    cmd.env("TMPDIR", work)
         .arg("--variant=minbase")
         .arg(if is_root() {
             "--mode=root"
@@ -106,7 +107,14 @@ fn bootstrap(
     cmd.args(mirror);
     run_tool(&mut cmd, step, b.observer)?;
 
-    let image = out.join("root.img");
+    let image = work.join("root.img");
+    if !is_root() {
+        // The namespace's root is a subordinate id: it writes into a file the caller made.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::File::create(&image)
+            .and_then(|_| std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o666)))
+            .map_err(ImageError::io("creating root.img"))?;
+    }
     let mke2fs = tools::find_program("mke2fs").unwrap_or_else(|| "mke2fs".into());
     let size_mib = dir_size(&root) / (1024 * 1024) * 5 / 4 + 1024;
     let mut mkfs = in_namespace(&mke2fs);
@@ -117,22 +125,27 @@ fn bootstrap(
         .arg(&image)
         .arg(format!("{size_mib}M"));
     run_tool(&mut mkfs, step, b.observer)?;
-    let mut rm = in_namespace(Path::new("rm"));
-    rm.arg("-rf").arg(&root).arg(&hook);
-    run_tool(&mut rm, step, b.observer)?;
+    if let Some(scratch) = scratch {
+        use std::os::unix::fs::PermissionsExt;
+        crate::run::move_path(&image, &out.join("root.img"))?;
+        std::fs::set_permissions(out.join("root.img"), std::fs::Permissions::from_mode(0o644))
+            .map_err(ImageError::io("setting the mode of root.img"))?;
+        // The tree belongs to subordinate ids: removed through a namespace.
+        drop(scratch);
+    } else {
+        std::fs::remove_dir_all(&root).map_err(ImageError::io("removing the root tree"))?;
+        std::fs::remove_file(&hook).map_err(ImageError::io("removing the customize hook"))?;
+    }
     Ok(())
 }
 
-/// A command that runs as root in a user namespace mapping the subordinate ids, when we
-/// are not root (the tree mmdebstrap's unshare mode leaves is owned by those ids).
+/// A command that sees the tree mmdebstrap left with its real owners: as a normal user,
+/// root of a user namespace with mmdebstrap's id map (the first subordinate range from 0).
 fn in_namespace(program: &Path) -> Command {
     if is_root() {
         Command::new(program)
     } else {
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--map-root-user", "--map-auto", "--"])
-            .arg(program);
-        cmd
+        crate::run::as_mapped_root(program)
     }
 }
 
