@@ -30,7 +30,6 @@ pub const BASE_PACKAGES: &[&str] = &[
     "nftables",
 ];
 
-
 /// Builds or finds the root image for `inputs` (shared by `nodes`, named in errors).
 pub fn build(
     b: &ImageBuilder,
