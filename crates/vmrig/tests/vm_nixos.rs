@@ -25,6 +25,9 @@ packages = ["less"]
 /// The script every form runs: the VLAN works, block() cuts it, unblock() heals it.
 const SCRIPT: &str = r#"
 start_all()
+# The cards get their addresses after udev, before network-online.target (as on NixOS).
+alpha.wait_for_unit("network-online.target")
+beta.wait_for_unit("network-online.target")
 alpha.succeed("ping -c1 -W10 beta")
 beta.block()
 alpha.fail("ping -c1 -W2 beta")
@@ -300,6 +303,8 @@ assert extra.name == "beta", extra.name
 assert extra in machines
 extra.start()
 assert extra.succeed("hostname").strip() == "beta"
+machine.wait_for_unit("network-online.target")
+extra.wait_for_unit("network-online.target")
 machine.succeed("ping -c1 -W10 192.168.1.2")
 extra.succeed("ping -c1 -W10 192.168.1.1")
 named = create_machine("{alpha}", name="other")
