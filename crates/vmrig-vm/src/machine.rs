@@ -255,6 +255,12 @@ impl Vm {
         &self.name
     }
 
+    /// Names the writable disk of a start command's VM (which its script chose), so that
+    /// [`Vm::save_state`] can save it.
+    pub fn set_disk(&mut self, disk: PathBuf) {
+        self.disk = Some(disk);
+    }
+
     pub fn console(&self) -> &Arc<Console> {
         &self.console
     }
@@ -348,8 +354,9 @@ impl Vm {
         Ok(())
     }
 
-    /// Saves the running VM into `dir`: the migration stream (`state`) and a copy of the
-    /// disk overlay as it was at that instant (`disk.qcow2`), then lets the VM go on.
+    /// Saves the running VM into `dir`: the migration stream (`state`), a copy of the disk
+    /// overlay as it was at that instant (`disk.qcow2`) and the console's output up to
+    /// then ([`CONSOLE_FILE`]), then lets the VM go on.
     pub fn save_state(&mut self, dir: &Path, deadline: Instant) -> Result<(), VmError> {
         let name = self.name.clone();
         let qmp_err = |source| VmError::Qmp {
@@ -406,8 +413,15 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(20));
         }
         let copied = std::fs::copy(&disk, dir.join("disk.qcow2"));
+        // The guest is stopped: once the reader has caught up with what QEMU wrote, the
+        // console holds the whole boot.
+        let console = settled_console_text(&self.console);
+        let console_file = dir.join(CONSOLE_FILE);
+        let written = std::fs::write(&console_file, console);
+        let qmp = self.qmp()?;
         qmp.cont().map_err(qmp_err)?;
         copied.map_err(io_err(format!("copying {}", disk.display())))?;
+        written.map_err(io_err(format!("writing {}", console_file.display())))?;
         Ok(())
     }
 
@@ -715,6 +729,25 @@ impl Vm {
         self.shell = None;
         self.qemu.kill();
     }
+}
+
+/// The file of a saved state that holds the console's output up to the save.
+pub const CONSOLE_FILE: &str = "console.log";
+
+/// The console's text once its reader has caught up (no new line for 50 ms, at most 1 s):
+/// called while the guest is stopped.
+fn settled_console_text(console: &Console) -> String {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut seen = console.end();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = console.end();
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+    console.text()
 }
 
 /// The last console lines of `console`, indented, for error messages.
