@@ -18,8 +18,8 @@
 #   benches/bench.sh                    # COLD_RUNS=3 WARM_RUNS=5
 #   COLD_RUNS=1 WARM_RUNS=3 benches/bench.sh
 #   VMRIG=./target/debug/vmrig benches/bench.sh
-#   BENCHES="b d" WARM_ONLY=1 benches/bench.sh   # some of them, warm only: removes no
-#                                                # snapshot (fine on a shared store)
+#   BENCHES="b d" WARM_ONLY=1 benches/bench.sh   # some of them, without the cold runs
+#       that remove the store's snapshots ((a)-(c), banner): fine on a shared store
 # Numbers depend on what else the host runs: the load average is printed with the table.
 # Note: the cold runs remove the boot snapshots of every test in the store (the next run
 # of each node saves its snapshot again).
@@ -79,15 +79,14 @@ mkdir -p "$work/out"
 
 for t in a b c d; do
     selected "$t" || continue
-    if [[ -z $WARM_ONLY ]]; then
+    if [[ -n ${cold_commands[$t]:-} ]]; then
         echo "== ($t) ${tests[$t]}: cold, $COLD_RUNS runs"
-        if [[ -n ${cold_commands[$t]:-} ]]; then
-            hyperfine --style basic --runs "$COLD_RUNS" \
-                --export-json "$work/$t-cold.json" "${cold_commands[$t]}"
-        else
-            hyperfine --style basic --runs "$COLD_RUNS" --prepare "$forget >/dev/null" \
-                --export-json "$work/$t-cold.json" "${commands[$t]}"
-        fi
+        hyperfine --style basic --runs "$COLD_RUNS" \
+            --export-json "$work/$t-cold.json" "${cold_commands[$t]}"
+    elif [[ -z $WARM_ONLY ]]; then
+        echo "== ($t) ${tests[$t]}: cold, $COLD_RUNS runs"
+        hyperfine --style basic --runs "$COLD_RUNS" --prepare "$forget >/dev/null" \
+            --export-json "$work/$t-cold.json" "${commands[$t]}"
     fi
     echo "== ($t) ${tests[$t]}: warm, $WARM_RUNS runs"
     hyperfine --style basic --warmup 1 --runs "$WARM_RUNS" \
