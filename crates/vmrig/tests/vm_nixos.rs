@@ -209,6 +209,7 @@ fn nixos_driver_global_timeout_inside_wait_for_unit_exits_143() {
             &alpha,
             "--vlans",
             "1",
+            "--",
             warm.to_str().unwrap(),
         ],
         &[],
