@@ -171,6 +171,7 @@ fn nixos_driver_global_timeout_exits_143() {
             &script_path(&scripts, "alpha"),
             "--global-timeout",
             "5",
+            "--",
             script.to_str().unwrap(),
         ],
         &[],
@@ -211,6 +212,7 @@ fn nixos_driver_global_timeout_inside_wait_for_unit_exits_143() {
             &alpha,
             "--vlans",
             "1",
+            "--",
             warm.to_str().unwrap(),
         ],
         &[],
@@ -226,6 +228,7 @@ fn nixos_driver_global_timeout_inside_wait_for_unit_exits_143() {
             "1",
             "--global-timeout",
             "5",
+            "--",
             script.to_str().unwrap(),
         ],
         &[],
@@ -258,6 +261,7 @@ fn nixos_driver_restores_vmrigs_start_scripts_from_snapshots() {
             "1".to_owned(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        args.push("--".to_owned());
         args.push(script.to_string_lossy().into_owned());
         args
     };
