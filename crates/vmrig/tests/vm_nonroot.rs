@@ -194,8 +194,8 @@ fn assert_store_is_the_users(user: &TestUser) {
     assert!(tmp.is_empty(), "build leftovers in .tmp: {tmp:?}");
 }
 
-/// From an empty store as a normal user: build and run a two-node test, then run it again
-/// from its boot snapshots.
+/// From an empty store as a normal user: build and run a two-node test, run it again from
+/// its boot snapshots, then as NixOS start scripts under `nixos-driver`.
 #[test]
 fn a_normal_user_builds_runs_and_restores_snapshots() {
     let user = TestUser::create("nr");
@@ -221,6 +221,41 @@ fn a_normal_user_builds_runs_and_restores_snapshots() {
         "{log}"
     );
     assert!(!log.contains("building "), "nothing is built again: {log}");
+
+    // The NixOS interface as the user: start scripts, run by nixos-driver.
+    let scripts = user.work.path().join("scripts");
+    let out = user.vmrig(
+        &["build", "--start-scripts", scripts.to_str().unwrap(), spec],
+        USER_PATH,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let script = user.file(
+        "test.py",
+        "start_all()\nalpha.succeed('ping -c1 -W10 beta')\nassert alpha.succeed('id -u').strip() == '0'\n",
+    );
+    // The upstream driver wants its output directory to exist.
+    let out3 = user.work.path().join("out3");
+    std::fs::create_dir(&out3).unwrap();
+    std::os::unix::fs::chown(&out3, Some(user.uid), None).unwrap();
+    let run_vm = |node: &str| scripts.join(format!("run-{node}-vm")).display().to_string();
+    let out = user.vmrig(
+        &[
+            "nixos-driver",
+            "-o",
+            "out3",
+            "--start-scripts",
+            &run_vm("alpha"),
+            &run_vm("beta"),
+            "--vlans",
+            "1",
+            "--",
+            script.to_str().unwrap(),
+        ],
+        USER_PATH,
+    );
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("test script finished in"), "{log}");
     assert_store_is_the_users(&user);
     common::assert_no_leftovers(&user.tmp());
     let scratch: Vec<_> = ["/var/tmp", "/tmp"]
