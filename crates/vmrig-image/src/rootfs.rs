@@ -1,6 +1,6 @@
 //! The root filesystem store path: `root.img`, an ext4 image made by
-//! `mmdebstrap --variant=minbase` (packages), a customize hook (vmrig's guest bits, a
-//! subset of the kernel's modules, the node's `setup` commands) and `mke2fs -d`.
+//! `mmdebstrap --variant=minbase` (packages), a customize hook (vmrig's guest bits, the
+//! node's `setup` commands) and `mke2fs -d`.
 //!
 //! As root mmdebstrap runs in its root mode; otherwise in `--mode=unshare`, and `mke2fs`
 //! runs in a matching user namespace so file ownership comes out right.
@@ -13,7 +13,7 @@ use vmrig_spec::ImageInputs;
 use vmrig_store::{StoreKey, StorePath};
 
 use crate::run::{is_root, run_tool};
-use crate::{guest_bits, kernel, tools, ImageBuilder, ImageError, BUILDER_VERSION};
+use crate::{guest_bits, tools, ImageBuilder, ImageError, BUILDER_VERSION};
 
 /// Packages every guest gets: systemd as init, and what the driver runs in the guest.
 pub const BASE_PACKAGES: &[&str] = &[
@@ -28,30 +28,6 @@ pub const BASE_PACKAGES: &[&str] = &[
     "procps",
     "kmod",
     "nftables",
-];
-
-/// Kernel module directories copied into the root image (for `modprobe` at run time:
-/// netfilter, file systems, virtio devices, input and display). The rest of the kernel's
-/// 390 MB of modules (hardware drivers, sound) would only make every image bigger.
-const ROOTFS_MODULE_DIRS: &[&str] = &[
-    "kernel/arch",
-    "kernel/block",
-    "kernel/crypto",
-    "kernel/fs",
-    "kernel/lib",
-    "kernel/mm",
-    "kernel/net",
-    "kernel/virt",
-    "kernel/drivers/virtio",
-    "kernel/drivers/char",
-    "kernel/drivers/block",
-    "kernel/drivers/input",
-    "kernel/drivers/hid",
-    "kernel/drivers/gpu/drm",
-    "kernel/drivers/video",
-    "modules.order",
-    "modules.builtin",
-    "modules.builtin.modinfo",
 ];
 
 /// Builds or finds the root image for `inputs` (shared by `nodes`, named in errors).
@@ -79,13 +55,11 @@ fn key_and_script(
     inputs: &ImageInputs,
     kernel: &StorePath,
 ) -> Result<(StoreKey, String), ImageError> {
-    let version = kernel::version(kernel)?;
-    let script = customize_script(inputs, kernel.path(), &version);
-    // The key names the kernel by its store name, not by where the store is: the same
-    // script with the kernel's path left out, so a moved store (or another VMRIG_STORE
-    // spelling) finds its images again.
-    let keyed_script = customize_script(inputs, Path::new("/<kernel>"), &version);
-    let script_hash = hex::encode(Sha256::digest(keyed_script.as_bytes()));
+    // The root image holds no kernel modules (VMs mount the kernel's modules image), but
+    // it is made for one kernel: the key names it by its store name, not by where the
+    // store is, so a moved store (or another VMRIG_STORE spelling) finds its images again.
+    let script = customize_script(inputs);
+    let script_hash = hex::encode(Sha256::digest(script.as_bytes()));
     let material = format!(
         "{BUILDER_VERSION}\nrootfs\n{}\n{}\n{script_hash}\n{}",
         inputs.canonical_json(),
@@ -195,17 +169,11 @@ fn dir_size(dir: &Path) -> u64 {
     total
 }
 
-/// The customize hook: guest bits, kernel modules, setup commands, apt cleanup.
-pub fn customize_script(inputs: &ImageInputs, kernel: &Path, version: &str) -> String {
-    let depmod = tools::find_program("depmod").unwrap_or_else(|| "depmod".into());
+/// The customize hook: guest bits, setup commands, apt cleanup. (No kernel modules: every
+/// VM mounts its kernel's modules image, `modules_image.rs`.)
+pub fn customize_script(inputs: &ImageInputs) -> String {
     let mut s = String::from("set -eu\n");
     s.push_str(&guest_bits::install_script());
-    s.push_str(&format!(
-        "src={src}\ndst=\"$1/lib/modules/{version}\"\nmkdir -p \"$dst\"\n(cd \"$src\" && for p in {dirs}; do [ -e \"$p\" ] && cp -R --no-preserve=ownership --parents \"$p\" \"$dst/\"; done; for f in kernel/drivers/net/*.ko*; do cp --no-preserve=ownership --parents \"$f\" \"$dst/\"; done)\n{depmod} -b \"$1\" {version}\n",
-        src = sh_quote(&kernel.join("lib/modules").join(version).to_string_lossy()),
-        dirs = ROOTFS_MODULE_DIRS.join(" "),
-        depmod = sh_quote(&depmod.to_string_lossy()),
-    ));
     for cmd in &inputs.setup {
         s.push_str(&format!(
             "echo \"vmrig: setup: \"{q}\nDEBIAN_FRONTEND=noninteractive chroot \"$1\" /bin/sh -ec {q}\n",
@@ -315,7 +283,7 @@ mod tests {
             setup: vec!["echo 'a b' > /x".into(), "touch /y".into()],
             ..Default::default()
         };
-        let s = customize_script(&inputs, Path::new("/k"), "6.1.0");
+        let s = customize_script(&inputs);
         let a = s.find(r#"/bin/sh -ec 'echo '\''a b'\'' > /x'"#).expect(&s);
         let b = s.find("/bin/sh -ec 'touch /y'").unwrap();
         assert!(a < b);
