@@ -22,6 +22,24 @@ const MIN_ATTEMPT: f64 = 2.0;
 /// Output shown in a failure message.
 const OUTPUT_EXCERPT: usize = 4000;
 
+/// Upstream's text for a wait that ran out of time (`retry`), which tests assert on;
+/// vmrig adds what was awaited after it.
+pub fn timed_out_text(elapsed: f64, timeout: f64) -> String {
+    format!(
+        "action timed out after {elapsed:.2} seconds (timeout={})",
+        python_number(timeout)
+    )
+}
+
+/// A number as Python prints it: `900` for an integral value, else `2.5`.
+pub fn python_number(x: f64) -> String {
+    if x.is_finite() && x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{}", x as i64)
+    } else {
+        format!("{x}")
+    }
+}
+
 fn excerpt(output: &str) -> String {
     let trimmed = output.trim_end();
     if trimmed.is_empty() {
@@ -111,8 +129,8 @@ impl Machine {
             };
             if Instant::now() + interval >= deadline {
                 return Err(ApiError::Timeout(format!(
-                    "timed out after {:.0} s {what} on `{}`; {last}",
-                    start.elapsed().as_secs_f64(),
+                    "{} ({what} on `{}`); {last}",
+                    timed_out_text(start.elapsed().as_secs_f64(), timeout),
                     self.name
                 )));
             }
@@ -194,11 +212,9 @@ impl Machine {
         let (status, output) =
             self.systemctl(&format!("--no-pager show {}", shell_quote(unit)), user)?;
         if status != 0 {
-            let who = user
-                .map(|u| format!(" under user `{u}`"))
-                .unwrap_or_default();
             return Err(ApiError::Assertion(format!(
-                "retrieving systemctl info for unit `{unit}`{who} failed with exit code {status}"
+                "retrieving systemctl info for unit \"{unit}\"{} failed with exit code {status}",
+                under_user(user)
             )));
         }
         Ok(parse_properties(&output))
@@ -220,11 +236,14 @@ impl Machine {
         )?;
         if status != 0 {
             return Err(ApiError::Assertion(format!(
-                "retrieving systemctl property `{property}` for unit `{unit}` failed with exit code {status}"
+                "retrieving systemctl property \"{property}\" for unit \"{unit}\"{} failed with exit code {status}",
+                under_user(user)
             )));
         }
         parse_properties(&output).remove(property).ok_or_else(|| {
-            ApiError::Assertion(format!("unit `{unit}` has no property `{property}`"))
+            ApiError::Assertion(format!(
+                "systemctl show --property \"{property}\" \"{unit}\" produced invalid output: {output}"
+            ))
         })
     }
 
@@ -246,7 +265,7 @@ impl Machine {
                 match state.as_str() {
                     "active" => Ok(Ok(())),
                     "failed" => Err(ApiError::Assertion(format!(
-                        "unit `{unit}` reached state \"failed\"{}",
+                        "unit \"{unit}\" reached state \"failed\"{}",
                         m.unit_log_hint(unit)
                     ))),
                     "inactive" => {
@@ -255,7 +274,7 @@ impl Machine {
                             let again = m.get_unit_info(unit, user)?;
                             if again.get("ActiveState").map(String::as_str) == Some("inactive") {
                                 return Err(ApiError::Assertion(format!(
-                                    "unit `{unit}` is inactive and there are no pending jobs{}",
+                                    "unit \"{unit}\" is inactive and there are no pending jobs{}",
                                     m.unit_log_hint(unit)
                                 )));
                             }
@@ -289,11 +308,43 @@ impl Machine {
             let state = info.get("ActiveState").cloned().unwrap_or_default();
             if state != require_state {
                 return Err(ApiError::Assertion(format!(
-                    "expected unit `{unit}` to be in state \"{require_state}\" but it is in state \"{state}\""
+                    "Expected unit '{unit}' to to be in state '{require_state}' but it is in state '{state}'"
                 )));
             }
             Ok(())
         })
+    }
+
+    /// Waits until `unit`'s `ActiveState` is `state` (any state, unlike `wait_for_unit`,
+    /// which fails on "failed" and on an inactive unit without jobs).
+    pub fn wait_for_unit_active_state(
+        &mut self,
+        unit: &str,
+        state: &str,
+        user: Option<&str>,
+        timeout: f64,
+    ) -> Result<(), ApiError> {
+        let logger = self.logger().clone();
+        let name = self.name.clone();
+        let who = user.map(|u| format!(" with user {u}")).unwrap_or_default();
+        logger.nested(
+            format!("waiting for unit {unit}{who} to be in state {state}"),
+            Some(&name),
+            || {
+                self.poll(
+                    &format!("waiting for unit \"{unit}\" to be in state \"{state}\""),
+                    timeout,
+                    |m, _| {
+                        let now = m.get_unit_property(unit, "ActiveState", user)?;
+                        Ok(if now == state {
+                            Ok(())
+                        } else {
+                            Err(format!("unit \"{unit}\" is in state \"{now}\""))
+                        })
+                    },
+                )
+            },
+        )
     }
 
     pub fn wait_for_file(&mut self, filename: &str, timeout: f64) -> Result<(), ApiError> {
@@ -307,8 +358,9 @@ impl Machine {
                     &format!("waiting for file `{filename}`"),
                     timeout,
                     |m, left| {
+                        // Unquoted, as upstream: the guest's shell expands globs.
                         let (status, _) =
-                            m.execute(&format!("test -e {}", shell_quote(filename)), Some(left))?;
+                            m.execute_user(&format!("test -e {filename}"), Some(left))?;
                         Ok(if status == 0 {
                             Ok(())
                         } else {
@@ -330,25 +382,26 @@ impl Machine {
         let logger = self.logger().clone();
         let name = self.name.clone();
         let verb = if open { "open" } else { "closed" };
-        logger.nested(
-            format!("waiting for TCP port {port} on {addr} to be {verb}"),
-            Some(&name),
-            || {
-                self.poll(
-                    &format!("waiting for port {port} on {addr} to be {verb}"),
-                    timeout,
-                    |m, left| {
-                        let (status, _) =
-                            m.execute(&format!("nc -z {} {port}", shell_quote(addr)), Some(left))?;
-                        Ok(if (status == 0) == open {
-                            Ok(())
-                        } else {
-                            Err(format!("port {port} is not {verb}"))
-                        })
-                    },
-                )
-            },
-        )
+        let what = if open {
+            format!("waiting for TCP port {port} on {addr}")
+        } else {
+            format!("waiting for TCP port {port} on {addr} to be closed")
+        };
+        logger.nested(what, Some(&name), || {
+            self.poll(
+                &format!("waiting for port {port} on {addr} to be {verb}"),
+                timeout,
+                |m, left| {
+                    let (status, _) =
+                        m.execute_user(&format!("nc -z {} {port}", shell_quote(addr)), Some(left))?;
+                    Ok(if (status == 0) == open {
+                        Ok(())
+                    } else {
+                        Err(format!("port {port} is not {verb}"))
+                    })
+                },
+            )
+        })
     }
 
     pub fn wait_for_open_unix_socket(
@@ -361,15 +414,20 @@ impl Machine {
         let name = self.name.clone();
         let flags = if is_datagram { "-uzU" } else { "-zU" };
         logger.nested(
-            format!("waiting for UNIX socket {addr} to be open"),
+            format!(
+                "waiting for UNIX-domain {} on '{addr}'",
+                if is_datagram { "datagram" } else { "stream" }
+            ),
             Some(&name),
             || {
                 self.poll(
                     &format!("waiting for UNIX socket {addr}"),
                     timeout,
                     |m, left| {
-                        let (status, _) =
-                            m.execute(&format!("nc {flags} {}", shell_quote(addr)), Some(left))?;
+                        let (status, _) = m.execute_user(
+                            &format!("nc {flags} {}", shell_quote(addr)),
+                            Some(left),
+                        )?;
                         Ok(if status == 0 {
                             Ok(())
                         } else {
@@ -393,9 +451,10 @@ impl Machine {
         let logger = self.logger().clone();
         let name = self.name.clone();
         logger.nested(
-            format!("waiting for {regex:?} to appear on the console"),
+            format!("waiting for {regex} to appear on console"),
             Some(&name),
             || {
+                let started = Instant::now();
                 let deadline = self.deadline_in(timeout);
                 match self
                     .console()
@@ -406,10 +465,17 @@ impl Machine {
                         Ok(())
                     }
                     Err(closed) => Err(ApiError::Timeout(format!(
-                    "{} waiting for {regex:?} on the console of `{name}`; last console lines:\n{}",
-                    if closed { "the machine stopped" } else { "timed out" },
-                    vmrig_vm::machine::console_tail(self.console())
-                ))),
+                        "{} waiting for {regex:?} on the console of `{name}`; last console lines:\n{}",
+                        if closed {
+                            "the machine stopped".to_owned()
+                        } else {
+                            timed_out_text(
+                                started.elapsed().as_secs_f64(),
+                                timeout.unwrap_or(f64::INFINITY),
+                            )
+                        },
+                        vmrig_vm::machine::console_tail(self.console())
+                    ))),
                 }
             },
         )
@@ -428,7 +494,8 @@ impl Machine {
                 "tty must be a number, not {tty:?}"
             )));
         }
-        let (status, output) = self.execute(&tty_text_command(tty), Some(timeout))?;
+        // Killed in the guest if it hangs (a terminal being set up), so the shell stays free.
+        let (status, output) = self.execute_limited(&tty_text_command(tty), Some(timeout))?;
         if status != 0 {
             return Err(ApiError::Assertion(format!(
                 "reading /dev/vcs{tty} failed (exit code {status}; the error is on the console)"
@@ -493,6 +560,12 @@ fn tty_text_command_in(dev: &str, tty: &str) -> String {
     )
 }
 
+/// ` under user "<user>"` for a user's unit, as upstream's messages say it.
+fn under_user(user: Option<&str>) -> String {
+    user.map(|u| format!(" under user \"{u}\""))
+        .unwrap_or_default()
+}
+
 /// Parses `Key=Value` lines (systemctl show).
 pub fn parse_properties(output: &str) -> BTreeMap<String, String> {
     output
@@ -540,6 +613,18 @@ mod tests {
         );
         // No such terminal: opening it fails, and so does the read.
         assert!(!run("8").status.success());
+    }
+
+    #[test]
+    fn timed_out_text_is_upstreams() {
+        assert_eq!(
+            timed_out_text(10.04, 10.0),
+            "action timed out after 10.04 seconds (timeout=10)"
+        );
+        assert_eq!(python_number(2.5), "2.5");
+        assert_eq!(python_number(900.0), "900");
+        assert_eq!(under_user(Some("alice")), " under user \"alice\"");
+        assert_eq!(under_user(None), "");
     }
 
     #[test]

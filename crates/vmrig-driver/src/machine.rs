@@ -230,15 +230,8 @@ impl Machine {
             Source::Command { command, vlans } => {
                 let mut command = command.clone();
                 command.allow_reboot = allow_reboot;
-                let (log, sink) = self.serial_outputs();
-                let vm = Vm::launch_start_command(&command, &log, self.console.clone(), sink)
-                    .map_err(vm_error)?;
-                // The VDE port QEMU opens is known by its pid (the start command `exec`s
-                // QEMU); naming it lets partition() and block() find the machine's port.
-                for (_, vlan) in vlans {
-                    let _ = vlan.name_vde_client(vm.pid(), &self.name);
-                }
-                vm
+                let vlans = vlans.clone();
+                self.launch_command(command, &vlans)?
             }
         };
         self.ctx.logger.log(
@@ -263,6 +256,94 @@ impl Machine {
             }
         });
         (serial_log, sink)
+    }
+
+    /// Starts a start command's QEMU; a start script vmrig wrote boots from its snapshot
+    /// when one fits (see [`crate::snapshot::start_script_snapshot`]).
+    fn launch_command(
+        &mut self,
+        mut command: vmrig_vm::machine::StartCommand,
+        vlans: &[(u8, Arc<vmrig_net::Vlan>)],
+    ) -> Result<Vm, ApiError> {
+        let (log, sink) = self.serial_outputs();
+        let mut snapshot = Snapshot::Off;
+        let mut snapshot_in_use = None;
+        let mut disk = None;
+        if self.ctx.snapshots {
+            let getenv = |var: &str| std::env::var(var).ok();
+            if let Some(found) = crate::snapshot::start_script_snapshot(&command, &getenv) {
+                // Only the first start: a restart keeps the disk the script made.
+                if !found.disk.exists() {
+                    disk = Some(found.disk.clone());
+                    snapshot = match self.restore_command_disk(&found)? {
+                        Some(guard) => {
+                            let state = guard.path().join("state");
+                            let uri = format!(
+                                "exec:cat {}",
+                                vmrig_vm::backdoor::shell_quote(&state.to_string_lossy())
+                            );
+                            command.command = format!(
+                                "{} -incoming {}",
+                                command.command,
+                                vmrig_vm::backdoor::shell_quote(&uri)
+                            );
+                            crate::snapshot::replay_console(guard.path(), &self.console, &log)
+                                .map_err(|e| {
+                                    ApiError::Machine(format!(
+                                        "replaying the console saved with {}: {e}",
+                                        guard.path().display()
+                                    ))
+                                })?;
+                            snapshot_in_use = Some(guard);
+                            Snapshot::Restoring
+                        }
+                        None => Snapshot::Save(found.key),
+                    };
+                }
+            }
+        }
+        let mut vm = Vm::launch_start_command(&command, &log, self.console.clone(), sink)
+            .map_err(vm_error)?;
+        if let Some(disk) = disk {
+            vm.set_disk(disk);
+        }
+        // The VDE port QEMU opens is known by its pid (the start command `exec`s QEMU);
+        // naming it lets partition() and block() find the machine's port.
+        for (_, vlan) in vlans {
+            let _ = vlan.name_vde_client(vm.pid(), &self.name);
+        }
+        self.snapshot = snapshot;
+        if snapshot_in_use.is_some() {
+            self.snapshot_in_use = snapshot_in_use;
+        }
+        Ok(vm)
+    }
+
+    /// When the store has the snapshot `found` names, makes the script's disk over the
+    /// snapshot's (the script then finds it and leaves it alone) and returns the guard
+    /// that keeps the snapshot while the machine uses it.
+    fn restore_command_disk(
+        &self,
+        found: &crate::snapshot::StartScriptSnapshot,
+    ) -> Result<Option<vmrig_store::UseGuard>, ApiError> {
+        let Some(guard) = self
+            .ctx
+            .store
+            .lookup(&found.key)
+            .and_then(|path| self.ctx.store.use_path(&path).ok())
+        else {
+            return Ok(None);
+        };
+        if let Some(dir) = found.disk.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| ApiError::Machine(format!("creating {}: {e}", dir.display())))?;
+        }
+        create_overlay(
+            &found.qemu_img,
+            (&guard.path().join("disk.qcow2"), "qcow2"),
+            &found.disk,
+        )?;
+        Ok(Some(guard))
     }
 
     fn launch_node(&mut self, allow_reboot: bool) -> Result<Vm, ApiError> {
@@ -331,25 +412,20 @@ impl Machine {
             };
         }
         if first_start {
-            let out = Command::new(&self.ctx.qemu_img)
-                .args(["create", "-q", "-f", "qcow2", "-F", backing.1, "-b"])
-                .arg(&backing.0)
-                .arg(&disk)
-                .output()
-                .map_err(|e| {
-                    ApiError::Machine(format!(
-                        "running {}: {e} (install qemu-utils)",
-                        self.ctx.qemu_img.display()
-                    ))
-                })?;
-            if !out.status.success() {
-                return Err(ApiError::Machine(format!(
-                    "qemu-img create failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
+            create_overlay(&self.ctx.qemu_img, (&backing.0, backing.1), &disk)?;
         }
         let (serial_log, sink) = self.serial_outputs();
+        if let Some(guard) = &snapshot_in_use {
+            // The boot's console, as a cold boot would have shown it.
+            crate::snapshot::replay_console(guard.path(), &self.console, &serial_log).map_err(
+                |e| {
+                    ApiError::Machine(format!(
+                        "replaying the console saved with {}: {e}",
+                        guard.path().display()
+                    ))
+                },
+            )?;
+        }
         let vm = Vm::launch(&self.ctx.qemu, cfg, &serial_log, self.console.clone(), sink)
             .map_err(vm_error)?;
         self.snapshot = snapshot;
@@ -533,13 +609,29 @@ impl Machine {
     }
 
     /// Runs a test script's command as NixOS does: under `set -euo pipefail`, so a failing
-    /// step or pipeline stage fails the command.
+    /// step or pipeline stage fails the command, and killed in the guest after `timeout`
+    /// seconds (status 124, as NixOS's `timeout` wrapper), so the shell is free at once.
     pub fn execute_user(
         &mut self,
         command: &str,
         timeout: Option<f64>,
     ) -> Result<(i32, String), ApiError> {
-        self.execute(&format!("set -euo pipefail; {command}"), timeout)
+        self.execute_limited(&user_command(command), timeout)
+    }
+
+    /// [`Machine::execute_user`] without waiting for the command (NixOS's
+    /// `execute(check_output=False)`): its reply is read and dropped before the next
+    /// command's.
+    pub fn execute_user_detached(
+        &mut self,
+        command: &str,
+        timeout: Option<f64>,
+    ) -> Result<(), ApiError> {
+        self.connect()?;
+        let deadline = self.deadline_in(timeout.map(|t| t + LIMIT_GRACE));
+        let vm = self.vm.as_mut().expect("connected");
+        vm.execute_detached(&user_command(command), guest_limit(timeout), deadline)
+            .map_err(|e| self.command_error(command, e))
     }
 
     /// Runs `command` in the guest: `(status, stdout)`.
@@ -549,6 +641,22 @@ impl Machine {
         timeout: Option<f64>,
     ) -> Result<(i32, String), ApiError> {
         self.execute_with_input(command, None, timeout)
+    }
+
+    /// Runs `command`, killed in the guest after `limit` seconds (status 124); the driver
+    /// waits a few seconds longer for the reply before it gives up on the shell.
+    pub fn execute_limited(
+        &mut self,
+        command: &str,
+        limit: Option<f64>,
+    ) -> Result<(i32, String), ApiError> {
+        self.connect()?;
+        let deadline = self.deadline_in(limit.map(|t| t + LIMIT_GRACE));
+        let vm = self.vm.as_mut().expect("connected");
+        match vm.execute_limited(command, guest_limit(limit), Some(deadline)) {
+            Ok(out) => Ok((out.status, out.text())),
+            Err(e) => Err(self.command_error(command, e)),
+        }
     }
 
     /// [`Machine::execute`] with `input` (if any) as the command's stdin.
@@ -563,10 +671,17 @@ impl Machine {
         let vm = self.vm.as_mut().expect("connected");
         match vm.execute_with_input(command, input, Some(deadline)) {
             Ok(out) => Ok((out.status, out.text())),
-            Err(VmError::Shell {
+            Err(e) => Err(self.command_error(command, e)),
+        }
+    }
+
+    /// The error for a command that got no reply.
+    fn command_error(&mut self, command: &str, e: VmError) -> ApiError {
+        match e {
+            VmError::Shell {
                 source: ShellError::Timeout(waited),
                 ..
-            }) => Err(ApiError::Timeout(format!(
+            } => ApiError::Timeout(format!(
                 "command `{command}` did not finish within {:.0} s{}",
                 waited.as_secs_f64(),
                 if Instant::now() >= self.ctx.deadline {
@@ -574,20 +689,37 @@ impl Machine {
                 } else {
                     ""
                 }
-            ))),
-            Err(VmError::Shell {
+            )),
+            VmError::Shell {
                 source: ShellError::Closed,
                 ..
-            }) => {
+            } => {
                 self.connected = false;
-                Err(ApiError::Machine(format!(
+                ApiError::Machine(format!(
                     "`{}`: the guest shell closed while running `{command}` (did the machine stop?); last console lines:\n{}",
                     self.name,
                     vmrig_vm::machine::console_tail(&self.console)
-                )))
+                ))
             }
-            Err(e) => Err(vm_error(e)),
+            e => vm_error(e),
         }
+    }
+
+    /// `switch_root()`: from the initrd's shell to the system's (NixOS's
+    /// `testing.initrdBackdoor` with a systemd initrd): isolates `initrd-switch-root.target`
+    /// and waits for the new shell.
+    pub fn switch_root(&mut self) -> Result<(), ApiError> {
+        self.wait_for_unit("initrd.target", None, crate::api::DEFAULT_WAIT)?;
+        self.execute_user_detached(
+            "systemctl isolate --no-block initrd-switch-root.target 2>/dev/null >/dev/null",
+            Some(crate::api::DEFAULT_WAIT),
+        )?;
+        self.connected = false;
+        if let Some(vm) = self.vm.as_mut() {
+            vm.expect_new_shell();
+        }
+        self.reboot = Reboot::InPlace;
+        self.connect()
     }
 
     /// Sends `poweroff` and waits for QEMU to exit.
@@ -672,6 +804,32 @@ impl Drop for Machine {
     }
 }
 
+/// `qemu-img create`: a qcow2 `disk` over `backing` (path, format).
+fn create_overlay(
+    qemu_img: &std::path::Path,
+    backing: (&std::path::Path, &str),
+    disk: &std::path::Path,
+) -> Result<(), ApiError> {
+    let out = Command::new(qemu_img)
+        .args(["create", "-q", "-f", "qcow2", "-F", backing.1, "-b"])
+        .arg(backing.0)
+        .arg(disk)
+        .output()
+        .map_err(|e| {
+            ApiError::Machine(format!(
+                "running {}: {e} (install qemu-utils)",
+                qemu_img.display()
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(ApiError::Machine(format!(
+            "qemu-img create failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 /// The QEMU configuration of `node` booting `image` with its own `initrd` (the image's plus
 /// the node layer); the caller fills in the disk, sockets, firmware and run-time options.
 pub fn node_vm_config(
@@ -689,6 +847,7 @@ pub fn node_vm_config(
         kernel: image.kernel_file(),
         initrd: initrd.to_owned(),
         disk: PathBuf::new(),
+        modules_disk: image.modules_image(),
         kernel_params: node.kernel_params.clone(),
         shell_socket: PathBuf::new(),
         qmp_socket: PathBuf::new(),
@@ -699,6 +858,22 @@ pub fn node_vm_config(
         forwards: Vec::new(),
         incoming: None,
     }
+}
+
+/// How much longer than a command's time limit the driver waits for its reply (the guest
+/// kills it at the limit; TERM, then KILL two seconds later).
+const LIMIT_GRACE: f64 = 10.0;
+
+/// A test script's command as NixOS runs it.
+fn user_command(command: &str) -> String {
+    format!("set -euo pipefail; {command}")
+}
+
+/// A time limit in seconds as the guest enforces it (none for 0, negative, or not finite:
+/// `timeout 0` means no limit).
+fn guest_limit(secs: Option<f64>) -> Option<Duration> {
+    secs.filter(|s| s.is_finite() && *s > 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(1e9)))
 }
 
 pub(crate) fn vm_error(e: VmError) -> ApiError {

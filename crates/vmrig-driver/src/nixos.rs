@@ -145,6 +145,8 @@ pub struct NixosRun {
     pub interactive: bool,
     pub python: PathBuf,
     pub reporters: Vec<Arc<dyn Reporter>>,
+    /// Boot snapshots for start scripts vmrig wrote (others always boot cold).
+    pub snapshots: bool,
 }
 
 impl std::fmt::Debug for NixosRun {
@@ -157,6 +159,7 @@ impl std::fmt::Debug for NixosRun {
             .field("keep_vm_state", &self.keep_vm_state)
             .field("global_timeout", &self.global_timeout)
             .field("interactive", &self.interactive)
+            .field("snapshots", &self.snapshots)
             .finish_non_exhaustive()
     }
 }
@@ -222,7 +225,8 @@ pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
         serial_stdout: serial_stdout.clone(),
         deadline,
         store,
-        snapshots: false,
+        // Only start scripts vmrig wrote: they say what they boot (`snapshot.rs`).
+        snapshots: run.snapshots,
         qemu_version: String::new(),
         keep_state_in: None,
     });

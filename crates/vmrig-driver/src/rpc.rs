@@ -35,6 +35,17 @@ impl<'a> Params<'a> {
             .and_then(Value::as_str)
             .ok_or_else(|| RpcError::internal(format!("missing string parameter `{key}`")))
     }
+    /// A string, or a number given for it (`wait_until_tty_matches(1, ...)`: upstream
+    /// formats the tty into a command, so both work there).
+    fn str_or_number(&self, key: &str) -> Result<String, RpcError> {
+        match self.0.get(key) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            _ => Err(RpcError::assertion(format!(
+                "`{key}` must be a string or a number"
+            ))),
+        }
+    }
     fn opt_str(&self, key: &str) -> Option<&'a str> {
         self.0.get(key).and_then(Value::as_str)
     }
@@ -269,10 +280,10 @@ impl DriverHandler {
                     .map_err(|e| RpcError::machine(e.to_string()))?;
                 Value::Null
             }
-            "get_tty_text" => json!(m.get_tty_text(p.str("tty")?)?),
+            "get_tty_text" => json!(m.get_tty_text(&p.str_or_number("tty")?)?),
             "wait_until_tty_matches" => {
                 m.wait_until_tty_matches(
-                    p.str("tty")?,
+                    &p.str_or_number("tty")?,
                     p.str("regexp")?,
                     p.f64_or("timeout", DEFAULT_WAIT),
                 )?;
@@ -283,16 +294,17 @@ impl DriverHandler {
             "execute" => {
                 let command = p.str("command")?;
                 let timeout = p.opt_f64("timeout");
+                if !p.bool_or("check_output", true) {
+                    // Upstream sends the command and returns at once (for commands that
+                    // take the shell down); its reply is dropped before the next command's.
+                    m.execute_user_detached(command, timeout)?;
+                    return Ok(json!([-2, ""]));
+                }
                 let (status, output) = m.execute_user(command, timeout)?;
                 let status = if p.bool_or("check_return", true) {
                     status
                 } else {
                     -1
-                };
-                let output = if p.bool_or("check_output", true) {
-                    output
-                } else {
-                    String::new()
                 };
                 json!([status, output])
             }
@@ -327,6 +339,15 @@ impl DriverHandler {
                     p.f64_or("timeout", DEFAULT_WAIT),
                 )
                 .map(ok)?,
+            "wait_for_unit_active_state" => m
+                .wait_for_unit_active_state(
+                    p.str("unit")?,
+                    p.str("state")?,
+                    p.opt_str("user"),
+                    p.f64_or("timeout", DEFAULT_WAIT),
+                )
+                .map(ok)?,
+            "switch_root" => m.switch_root().map(ok)?,
             "require_unit_state" => m
                 .require_unit_state(
                     p.str("unit")?,

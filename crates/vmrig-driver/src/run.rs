@@ -291,11 +291,12 @@ pub(crate) fn serve_script(
         global_timeout_watchdog(deadline, killer, logger.clone(), global_timeout);
     let served = child.serve(handler);
     let _ = stop_watchdog.send(());
-    let timed_out = watchdog.join().unwrap_or(false);
+    let fired = watchdog.join().unwrap_or(false);
     cleanup::unregister_script(script_id);
     cleanup::ignore_sigint(false);
 
     let outcome = served.map_err(RunError::Python)?;
+    let timed_out = global_timeout_ended(fired, &outcome, deadline, Instant::now());
     let failure = match outcome {
         ScriptOutcome::Passed => None,
         _ if timed_out => Some(format!("global timeout of {} s reached", global_timeout)),
@@ -447,6 +448,19 @@ fn global_timeout_watchdog(
     (tx, handle)
 }
 
+/// Whether the global timeout ended the script: the watchdog fired, or the script failed
+/// once the deadline had passed. Every wait of a call is bounded by the same deadline, so
+/// a call in progress (`wait_for_unit`, a command) usually returns its own timeout error a
+/// moment before the watchdog wakes: the script then fails of the global timeout too.
+fn global_timeout_ended(
+    fired: bool,
+    outcome: &ScriptOutcome,
+    deadline: Instant,
+    now: Instant,
+) -> bool {
+    fired || (!matches!(outcome, ScriptOutcome::Passed) && now >= deadline)
+}
+
 /// A reporter shared with the caller (who reads what it collected after the run).
 struct Shared(Arc<dyn Reporter>);
 
@@ -472,5 +486,32 @@ mod tests {
         );
         assert_eq!(parse_qemu_version("garbage"), None);
         assert!((6, 2) < MIN_QEMU && (10, 0) >= MIN_QEMU);
+    }
+
+    #[test]
+    fn a_failure_after_the_deadline_is_the_global_timeout() {
+        let deadline = Instant::now();
+        let failed = ScriptOutcome::Failed {
+            exc_type: "RequestedAssertionFailed".into(),
+            message: "timed out".into(),
+            line: Some(3),
+            traceback: String::new(),
+        };
+        let before = deadline - Duration::from_millis(1);
+        let after = deadline + Duration::from_millis(1);
+        assert!(global_timeout_ended(false, &failed, deadline, after));
+        assert!(!global_timeout_ended(false, &failed, deadline, before));
+        assert!(!global_timeout_ended(
+            false,
+            &ScriptOutcome::Passed,
+            deadline,
+            after
+        ));
+        assert!(global_timeout_ended(
+            true,
+            &ScriptOutcome::Killed,
+            deadline,
+            before
+        ));
     }
 }

@@ -252,7 +252,10 @@ fn screen_dir(m: &Machine) -> Result<PathBuf, ApiError> {
 }
 
 fn tesseract() -> Result<PathBuf, ApiError> {
-    ocr::find_tesseract(std::env::var_os("PATH").as_deref()).map_err(ApiError::Machine)
+    // Upstream's text first (its tests assert on it); vmrig has no `enableOCR`, it needs
+    // tesseract on the host.
+    ocr::find_tesseract(std::env::var_os("PATH").as_deref())
+        .map_err(|e| ApiError::Machine(format!("OCR requested but enableOCR is false: {e}")))
 }
 
 /// How many tesseract processes run at once: half the host's CPUs (the VMs need the rest),

@@ -46,6 +46,9 @@ pub struct Cmdline {
     pub debug: bool,
     /// `vmrig.shell`: on a fatal error run `/bin/sh` from the initramfs first.
     pub shell: bool,
+    /// `vmrig.modules=`: the disk with the kernel's modules (a `/dev` path, `LABEL=` or
+    /// `UUID=`), mounted read-only on `/lib/modules/<version>` of the new root.
+    pub modules: Option<String>,
 }
 
 impl Default for Cmdline {
@@ -58,6 +61,7 @@ impl Default for Cmdline {
             init: "/sbin/init".into(),
             debug: false,
             shell: false,
+            modules: None,
         }
     }
 }
@@ -118,6 +122,7 @@ impl Cmdline {
                 ("vmrig.init", Some(v)) if !v.is_empty() => c.init = v.to_string(),
                 ("vmrig.debug", v) => c.debug = flag(v),
                 ("vmrig.shell", v) => c.shell = flag(v),
+                ("vmrig.modules", Some(v)) => c.modules = (!v.is_empty()).then(|| v.to_string()),
                 _ => {}
             }
         }
@@ -143,8 +148,10 @@ mod tests {
     fn all_keys() {
         let c = Cmdline::parse(
             "console=ttyS0 root=/dev/vdb rootfstype=ext4,ext2 rootflags=noload,errors=remount-ro ro \
-             vmrig.init=/lib/systemd/systemd vmrig.debug vmrig.shell=1 quiet\n",
+             vmrig.init=/lib/systemd/systemd vmrig.debug vmrig.shell=1 quiet \
+             vmrig.modules=LABEL=vmrig-modules\n",
         );
+        assert_eq!(c.modules.as_deref(), Some("LABEL=vmrig-modules"));
         assert_eq!(c.root, "/dev/vdb");
         assert_eq!(c.rootfstype, "ext4,ext2");
         assert_eq!(c.rootflags.as_deref(), Some("noload,errors=remount-ro"));

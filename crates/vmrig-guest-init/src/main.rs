@@ -3,7 +3,8 @@
 //!
 //! Steps: mount /dev /proc /sys; load `/etc/vmrig/modules` in order (those the
 //! boot needs); wait for the root device; mount it on /newroot (rw, or `ro` +
-//! tmpfs overlay); copy the per-node layer `/vmrig/layer/**`; move /dev /proc
+//! tmpfs overlay); mount the kernel's modules disk (`vmrig.modules=`) read-only on
+//! its `/lib/modules/<version>`; copy the per-node layer `/vmrig/layer/**`; move /dev /proc
 //! /sys into /newroot and mount the API file systems systemd would mount with
 //! processes; run `/etc/vmrig/node-setup.sh` chrooted; switch_root and exec init.
 //! A fatal error prints `vmrig-init: error: ...` and powers the machine off.
@@ -26,6 +27,7 @@ pub const MODULES_LIST: &str = "/etc/vmrig/modules";
 pub const LAYER_DIR: &str = "/vmrig/layer";
 pub const NEWROOT: &str = "/newroot";
 const ROOT_WAIT: Duration = Duration::from_secs(15);
+const MODULES_WAIT: Duration = Duration::from_secs(15);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
 
 static SHELL: AtomicBool = AtomicBool::new(false);
@@ -95,6 +97,13 @@ fn run() -> Result<(), Fatal> {
     let dev = mount::wait_for_root(&cfg.root, ROOT_WAIT)?;
     let newroot = Path::new(NEWROOT);
     mount::mount_root(&dev, &cfg, newroot)?;
+    if let Some(modules) = &cfg.modules {
+        // Not fatal: without its modules the guest still boots (modprobe then fails).
+        if let Err(f) = mount::mount_modules(modules, newroot, MODULES_WAIT) {
+            log::error(&f.what, f.err.as_ref());
+            log::hint(&f.hint);
+        }
+    }
 
     if Path::new(LAYER_DIR).is_dir() {
         let mut errors = layer::apply(Path::new(LAYER_DIR), newroot);

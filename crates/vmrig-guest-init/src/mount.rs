@@ -129,13 +129,69 @@ fn find_root(spec: &RootSpec) -> Option<PathBuf> {
 
 /// Polls every 5 ms until the root device exists, at most `timeout`.
 pub fn wait_for_root(root: &str, timeout: Duration) -> Result<PathBuf, Fatal> {
-    let spec =
-        RootSpec::parse(root).map_err(|m| Fatal::msg(m, "fix root= on the kernel command line"))?;
+    wait_for_device(root, "root", timeout)
+}
+
+/// Waits (at most `timeout`) for the disk `spec` (`vmrig.modules=`) and mounts it
+/// read-only on `/lib/modules/<running kernel>` of `newroot` (under `/usr` when `/lib`
+/// is a link, as on merged-/usr systems).
+pub fn mount_modules(spec: &str, newroot: &Path, timeout: Duration) -> Result<(), Fatal> {
+    let dev = wait_for_device(spec, "modules", timeout)?;
+    let release = sys::kernel_release()
+        .map_err(|e| Fatal::new("reading the kernel release (uname)".into(), e, ""))?;
+    let target = modules_dir(newroot, &release);
+    sys::mkdir_p(&target, 0o755)
+        .map_err(|e| Fatal::new(format!("creating {}", target.display()), e, ""))?;
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+    sys::mount(&dev.to_string_lossy(), &target, Some("ext4"), flags, None).map_err(|e| {
+        Fatal::new(
+            format!(
+                "mounting the modules disk {} on {}",
+                dev.display(),
+                target.display()
+            ),
+            e,
+            "the modules image is an ext4 file system (modules.img in the kernel's store path)",
+        )
+    })?;
+    log::step(&format!(
+        "mounted the modules disk {} on {}",
+        dev.display(),
+        target.display()
+    ));
+    Ok(())
+}
+
+/// `<newroot>/lib/modules/<release>`, or `<newroot>/usr/lib/modules/<release>` when `lib`
+/// is a symbolic link (it is resolved inside the new root, not in the initramfs).
+pub fn modules_dir(newroot: &Path, release: &str) -> PathBuf {
+    let lib = newroot.join("lib");
+    let base = if lib
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_symlink())
+    {
+        newroot.join("usr/lib")
+    } else {
+        lib
+    };
+    base.join("modules").join(release)
+}
+
+fn wait_for_device(root: &str, what: &str, timeout: Duration) -> Result<PathBuf, Fatal> {
+    let fix = format!(
+        "fix {}= on the kernel command line",
+        if what == "root" {
+            "root"
+        } else {
+            "vmrig.modules"
+        }
+    );
+    let spec = RootSpec::parse(root).map_err(|m| Fatal::msg(m, &fix))?;
     let start = Instant::now();
     loop {
         if let Some(dev) = find_root(&spec) {
             log::step(&format!(
-                "root device {} appeared after {} ms",
+                "{what} device {} appeared after {} ms",
                 dev.display(),
                 start.elapsed().as_millis()
             ));
@@ -154,7 +210,7 @@ pub fn wait_for_root(root: &str, timeout: Duration) -> Result<PathBuf, Fatal> {
     };
     Err(Fatal::msg(
         format!(
-            "root device {root} did not appear within {} s; /sys/class/block: {present}",
+            "{what} device {root} did not appear within {} s; /sys/class/block: {present}",
             timeout.as_secs()
         ),
         "is the disk attached to the VM, and are virtio_pci and virtio_blk in /etc/vmrig/modules?",
@@ -287,6 +343,21 @@ pub fn systemd_api_mounts(newroot: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modules_dir_follows_a_merged_usr_root() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            modules_dir(dir.path(), "6.1.0-1"),
+            dir.path().join("lib/modules/6.1.0-1")
+        );
+        std::fs::create_dir_all(dir.path().join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("usr/lib", dir.path().join("lib")).unwrap();
+        assert_eq!(
+            modules_dir(dir.path(), "6.12.0-1"),
+            dir.path().join("usr/lib/modules/6.12.0-1")
+        );
+    }
 
     #[test]
     fn ext_superblock_identity() {

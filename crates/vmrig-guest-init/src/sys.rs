@@ -56,6 +56,16 @@ pub fn mkdir_p(path: &Path, mode: u32) -> io::Result<()> {
     }
 }
 
+/// The running kernel's release (`uname -r`): the name of its modules directory.
+pub fn kernel_release() -> io::Result<String> {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::uname(&mut uts) })?;
+    // SAFETY: uname NUL-terminates the field.
+    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
+    Ok(release.to_string_lossy().into_owned())
+}
+
 pub fn chdir(path: &Path) -> io::Result<()> {
     let p = cstr(path)?;
     // SAFETY: valid C string.

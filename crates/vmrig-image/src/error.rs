@@ -5,6 +5,10 @@ use vmrig_store::StoreError;
 pub enum ImageError {
     #[error("{0}")]
     MissingTools(String),
+    /// A build as a normal user cannot work on this host (user namespaces, subordinate ids):
+    /// one line with the fix.
+    #[error("{0}")]
+    Unprivileged(String),
     #[error("could not run `{program}`: {source}")]
     Spawn {
         program: String,

@@ -53,19 +53,51 @@ WantedBy=sysinit.target
 
 /// journald keeps the journal in /run: a test VM's disk is thrown away anyway, and the
 /// flush to /var (systemd-journal-flush.service, masked below) costs over a second of boot
-/// under TCG. `journalctl` works as usual.
-pub const JOURNALD_CONF: &str = "# vmrig: the journal lives in /run (test VMs are thrown away).
+/// under TCG. `journalctl` works as usual. As in NixOS test VMs, every message (debug
+/// level too) is also forwarded to the serial console, so the console log (and
+/// `wait_for_console_text`) sees what services log.
+pub const JOURNALD_CONF: &str = "# vmrig: the journal lives in /run (test VMs are thrown away),
+# and goes to the serial console as in NixOS test VMs.
 [Journal]
 Storage=volatile
+ForwardToConsole=yes
+MaxLevelConsole=debug
+TTYPath=/dev/ttyS0
+";
+
+/// systemd's manager settings of NixOS's test instrumentation: generous timeouts (a
+/// loaded TCG host is slow), no status lines on the console (the journal is there).
+pub const SYSTEM_CONF: &str = "# vmrig: as NixOS's test instrumentation.
+[Manager]
+ShowStatus=false
+DefaultTimeoutStartSec=300
+DefaultDeviceTimeoutSec=300
+";
+
+/// Kernel settings of NixOS's test instrumentation: a hung task is reported after 10
+/// minutes, not 2 (TCG is slow), and running out of memory panics (and so ends the VM,
+/// which a test sees) instead of the OOM killer picking a victim.
+pub const SYSCTL_CONF: &str = "# vmrig: as NixOS's test instrumentation.
+kernel.hung_task_timeout_secs = 600
+vm.panic_on_oom = 2
 ";
 
 /// Drivers that udev would load for QEMU's emulated hardware that no test uses (the PC
-/// speaker, and the floppy controller of the `pc` machine type should a VM use it); each
-/// costs a good part of a second under TCG. `blacklist` only stops loading by alias:
-/// `modprobe pcspkr` still works.
+/// speaker, the floppy controller of the `pc` machine type should a VM use it, q35's
+/// built-in SATA controller without disks, its LPC bridge and SMBus, the PS/2 mouse and
+/// raw serio ports, QEMU's fw_cfg interface); each costs a good part of a second under
+/// TCG, and udev's workers load them while the network cards wait. `blacklist` only
+/// stops loading by alias: `modprobe psmouse` still works (every module of the kernel is
+/// there).
 pub const MODPROBE_BLACKLIST: &str = "# vmrig: not loaded automatically in test VMs.
 blacklist floppy
 blacklist pcspkr
+blacklist ahci
+blacklist lpc_ich
+blacklist i2c_i801
+blacklist psmouse
+blacklist serio_raw
+blacklist qemu_fw_cfg
 ";
 
 /// udev loads a module for every CPU feature that has one: kvm_intel/kvm_amd for
@@ -86,6 +118,48 @@ pub const UDEV_TRIGGER_DROPIN: &str = "# vmrig: coldplug devices only.
 ExecStart=
 ExecStart=-udevadm trigger --type=devices --action=add --prioritized-subsystem=block,tpmrm,net,tty,input
 ";
+
+/// Where the cards' `ip -batch` files live (eth0's in the image, the VLAN cards' in the
+/// per-node layer).
+pub const NETWORK_DIR: &str = "/etc/vmrig/network";
+
+/// One instance per network card, as NixOS's `network-addresses-<card>.service`: after
+/// udev has seen the card (its device unit; udev's rules and the card's sysctls have been
+/// applied then) and after `network-pre.target` (the firewall), before `network.target`
+/// and `network-online.target`, which it pulls in. One `ip` process per card.
+pub const NETWORK_UNIT: &str = "[Unit]
+Description=vmrig: addresses of %i
+BindsTo=sys-subsystem-net-devices-%i.device
+After=sys-subsystem-net-devices-%i.device network-pre.target
+Before=network.target network-online.target
+Wants=network.target
+ConditionPathExists=/etc/vmrig/network/%i
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=ip -batch /etc/vmrig/network/%i
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// eth0: QEMU user networking, reachable from the host (`forward_port`), no route out
+/// and no name servers (tests are hermetic).
+pub const ETH0_NETWORK: &str = "# vmrig: QEMU user networking (host only, no route out)
+addr replace 10.0.2.15/24 dev eth0
+link set dev eth0 up
+";
+
+/// The `(link, target)` that enables the network unit of `card`.
+pub fn network_unit_link(card: &str) -> (String, String) {
+    (
+        format!(
+            "/etc/systemd/system/multi-user.target.wants/vmrig-network-addresses@{card}.service"
+        ),
+        "/etc/systemd/system/vmrig-network-addresses@.service".into(),
+    )
+}
 
 /// Files every image gets. Symlinks are in [`GUEST_SYMLINKS`].
 pub const GUEST_FILES: &[GuestFile] = &[
@@ -112,6 +186,13 @@ pub const GUEST_FILES: &[GuestFile] = &[
         mode: 0o444,
         text: "8e1a5c4f0d9b4f7e9a3c2b1d0e6f7a8b\n",
     },
+    // No name servers, as in NixOS test VMs (tests are hermetic; /etc/hosts names the
+    // nodes). Without it the image would keep the build host's, copied in by mmdebstrap.
+    GuestFile {
+        path: "/etc/resolv.conf",
+        mode: 0o644,
+        text: "# vmrig: no name servers (tests are hermetic); /etc/hosts names the nodes.\n",
+    },
     GuestFile {
         path: "/etc/hostname",
         mode: 0o644,
@@ -121,6 +202,26 @@ pub const GUEST_FILES: &[GuestFile] = &[
         path: "/etc/systemd/journald.conf.d/vmrig.conf",
         mode: 0o644,
         text: JOURNALD_CONF,
+    },
+    GuestFile {
+        path: "/etc/systemd/system/vmrig-network-addresses@.service",
+        mode: 0o644,
+        text: NETWORK_UNIT,
+    },
+    GuestFile {
+        path: "/etc/vmrig/network/eth0",
+        mode: 0o644,
+        text: ETH0_NETWORK,
+    },
+    GuestFile {
+        path: "/etc/systemd/system.conf.d/vmrig.conf",
+        mode: 0o644,
+        text: SYSTEM_CONF,
+    },
+    GuestFile {
+        path: "/etc/sysctl.d/60-vmrig.conf",
+        mode: 0o644,
+        text: SYSCTL_CONF,
     },
     GuestFile {
         path: "/etc/modprobe.d/vmrig.conf",
@@ -150,7 +251,11 @@ pub const MASKED_UNITS: &[&str] = &[
     "e2scrub_all.timer",
     "e2scrub_reap.service",
     "fstrim.timer",
-    // gettys on tty2..tty6 (Debian's fallback without logind). tty1 and ttyS0 keep theirs.
+    // logrotate (when a package brings it) is off in NixOS test VMs.
+    "logrotate.timer",
+    "logrotate.service",
+    // gettys on tty2..tty6 (Debian's fallback without logind). tty1 keeps its own; the
+    // serial lines have none (GUEST_SYMLINKS).
     "getty-static.service",
     // The journal is volatile (see JOURNALD_CONF): nothing to flush.
     "systemd-journal-flush.service",
@@ -176,8 +281,8 @@ pub const MASKED_UNITS: &[&str] = &[
 /// under TCG), before it starts any unit. These are for things a test VM never has
 /// (encrypted, verity or integrity volumes, GPT auto-discovery, hibernation, offline
 /// updates, /etc/rc.local, `systemd.run=` on the kernel command line), and the getty
-/// generator, whose one useful result here (a login on the serial console, ttyS0) is a
-/// static link in [`GUEST_SYMLINKS`] instead. Kept: fstab (a test's own /etc/fstab),
+/// generator (its only results here would be logins on ttyS0 and hvc0, which a test VM
+/// must not have: see [`GUEST_SYMLINKS`]). Kept: fstab (a test's own /etc/fstab),
 /// sysv (packages with only an init script) and debug (`systemd.mask=` and friends in
 /// a node's `kernel_params`).
 pub const MASKED_GENERATORS: &[&str] = &[
@@ -198,13 +303,27 @@ pub const GUEST_SYMLINKS: &[(&str, &str)] = &[
         "/etc/systemd/system/sysinit.target.wants/vmrig-backdoor.service",
         "../vmrig-backdoor.service",
     ),
-    // Debian's getty generator starts a login on hvc0 and would steal the backdoor's console.
-    // (The generator is masked now; the mask stays for a test that brings it back.)
+    // No getty on either line the backdoor uses, as NixOS's test instrumentation: Debian's
+    // getty generator starts a login on hvc0 (it would steal the backdoor's console), and
+    // one on the serial console (`console=ttyS0`), whose vhangup makes every other open
+    // file of ttyS0 fail with EIO: the backdoor's stderr, so a command writing to stderr
+    // would fail (and `grep -q x /nonexistent` exit 0). The generator is masked too; the
+    // masks stay for a test that brings it back.
     ("/etc/systemd/system/serial-getty@hvc0.service", "/dev/null"),
-    // What the getty generator would make of `console=ttyS0`: a login on the serial console.
     (
-        "/etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service",
-        "/lib/systemd/system/serial-getty@.service",
+        "/etc/systemd/system/serial-getty@ttyS0.service",
+        "/dev/null",
+    ),
+    // eth0 configured by its unit (the VLAN cards' links are in the per-node layer).
+    (
+        "/etc/systemd/system/multi-user.target.wants/vmrig-network-addresses@eth0.service",
+        "/etc/systemd/system/vmrig-network-addresses@.service",
+    ),
+    // network-online.target is reached at every boot, as on NixOS, so units ordered
+    // after it (and `wait_for_unit("network-online.target")`) do not wait for nothing.
+    (
+        "/etc/systemd/system/multi-user.target.wants/network-online.target",
+        "/lib/systemd/system/network-online.target",
     ),
 ];
 
@@ -243,8 +362,14 @@ pub fn install_script() -> String {
             "mkdir -p \"$1{dir}\"\nln -sfn '{target}' \"$1{link}\"\n"
         ));
     }
+    s.push_str(ROOT_PASSWORD_SCRIPT);
     s
 }
+
+/// root has an empty password, as in NixOS test VMs (`login` as root on a console works
+/// without one).
+pub const ROOT_PASSWORD_SCRIPT: &str =
+    "if [ -e \"$1/etc/shadow\" ]; then sed -i 's/^root:[^:]*:/root::/' \"$1/etc/shadow\"; fi\n";
 
 #[cfg(test)]
 mod tests {
@@ -253,6 +378,12 @@ mod tests {
     #[test]
     fn install_script_creates_files_under_the_given_root() {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/shadow"),
+            "root:*:19000:0:99999:7:::\nalice:!:19000:0:99999:7:::\n",
+        )
+        .unwrap();
         let status = std::process::Command::new("sh")
             .arg("-c")
             .arg(format!("set -e\n{}", install_script()))
@@ -268,25 +399,63 @@ mod tests {
             std::fs::metadata(&backdoor).unwrap().permissions().mode() & 0o777,
             0o755
         );
-        let masked = dir
-            .path()
-            .join("etc/systemd/system/serial-getty@hvc0.service");
-        assert_eq!(
-            std::fs::read_link(masked).unwrap().to_str(),
-            Some("/dev/null")
-        );
         for masked in [
+            "etc/systemd/system/serial-getty@hvc0.service",
+            "etc/systemd/system/serial-getty@ttyS0.service",
             "etc/systemd/system/e2scrub_reap.service",
             "etc/systemd/system-generators/systemd-gpt-auto-generator",
         ] {
             let link = std::fs::read_link(dir.path().join(masked)).unwrap();
             assert_eq!(link.to_str(), Some("/dev/null"), "{masked}");
         }
+        // No getty is started on the serial line (its vhangup breaks the backdoor's stderr).
+        assert!(!dir
+            .path()
+            .join("etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service")
+            .exists());
         assert_eq!(
             std::fs::read_to_string(dir.path().join("etc/systemd/journald.conf.d/vmrig.conf"))
                 .unwrap(),
             JOURNALD_CONF
         );
+        // root's password is empty, other accounts are left alone.
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("etc/shadow")).unwrap(),
+            "root::19000:0:99999:7:::\nalice:!:19000:0:99999:7:::\n"
+        );
+        assert!(dir.path().join("etc/sysctl.d/60-vmrig.conf").exists());
+        assert!(dir
+            .path()
+            .join("etc/systemd/system.conf.d/vmrig.conf")
+            .exists());
+    }
+
+    #[test]
+    fn test_instrumentation_settings_as_nixos() {
+        for line in [
+            "ForwardToConsole=yes",
+            "MaxLevelConsole=debug",
+            "TTYPath=/dev/ttyS0",
+        ] {
+            assert!(JOURNALD_CONF.contains(&format!("\n{line}\n")), "{line}");
+        }
+        for line in [
+            "ShowStatus=false",
+            "DefaultTimeoutStartSec=300",
+            "DefaultDeviceTimeoutSec=300",
+        ] {
+            assert!(SYSTEM_CONF.contains(&format!("\n{line}\n")), "{line}");
+        }
+        assert!(SYSCTL_CONF.contains("kernel.hung_task_timeout_secs = 600\n"));
+        assert!(SYSCTL_CONF.contains("vm.panic_on_oom = 2\n"));
+    }
+
+    #[test]
+    fn eth0_link_matches_the_layers_links() {
+        let (link, target) = network_unit_link("eth0");
+        assert!(GUEST_SYMLINKS.contains(&(link.as_str(), target.as_str())));
+        assert!(NETWORK_UNIT.contains("Before=network.target network-online.target\n"));
+        assert!(NETWORK_UNIT.contains("BindsTo=sys-subsystem-net-devices-%i.device\n"));
     }
 
     #[test]

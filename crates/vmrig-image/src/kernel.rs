@@ -1,7 +1,9 @@
 //! The kernel store path: Debian's `linux-image-amd64` unpacked with
 //! `mmdebstrap --variant=extract` (no maintainer scripts run), then `depmod` over it.
 //!
-//! Layout: `vmlinuz`, `version`, `lib/modules/<version>/...` (with `modules.dep` etc.).
+//! Layout: `vmlinuz`, `version`, `lib/modules/<version>/...` (with `modules.dep` etc.;
+//! from `usr/lib/modules` on merged-/usr suites), and `modules.img`, the modules as a
+//! read-only disk image for the VMs ([`crate::modules_image`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,30 +39,35 @@ fn extract(
     mirror: Option<&str>,
     out: &Path,
 ) -> Result<(), ImageError> {
-    let unpacked = out.join("extract");
+    // As a normal user mmdebstrap (unshare mode) works where its namespace can reach.
+    let scratch = (!crate::run::is_root())
+        .then(|| crate::run::Scratch::new(out))
+        .transpose()?;
+    let work = scratch.as_ref().map_or(out, |s| s.path());
+    let unpacked = work.join("extract");
     let mut cmd = Command::new("mmdebstrap");
-    cmd.env("TMPDIR", out)
+    cmd.env("TMPDIR", work)
         .arg("--variant=extract")
         .arg(format!("--include={KERNEL_PACKAGE}"))
         .arg(suite)
         .arg(&unpacked);
     cmd.args(mirror);
     run_tool(&mut cmd, step, b.observer)?;
+    crate::run::reclaim(&unpacked, step, b.observer)?;
 
     let vmlinuz = only_entry(&unpacked.join("boot"), "vmlinuz-", "vmlinuz")?;
-    let modules_root = unpacked.join("lib/modules");
+    let modules_root = modules_root(&unpacked);
     let version_dir = only_entry(&modules_root, "", "lib/modules/<version>")?;
     let version = version_dir
         .file_name()
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    std::fs::rename(&vmlinuz, out.join("vmlinuz")).map_err(ImageError::io("moving vmlinuz"))?;
+    crate::run::move_path(&vmlinuz, &out.join("vmlinuz"))?;
     unpack_vmlinux(&out.join("vmlinuz"), &out.join("vmlinux"))?;
     std::fs::create_dir_all(out.join("lib/modules"))
         .map_err(ImageError::io("creating lib/modules"))?;
-    std::fs::rename(&version_dir, out.join("lib/modules").join(&version))
-        .map_err(ImageError::io("moving the kernel modules"))?;
+    crate::run::move_path(&version_dir, &out.join("lib/modules").join(&version))?;
     std::fs::remove_dir_all(&unpacked)
         .map_err(ImageError::io("removing the unpacked kernel package"))?;
     std::fs::write(out.join("version"), &version).map_err(ImageError::io("writing version"))?;
@@ -69,7 +76,19 @@ fn extract(
         Command::new(crate::tools::find_program("depmod").unwrap_or_else(|| "depmod".into()));
     depmod.arg("-b").arg(out).arg(&version);
     run_tool(&mut depmod, step, b.observer)?;
+    crate::modules_image::write(out, &version, step, b.observer)?;
     Ok(())
+}
+
+/// Where an unpacked kernel package keeps its modules: `usr/lib/modules` on merged-/usr
+/// suites (Debian 13 and later), else `lib/modules`.
+fn modules_root(unpacked: &Path) -> PathBuf {
+    let merged = unpacked.join("usr/lib/modules");
+    if merged.is_dir() {
+        merged
+    } else {
+        unpacked.join("lib/modules")
+    }
 }
 
 /// Writes the uncompressed kernel (`vmlinux`, an ELF that QEMU boots through PVH) next to
@@ -173,6 +192,14 @@ mod tests {
         let at = start + payload_offset as usize;
         image[at..at + payload.len()].copy_from_slice(payload);
         image
+    }
+
+    #[test]
+    fn modules_are_found_under_lib_or_usr_lib() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(modules_root(dir.path()), dir.path().join("lib/modules"));
+        std::fs::create_dir_all(dir.path().join("usr/lib/modules/6.12.0-test")).unwrap();
+        assert_eq!(modules_root(dir.path()), dir.path().join("usr/lib/modules"));
     }
 
     #[test]

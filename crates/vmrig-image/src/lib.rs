@@ -2,7 +2,8 @@
 //!
 //! Three kinds of store path make a bootable node:
 //! - `kernel`: Debian's kernel package unpacked (`vmlinuz`, `lib/modules/<version>` with
-//!   `depmod` run over it);
+//!   `depmod` run over it, and the same modules as a read-only disk image, `modules.img`,
+//!   that every VM of this kernel mounts);
 //! - `initramfs`: the static guest init plus exactly the modules needed to reach the root
 //!   disk and the host;
 //! - `rootfs`: an ext4 image (`root.img`) made by `mmdebstrap` + `mke2fs -d` with the
@@ -17,6 +18,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod mirror;
 pub mod modules;
+pub mod modules_image;
 pub mod node_layer;
 mod planned;
 pub mod rootfs;
@@ -35,7 +37,7 @@ use vmrig_store::{Store, StorePath};
 
 /// Bumped whenever a builder's output changes for the same inputs, so old store paths are
 /// not reused.
-pub const BUILDER_VERSION: &str = "vmrig-image-2";
+pub const BUILDER_VERSION: &str = "vmrig-image-3";
 
 /// The static guest init, built by `build.rs`.
 pub const GUEST_INIT: &[u8] = include_bytes!(env!("VMRIG_GUEST_INIT_PATH"));
@@ -78,6 +80,12 @@ impl NodeImage {
     }
     pub fn initrd_file(&self) -> PathBuf {
         self.initramfs.path().join("initrd")
+    }
+    /// The kernel's modules as a read-only disk image, when the kernel has one (kernels
+    /// built before vmrig made them have not: their VMs get no modules disk).
+    pub fn modules_image(&self) -> Option<PathBuf> {
+        let image = self.kernel.path().join(modules_image::MODULES_IMAGE);
+        image.exists().then_some(image)
     }
     pub fn root_image(&self) -> PathBuf {
         self.rootfs.path().join("root.img")

@@ -3,8 +3,10 @@
 //!
 //! It is a small cpio archive appended to the initramfs at test start. The guest init
 //! copies `/vmrig/layer/**` onto the root filesystem and runs `/etc/vmrig/node-setup.sh`
-//! (chrooted, before systemd starts), which configures the VLAN interfaces, creates users
-//! and enables units. Changing a test's files or users therefore never rebuilds an image.
+//! (chrooted, before systemd starts), which creates users and enables units. The VLAN
+//! cards are configured later, as NixOS does, by one `vmrig-network-addresses@ethN`
+//! unit per card (after udev has seen the card, before `network.target`), from
+//! `/etc/vmrig/network/ethN`. Changing a test's files or users never rebuilds an image.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -113,8 +115,10 @@ pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io
 
     add_user_paths(node, &mut add);
 
+    for (path, contents) in network_files(&vlan_addresses(spec, node)) {
+        add(&path, 0o644, contents.into_bytes());
+    }
     let mut script = setup_script_header();
-    script.push_str(&network_setup(&vlan_addresses(spec, node)));
     script.push_str(&users_setup(node));
 
     for (path, file) in &node.files {
@@ -194,6 +198,12 @@ pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io
         }
     }
 
+    for a in vlan_addresses(spec, node) {
+        layer
+            .symlinks
+            .push(crate::guest_bits::network_unit_link(&a.interface));
+    }
+
     if node.firewall.is_enabled() {
         add(
             "/etc/nftables.conf",
@@ -255,23 +265,25 @@ fn setup_script_header() -> String {
     "# vmrig node setup: run by the guest init, chrooted, before systemd starts.\n".into()
 }
 
-fn network_setup(addresses: &[VlanAddress]) -> String {
-    let mut s = String::from("ip link set lo up\n");
-    // eth0 is QEMU user networking: reachable from the host (forward_port), no route out.
-    s.push_str(
-        "ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 2>/dev/null\n",
-    );
-    for a in addresses {
-        let _ = writeln!(
-            s,
-            "ip link set {i} up && ip addr add {v4}/24 dev {i} && ip -6 addr add {v6}/64 dev {i} nodad || echo \"vmrig: could not configure {i} ({mac})\"",
-            i = a.interface,
-            v4 = a.ipv4,
-            v6 = a.ipv6,
-            mac = a.mac
-        );
-    }
-    s
+/// `/etc/vmrig/network/<card>` for every VLAN card: the `ip -batch` commands of its
+/// `vmrig-network-addresses@<card>.service` (`replace`, so a restart changes nothing).
+pub fn network_files(addresses: &[VlanAddress]) -> Vec<(String, String)> {
+    addresses
+        .iter()
+        .map(|a| {
+            (
+                format!("{}/{}", crate::guest_bits::NETWORK_DIR, a.interface),
+                format!(
+                    "# vmrig: VLAN {vlan} ({mac})\naddr replace {v4}/24 dev {i}\naddr replace {v6}/64 dev {i} nodad\nlink set dev {i} up\n",
+                    vlan = a.vlan,
+                    mac = a.mac,
+                    i = a.interface,
+                    v4 = a.ipv4,
+                    v6 = a.ipv6
+                ),
+            )
+        })
+        .collect()
 }
 
 fn users_setup(node: &NodeSpec) -> String {
@@ -499,10 +511,11 @@ mod tests {
             .symlinks
             .iter()
             .any(|(l, _)| l.ends_with("nftables.service")));
-        assert!(node_layer(&s, &s.nodes["client"])
+        assert!(!node_layer(&s, &s.nodes["client"])
             .unwrap()
             .symlinks
-            .is_empty());
+            .iter()
+            .any(|(l, _)| l.ends_with("nftables.service")));
     }
 
     #[test]
@@ -580,6 +593,37 @@ mod tests {
             setup.contains("ln -sf '/lib/systemd/system/nginx.service' '/etc/systemd/system/graphical.target.wants'/"),
             "{setup}"
         );
+    }
+
+    #[test]
+    fn vlan_cards_are_configured_by_units_not_by_the_setup_script() {
+        let s = spec(TWO);
+        let layer = node_layer(&s, &s.nodes["client"]).unwrap();
+        let file = |path: &str| {
+            layer
+                .files
+                .iter()
+                .find(|f| f.path == path)
+                .map(|f| String::from_utf8(f.contents.clone()).unwrap())
+        };
+        assert_eq!(
+            file("/etc/vmrig/network/eth2").unwrap(),
+            "# vmrig: VLAN 2 (52:54:00:12:02:01)\naddr replace 192.168.2.1/24 dev eth2\naddr replace 2001:db8:2::1/64 dev eth2 nodad\nlink set dev eth2 up\n"
+        );
+        assert!(file("/etc/vmrig/network/eth1").is_some());
+        assert!(file("/etc/vmrig/network/eth3").is_none());
+        for card in ["eth1", "eth2"] {
+            assert!(
+                layer.symlinks.contains(&(
+                    format!("/etc/systemd/system/multi-user.target.wants/vmrig-network-addresses@{card}.service"),
+                    "/etc/systemd/system/vmrig-network-addresses@.service".into()
+                )),
+                "{:?}",
+                layer.symlinks
+            );
+        }
+        let setup = file("/etc/vmrig/node-setup.sh").unwrap();
+        assert!(!setup.contains("ip "), "{setup}");
     }
 
     #[test]

@@ -94,7 +94,7 @@ mod tests {
     fn a_kernel_in_the_store_is_found_by_the_builders_key() {
         let dir = tempfile::tempdir().unwrap();
         let store = vmrig_store::Store::open(dir.path()).unwrap();
-        let key = kernel::key("bookworm", Some("file:///srv/debian-mirror"));
+        let key = kernel::key(vmrig_spec::DEFAULT_SUITE, Some("file:///srv/debian-mirror"));
         store
             .build(&key, |_tmp| Ok::<(), std::io::Error>(()))
             .unwrap();
@@ -107,7 +107,7 @@ mod tests {
         let planned = builder.planned_node(&inputs);
         assert_eq!(
             planned.kernel.as_ref().map(|k| k.name()),
-            Some("kernel-bookworm")
+            Some(format!("kernel-{}", vmrig_spec::DEFAULT_SUITE).as_str())
         );
         // The kernel has no `version` file: its root image's key cannot be made.
         assert_eq!(planned.rootfs, None);

@@ -1,6 +1,6 @@
 //! The root filesystem store path: `root.img`, an ext4 image made by
-//! `mmdebstrap --variant=minbase` (packages), a customize hook (vmrig's guest bits, a
-//! subset of the kernel's modules, the node's `setup` commands) and `mke2fs -d`.
+//! `mmdebstrap --variant=minbase` (packages), a customize hook (vmrig's guest bits, the
+//! node's `setup` commands) and `mke2fs -d`.
 //!
 //! As root mmdebstrap runs in its root mode; otherwise in `--mode=unshare`, and `mke2fs`
 //! runs in a matching user namespace so file ownership comes out right.
@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 use vmrig_spec::ImageInputs;
 use vmrig_store::{StoreKey, StorePath};
 
-use crate::run::run_tool;
-use crate::{guest_bits, kernel, tools, ImageBuilder, ImageError, BUILDER_VERSION};
+use crate::run::{is_root, run_tool};
+use crate::{guest_bits, tools, ImageBuilder, ImageError, BUILDER_VERSION};
 
 /// Packages every guest gets: systemd as init, and what the driver runs in the guest.
 pub const BASE_PACKAGES: &[&str] = &[
@@ -29,35 +29,6 @@ pub const BASE_PACKAGES: &[&str] = &[
     "kmod",
     "nftables",
 ];
-
-/// Kernel module directories copied into the root image (for `modprobe` at run time:
-/// netfilter, file systems, virtio devices, input and display). The rest of the kernel's
-/// 390 MB of modules (hardware drivers, sound) would only make every image bigger.
-const ROOTFS_MODULE_DIRS: &[&str] = &[
-    "kernel/arch",
-    "kernel/block",
-    "kernel/crypto",
-    "kernel/fs",
-    "kernel/lib",
-    "kernel/mm",
-    "kernel/net",
-    "kernel/virt",
-    "kernel/drivers/virtio",
-    "kernel/drivers/char",
-    "kernel/drivers/block",
-    "kernel/drivers/input",
-    "kernel/drivers/hid",
-    "kernel/drivers/gpu/drm",
-    "kernel/drivers/video",
-    "modules.order",
-    "modules.builtin",
-    "modules.builtin.modinfo",
-];
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// Builds or finds the root image for `inputs` (shared by `nodes`, named in errors).
 pub fn build(
@@ -84,13 +55,11 @@ fn key_and_script(
     inputs: &ImageInputs,
     kernel: &StorePath,
 ) -> Result<(StoreKey, String), ImageError> {
-    let version = kernel::version(kernel)?;
-    let script = customize_script(inputs, kernel.path(), &version);
-    // The key names the kernel by its store name, not by where the store is: the same
-    // script with the kernel's path left out, so a moved store (or another VMRIG_STORE
-    // spelling) finds its images again.
-    let keyed_script = customize_script(inputs, Path::new("/<kernel>"), &version);
-    let script_hash = hex::encode(Sha256::digest(keyed_script.as_bytes()));
+    // The root image holds no kernel modules (VMs mount the kernel's modules image), but
+    // it is made for one kernel: the key names it by its store name, not by where the
+    // store is, so a moved store (or another VMRIG_STORE spelling) finds its images again.
+    let script = customize_script(inputs);
+    let script_hash = hex::encode(Sha256::digest(script.as_bytes()));
     let material = format!(
         "{BUILDER_VERSION}\nrootfs\n{}\n{}\n{script_hash}\n{}",
         inputs.canonical_json(),
@@ -111,14 +80,19 @@ fn bootstrap(
     script: &str,
     out: &Path,
 ) -> Result<(), ImageError> {
-    let hook = out.join("customize.sh");
+    // As a normal user mmdebstrap (unshare mode) works where its namespace can reach.
+    let scratch = (!is_root())
+        .then(|| crate::run::Scratch::new(out))
+        .transpose()?;
+    let work = scratch.as_ref().map_or(out, |s| s.path());
+    let hook = work.join("customize.sh");
     std::fs::write(&hook, script).map_err(ImageError::io("writing the customize hook"))?;
-    let root = out.join("root");
+    let root = work.join("root");
     let mut include: Vec<&str> = BASE_PACKAGES.to_vec();
     include.extend(inputs.packages.iter().map(String::as_str));
 
     let mut cmd = Command::new("mmdebstrap");
-    cmd.env("TMPDIR", out)
+    cmd.env("TMPDIR", work)
         .arg("--variant=minbase")
         .arg(if is_root() {
             "--mode=root"
@@ -132,7 +106,14 @@ fn bootstrap(
     cmd.args(mirror);
     run_tool(&mut cmd, step, b.observer)?;
 
-    let image = out.join("root.img");
+    let image = work.join("root.img");
+    if !is_root() {
+        // The namespace's root is a subordinate id: it writes into a file the caller made.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::File::create(&image)
+            .and_then(|_| std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o666)))
+            .map_err(ImageError::io("creating root.img"))?;
+    }
     let mke2fs = tools::find_program("mke2fs").unwrap_or_else(|| "mke2fs".into());
     let size_mib = dir_size(&root) / (1024 * 1024) * 5 / 4 + 1024;
     let mut mkfs = in_namespace(&mke2fs);
@@ -143,22 +124,27 @@ fn bootstrap(
         .arg(&image)
         .arg(format!("{size_mib}M"));
     run_tool(&mut mkfs, step, b.observer)?;
-    let mut rm = in_namespace(Path::new("rm"));
-    rm.arg("-rf").arg(&root).arg(&hook);
-    run_tool(&mut rm, step, b.observer)?;
+    if let Some(scratch) = scratch {
+        use std::os::unix::fs::PermissionsExt;
+        crate::run::move_path(&image, &out.join("root.img"))?;
+        std::fs::set_permissions(out.join("root.img"), std::fs::Permissions::from_mode(0o644))
+            .map_err(ImageError::io("setting the mode of root.img"))?;
+        // The tree belongs to subordinate ids: removed through a namespace.
+        drop(scratch);
+    } else {
+        std::fs::remove_dir_all(&root).map_err(ImageError::io("removing the root tree"))?;
+        std::fs::remove_file(&hook).map_err(ImageError::io("removing the customize hook"))?;
+    }
     Ok(())
 }
 
-/// A command that runs as root in a user namespace mapping the subordinate ids, when we
-/// are not root (the tree mmdebstrap's unshare mode leaves is owned by those ids).
+/// A command that sees the tree mmdebstrap left with its real owners: as a normal user,
+/// root of a user namespace with mmdebstrap's id map (the first subordinate range from 0).
 fn in_namespace(program: &Path) -> Command {
     if is_root() {
         Command::new(program)
     } else {
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--map-root-user", "--map-auto", "--"])
-            .arg(program);
-        cmd
+        crate::run::as_mapped_root(program)
     }
 }
 
@@ -183,17 +169,11 @@ fn dir_size(dir: &Path) -> u64 {
     total
 }
 
-/// The customize hook: guest bits, kernel modules, setup commands, apt cleanup.
-pub fn customize_script(inputs: &ImageInputs, kernel: &Path, version: &str) -> String {
-    let depmod = tools::find_program("depmod").unwrap_or_else(|| "depmod".into());
+/// The customize hook: guest bits, setup commands, apt cleanup. (No kernel modules: every
+/// VM mounts its kernel's modules image, `modules_image.rs`.)
+pub fn customize_script(inputs: &ImageInputs) -> String {
     let mut s = String::from("set -eu\n");
     s.push_str(&guest_bits::install_script());
-    s.push_str(&format!(
-        "src={src}\ndst=\"$1/lib/modules/{version}\"\nmkdir -p \"$dst\"\n(cd \"$src\" && for p in {dirs}; do [ -e \"$p\" ] && cp -R --no-preserve=ownership --parents \"$p\" \"$dst/\"; done; for f in kernel/drivers/net/*.ko*; do cp --no-preserve=ownership --parents \"$f\" \"$dst/\"; done)\n{depmod} -b \"$1\" {version}\n",
-        src = sh_quote(&kernel.join("lib/modules").join(version).to_string_lossy()),
-        dirs = ROOTFS_MODULE_DIRS.join(" "),
-        depmod = sh_quote(&depmod.to_string_lossy()),
-    ));
     for cmd in &inputs.setup {
         s.push_str(&format!(
             "echo \"vmrig: setup: \"{q}\nDEBIAN_FRONTEND=noninteractive chroot \"$1\" /bin/sh -ec {q}\n",
@@ -303,7 +283,7 @@ mod tests {
             setup: vec!["echo 'a b' > /x".into(), "touch /y".into()],
             ..Default::default()
         };
-        let s = customize_script(&inputs, Path::new("/k"), "6.1.0");
+        let s = customize_script(&inputs);
         let a = s.find(r#"/bin/sh -ec 'echo '\''a b'\'' > /x'"#).expect(&s);
         let b = s.find("/bin/sh -ec 'touch /y'").unwrap();
         assert!(a < b);

@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 
@@ -144,4 +145,147 @@ fn shell_words_join(words: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Whether vmrig runs as root (root mode builds) or as a normal user (unshare mode).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `program` as root of a user namespace whose ids are the caller's first subordinate
+/// range (`/etc/subuid`, `/etc/subgid`) from 0, the same map as mmdebstrap's unshare mode:
+/// a tree mmdebstrap left is seen with its real owners (root is 0), and new files belong to
+/// the first subordinate id. The caller's own id is not mapped.
+pub fn as_mapped_root(program: &Path) -> Command {
+    let mut cmd = Command::new(unshare());
+    cmd.args(["--map-auto", "--setuid", "0", "--setgid", "0", "--"])
+        .arg(program);
+    cmd
+}
+
+/// `program` as root of a user namespace where root is the caller and the subordinate ids
+/// follow from 1: it may change or remove anything the caller or its subordinate ids own,
+/// and what it makes or chowns to 0 belongs to the caller.
+pub fn as_owner(program: &Path) -> Command {
+    let mut cmd = Command::new(unshare());
+    cmd.args(["--map-root-user", "--map-auto", "--"])
+        .arg(program);
+    cmd
+}
+
+fn unshare() -> PathBuf {
+    crate::tools::find_program("unshare").unwrap_or_else(|| "unshare".into())
+}
+
+/// Gives everything under `dir` to the caller (a no-op as root): what mmdebstrap unpacked in
+/// unshare mode belongs to subordinate ids, which the caller can neither move nor remove.
+pub fn reclaim(dir: &Path, step: &str, observer: &dyn BuildObserver) -> Result<(), ImageError> {
+    if is_root() {
+        return Ok(());
+    }
+    let mut chown = as_owner(Path::new("chown"));
+    chown.args(["-R", "--no-dereference", "0:0"]).arg(dir);
+    run_tool(&mut chown, step, observer).map(|_| ())
+}
+
+/// Where a build as a normal user lets mmdebstrap work (its `TMPDIR` and target): a
+/// directory the namespace's root (a subordinate id, not the caller) can reach. That is the
+/// build's own directory when every directory above it is searchable by others (a home of
+/// mode 0755), else a new directory in `$TMPDIR`, `/var/tmp` or `/tmp` (homes of mode
+/// 0700/0750). Removed, whoever owns what is in it, when dropped.
+pub struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    /// Also checks first that user namespaces work, so a host that lacks them gets one line
+    /// naming the fix, not mmdebstrap's own error.
+    pub fn new(out: &Path) -> Result<Scratch, ImageError> {
+        if let Some(problem) = crate::tools::userns_problems().into_iter().next() {
+            return Err(ImageError::Unprivileged(problem.to_string()));
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let io = |what: &str, p: &Path| ImageError::io(format!("{what} {}", p.display()));
+        // The store made `out` 0700; its contents are not secret (0755 once published).
+        std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o755))
+            .map_err(io("opening up", out))?;
+        let base = if searchable_by_others(out) {
+            out.to_path_buf()
+        } else {
+            let candidates = std::env::var_os("TMPDIR")
+                .filter(|t| Path::new(t).is_absolute())
+                .map(PathBuf::from)
+                .into_iter()
+                .chain(["/var/tmp", "/tmp"].map(PathBuf::from));
+            candidates
+                .filter(|c| c.is_dir())
+                .find(|c| searchable_by_others(c))
+                .ok_or_else(|| {
+                    ImageError::Unprivileged(format!(
+                        "no directory for mmdebstrap's unshare mode: {} and $TMPDIR, /var/tmp \
+                         and /tmp are not searchable by other users; run `chmod o+x` on the \
+                         directories above the store or set TMPDIR to one that is",
+                        out.display()
+                    ))
+                })?
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = base.join(format!("vmrig-scratch-{}-{nanos:08x}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(io("creating", &dir))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(io("setting the mode of", &dir))?;
+        Ok(Scratch { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = vmrig_store::remove_all(&self.dir);
+    }
+}
+
+/// Every directory from `/` to `dir` is searchable (x) by users other than its owner.
+fn searchable_by_others(dir: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    dir.ancestors().all(|d| {
+        std::fs::metadata(d).is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o001 != 0)
+    })
+}
+
+/// Moves `from` to `to`, copying (then removing `from`) across file systems.
+pub fn move_path(from: &Path, to: &Path) -> Result<(), ImageError> {
+    match std::fs::rename(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let status = Command::new("cp")
+                .args(["-a", "--sparse=always", "--reflink=auto"])
+                .arg(from)
+                .arg(to)
+                .status()
+                .map_err(ImageError::io("running cp"))?;
+            if !status.success() {
+                return Err(ImageError::Io {
+                    context: format!("copying {} to {}", from.display(), to.display()),
+                    source: std::io::Error::other(status.to_string()),
+                });
+            }
+            vmrig_store::remove_all(from)
+                .map_err(ImageError::io(format!("removing {}", from.display())))
+        }
+        other => other.map_err(ImageError::io(format!(
+            "moving {} to {}",
+            from.display(),
+            to.display()
+        ))),
+    }
 }

@@ -15,6 +15,7 @@ $VMRIG_INIT.
 
 import code
 import contextlib
+import datetime
 import json
 import linecache
 import os
@@ -25,8 +26,9 @@ import threading
 import time
 import traceback
 import types
+import unicodedata
 import unittest
-from math import isfinite
+from math import ceil, isfinite
 from pathlib import Path
 
 # --------------------------------------------------------------------- errors
@@ -79,6 +81,8 @@ def _to_json(value):
         return list(value)
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
     raise TypeError(
         "cannot send {!r} (type {}) to the vmrig driver".format(
             value, type(value).__name__
@@ -224,6 +228,14 @@ class Logger:
     def print_serial_logs(self, enable):
         _rpc("serial_stdout", {"on": bool(enable)})
 
+    def log_serial(self, message, machine):
+        self._message("info", message, {"machine": str(machine)})
+
+    @staticmethod
+    def sanitise(message):
+        """Drops control characters, as upstream's logger does."""
+        return "".join(ch for ch in message if unicodedata.category(ch)[0] != "C")
+
 
 log = Logger()
 
@@ -231,12 +243,36 @@ log = Logger()
 # ---------------------------------------------------------------------- retry
 
 
-def retry(fn, timeout_seconds=900):
-    """Call fn(last_try) about once a second until it returns true or the
-    timeout is reached; the last call gets last_try=True so it can explain
-    itself. Raises RequestedAssertionFailed on timeout."""
+_UNSET = object()
+
+
+def _seconds(value):
+    """A timeout as seconds: a number or a datetime.timedelta."""
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    return value
+
+
+def retry(fn, timeout_seconds=900, *, timeout=_UNSET):
+    """Call fn(last_try) once a second until it returns true, at most
+    `timeout_seconds` times (and for at most that many seconds); then once
+    more with last_try=True, so it can explain itself, and raise
+    RequestedAssertionFailed if that fails too. Tries are counted as
+    upstream: a script that replaces time.sleep does not spin for the whole
+    timeout. `timeout=` (a number, a timedelta, or None for no bound) is the
+    newer spelling of `timeout_seconds`."""
+    if timeout is not _UNSET:
+        timeout_seconds = timeout
+    seconds = _seconds(timeout_seconds)
     start = time.monotonic()
-    while time.monotonic() - start < timeout_seconds:
+    if seconds is None:
+        while not fn(False):
+            time.sleep(1)
+        return
+    tries = int(ceil(seconds)) if isfinite(seconds) and seconds > 0 else 0
+    for _ in range(tries):
+        if time.monotonic() - start >= seconds:
+            break
         if fn(False):
             return
         time.sleep(1)
@@ -337,6 +373,7 @@ class _Poll:
 
     def wait(self, timeout=900):
         """Wait until the condition holds (at most `timeout` seconds)."""
+        timeout = _seconds(timeout)
         description = self.condition.description
 
         def holds(last):
@@ -423,6 +460,11 @@ class Machine:
     def wait_for_shutdown(self):
         self._call("wait_for_shutdown")
 
+    def switch_root(self):
+        """From the initrd's backdoor shell to the system's (a NixOS guest with
+        testing.initrdBackdoor and a systemd initrd)."""
+        self._call("switch_root")
+
     # -- commands
 
     def execute(self, command, check_return=True, check_output=True, timeout=900):
@@ -473,6 +515,17 @@ class Machine:
     def wait_for_unit(self, unit, user=None, timeout=900):
         self._call("wait_for_unit", unit=unit, user=user, timeout=timeout)
 
+    def wait_for_unit_active_state(self, unit, state, user=None, timeout=900):
+        """Wait until the unit's ActiveState is `state` (any state: "inactive",
+        "activating", "reloading", "failed", ...)."""
+        self._call(
+            "wait_for_unit_active_state",
+            unit=unit,
+            state=state,
+            user=user,
+            timeout=timeout,
+        )
+
     def require_unit_state(self, unit, require_state="active"):
         self._call("require_unit_state", unit=unit, require_state=require_state)
 
@@ -513,6 +566,7 @@ class Machine:
         """Wait for a QMP event for which event_filter(event) is true and
         return it; events that do not match are dropped. Raises TimeoutError
         after `timeout` seconds."""
+        timeout = _seconds(timeout)
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -570,11 +624,15 @@ class Machine:
     def screen_matches(self, path, threshold=0.95):
         return bool(self._call("screen_matches", path=str(path), threshold=threshold))
 
+    # The tty is formatted into a command upstream: 1 and "1" both work.
+
     def get_tty_text(self, tty):
-        return self._call("get_tty_text", tty=tty)
+        return self._call("get_tty_text", tty=str(tty))
 
     def wait_until_tty_matches(self, tty, regexp, timeout=900):
-        self._call("wait_until_tty_matches", tty=tty, regexp=regexp, timeout=timeout)
+        self._call(
+            "wait_until_tty_matches", tty=str(tty), regexp=regexp, timeout=timeout
+        )
 
     def dump_tty_contents(self, tty):
         self.execute("fold -w 80 /dev/vcs{} | systemd-cat".format(tty))
@@ -965,6 +1023,9 @@ def _install_compat_modules():
     errors = types.ModuleType("test_driver.errors")
     for name in ("TestScriptError", "RequestedAssertionFailed", "MachineError"):
         setattr(errors, name, getattr(me, name))
+    logger = types.ModuleType("test_driver.logger")
+    logger.rootlog = log
+    logger.AbstractLogger = Logger
     machine = types.ModuleType("test_driver.machine")
     machine.retry = retry
     machine.Machine = machine.BaseMachine = machine.QemuMachine = Machine
@@ -972,9 +1033,10 @@ def _install_compat_modules():
     polling.PollingCondition = PollingCondition
     polling.PollingConditionError = PollingConditionError
     package.errors = errors
+    package.logger = logger
     package.machine = machine
     package.polling_condition = polling
-    for mod in (package, errors, machine, polling):
+    for mod in (package, errors, logger, machine, polling):
         sys.modules.setdefault(mod.__name__, mod)
 
 

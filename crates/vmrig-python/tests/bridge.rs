@@ -973,6 +973,110 @@ assert not os.get_inheritable(fd)
 
 /// Every method named in DESIGN.md's API list exists on Machine, with the
 /// upstream parameter names and defaults.
+/// Upstream's own driver tests replace `time.sleep` (`no_sleep()`) around a
+/// `retry` that fails: upstream counts tries, so that returns at once; a
+/// time-based loop would spin for the whole 900 s.
+#[test]
+fn retry_counts_tries_when_time_sleep_is_patched() {
+    let started = Instant::now();
+    let r = run(
+        &["m"],
+        r#"
+import time
+import datetime
+from test_driver.errors import RequestedAssertionFailed as Upstream
+assert Upstream is RequestedAssertionFailed
+old_sleep = time.sleep
+time.sleep = lambda x: None
+try:
+    seen = []
+    def never(last_try):
+        seen.append(last_try)
+        return False
+    try:
+        retry(never)
+        raise Exception("retry did not raise")
+    except RequestedAssertionFailed as e:
+        assert str(e).startswith("action timed out after "), str(e)
+        assert "(timeout=900)" in str(e), str(e)
+    assert seen == [False] * 900 + [True], len(seen)
+    # Saved in the last go.
+    retry(lambda last: last)
+    # The newer spelling, with a timedelta.
+    seen.clear()
+    try:
+        retry(never, timeout=datetime.timedelta(seconds=3))
+        raise Exception("retry did not raise")
+    except RequestedAssertionFailed:
+        pass
+    assert seen == [False, False, False, True], seen
+    # No bound: until it holds.
+    left = [3]
+    def eventually(last_try):
+        left[0] -= 1
+        return left[0] == 0
+    retry(eventually, timeout=None)
+    assert left == [0]
+finally:
+    time.sleep = old_sleep
+"#,
+    );
+    assert_passed(&r);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(30), "{took:?}");
+}
+
+/// Upstream formats the tty into a command, so a number works as well as a
+/// string; timedelta timeouts arrive as seconds.
+#[test]
+fn tty_numbers_timedeltas_and_new_methods_reach_the_driver() {
+    let r = run(
+        &["m"],
+        r#"
+import datetime
+machine.wait_until_tty_matches(1, "root@")
+machine.get_tty_text(2)
+machine.wait_for_unit_active_state("x.service", "activating", timeout=10)
+machine.wait_until_succeeds("true", timeout=datetime.timedelta(seconds=2.5))
+machine.switch_root()
+from test_driver.logger import rootlog
+assert rootlog.sanitise("a\x07b") == "ab"
+assert machine.execute("poweroff", check_output=False) == (0, "output\n")
+"#,
+    );
+    assert_passed(&r);
+    let work = r.fake.work();
+    let calls: Vec<(&str, &Value)> = work.iter().map(|(m, p)| (m.as_str(), p)).collect();
+    assert_eq!(
+        calls[0],
+        (
+            "machine.wait_until_tty_matches",
+            &json!({"machine": "m", "tty": "1", "regexp": "root@", "timeout": 900})
+        )
+    );
+    assert_eq!(
+        calls[1],
+        ("machine.get_tty_text", &json!({"machine": "m", "tty": "2"}))
+    );
+    assert_eq!(
+        calls[2],
+        (
+            "machine.wait_for_unit_active_state",
+            &json!({"machine": "m", "unit": "x.service", "state": "activating", "user": null, "timeout": 10})
+        )
+    );
+    assert_eq!(
+        calls[3],
+        (
+            "machine.wait_until_succeeds",
+            &json!({"machine": "m", "command": "true", "timeout": 2.5})
+        )
+    );
+    assert_eq!(calls[4], ("machine.switch_root", &json!({"machine": "m"})));
+    assert_eq!(calls[5].0, "machine.execute");
+    assert_eq!(calls[5].1["check_output"], json!(false));
+}
+
 #[test]
 fn machine_api_matches_upstream_signatures() {
     let golden = r#"start(allow_reboot=False)
@@ -980,6 +1084,7 @@ shutdown()
 crash()
 reboot()
 wait_for_shutdown()
+switch_root()
 execute(command, check_return=True, check_output=True, timeout=900)
 succeed(*commands, timeout=None)
 fail(*commands, timeout=None)
@@ -992,6 +1097,7 @@ stop_job(jobname, user=None)
 get_unit_info(unit, user=None)
 get_unit_property(unit, property, user=None)
 wait_for_unit(unit, user=None, timeout=900)
+wait_for_unit_active_state(unit, state, user=None, timeout=900)
 require_unit_state(unit, require_state='active')
 wait_for_file(filename, timeout=900)
 wait_for_open_port(port, addr='localhost', timeout=900)

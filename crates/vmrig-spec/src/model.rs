@@ -14,8 +14,8 @@ pub const DEFAULT_MEMORY: u32 = 1024;
 pub const MIN_MEMORY: u32 = 128;
 /// Default `cpus` of a node.
 pub const DEFAULT_CPUS: u32 = 1;
-/// Default Debian suite.
-pub const DEFAULT_SUITE: &str = "bookworm";
+/// Default Debian suite: Debian 13, the current stable release.
+pub const DEFAULT_SUITE: &str = "trixie";
 /// Default `wanted_by` of a service that has a `script` or `exec_start`.
 pub const DEFAULT_WANTED_BY: &str = "multi-user.target";
 
@@ -77,7 +77,7 @@ pub struct NodeSpec {
     pub firewall: FirewallSpec,
     /// Shell commands run inside the image at build time.
     pub setup: Vec<String>,
-    /// Debian suite (default `bookworm`).
+    /// Debian suite (default `trixie`; `bookworm` is supported too).
     pub suite: String,
     /// Debian mirror URL, if any.
     pub mirror: Option<String>,

@@ -288,6 +288,20 @@ fn is_mode(s: &str) -> bool {
     (3..=4).contains(&s.len()) && s.bytes().all(|c| (b'0'..=b'7').contains(&c))
 }
 
+/// The Debian suites vmrig builds and boots (and tests): Debian 13 (the default) and 12.
+pub const SUPPORTED_SUITES: &[&str] = &["trixie", "bookworm"];
+
+fn supported_suites_help() -> String {
+    format!(
+        "supported suites: {} (Debian 13, the default, and Debian 12)",
+        SUPPORTED_SUITES
+            .iter()
+            .map(|s| format!("`{s}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 fn is_suite(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
@@ -609,8 +623,20 @@ impl<'a> Ctx<'a> {
                         return Err(self.invalid(
                             f.value_span(),
                             format!("invalid `suite` `{s}`{}", in_(within)),
-                            "expected a Debian suite name such as `bookworm`",
-"a suite is a Debian code name (`bookworm`, `trixie`) or `stable`, `testing`, `unstable`",
+                            "expected a Debian suite name such as `trixie`",
+                            supported_suites_help(),
+                        ));
+                    }
+                    if !SUPPORTED_SUITES.contains(&s.as_str()) {
+                        let hint = match suggest(&s, SUPPORTED_SUITES) {
+                            Some(sug) => format!(" (did you mean `{sug}`?)"),
+                            None => String::new(),
+                        };
+                        return Err(self.invalid(
+                            f.value_span(),
+                            format!("unsupported `suite` `{s}`{}{hint}", in_(within)),
+                            "not a suite vmrig supports",
+                            supported_suites_help(),
                         ));
                     }
                     n.suite = Some(s);

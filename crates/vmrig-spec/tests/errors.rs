@@ -318,6 +318,18 @@ fn invalid_values() {
             "t.toml:4:9: invalid `suite` `Bookworm` in node `a`",
         ),
         (
+            "[nodes.a]\nsuite = \"sid-typo\"\n",
+            "t.toml:4:9: unsupported `suite` `sid-typo` in node `a`",
+        ),
+        (
+            "[nodes.a]\nsuite = \"buster\"\n",
+            "t.toml:4:9: unsupported `suite` `buster` in node `a`",
+        ),
+        (
+            "[nodes.a]\nsuite = \"trixy\"\n",
+            "t.toml:4:9: unsupported `suite` `trixy` in node `a` (did you mean `trixie`?)",
+        ),
+        (
             "[nodes.a]\nmirror = \"my-mirror\"\n",
             "t.toml:4:10: invalid `mirror` `my-mirror` in node `a`: expected a URL",
         ),
@@ -353,6 +365,12 @@ fn invalid_values() {
     );
     let e = err(&with_head("[nodes.a.services.x]\ntype = \"oneshoot\"\n"));
     assert_eq!(e.help_text(), Some("did you mean `oneshot`?"));
+    // An unsupported suite names the supported ones.
+    let e = err(&with_head("[nodes.a]\nsuite = \"buster\"\n"));
+    assert_eq!(
+        e.help_text(),
+        Some("supported suites: `trixie`, `bookworm` (Debian 13, the default, and Debian 12)")
+    );
 }
 
 #[test]

@@ -52,7 +52,7 @@ fn client_server_fixture() {
     assert_eq!(client.cpus, 1);
     assert_eq!(client.vlans, [1]);
     assert!(!client.graphics);
-    assert_eq!(client.suite, "bookworm");
+    assert_eq!(client.suite, "trixie");
     assert_eq!(client.mirror, None);
     assert!(client.snapshot);
     assert!(client.users.is_empty() && client.files.is_empty() && client.services.is_empty());
@@ -172,7 +172,7 @@ fn full_fixture_and_defaults_merge() {
         plain.files["/etc/motd"].text.as_deref(),
         Some("default motd\n")
     );
-    assert_eq!(plain.suite, "bookworm");
+    assert_eq!(plain.suite, "trixie");
 
     // User packages are part of the image.
     assert_eq!(plain.image_inputs().packages, ["curl", "iproute2", "vim"]);
@@ -302,14 +302,14 @@ fn image_inputs_canonical_and_stable() {
     // A package only a user asks for is installed too, but moved off the system PATH:
     // that is another image. Listed by the node as well, it is an ordinary package.
     let spec = ok(&format!(
-        "{HEAD}[nodes.a]\npackages = [\"nginx-light\"]\nsetup = [\"true\"]\nusers.bob.packages = [\"curl\"]\nmemory = 2048\ngraphics = true\n"
+        "{HEAD}[nodes.a]\nsuite = \"bookworm\"\npackages = [\"nginx-light\"]\nsetup = [\"true\"]\nusers.bob.packages = [\"curl\"]\nmemory = 2048\ngraphics = true\n"
     ));
     let user_only = spec.nodes["a"].image_inputs();
     assert_eq!(user_only.packages, a.packages);
     assert_eq!(user_only.user_only_packages, vec!["curl".to_string()]);
     assert_ne!(user_only.hash(), a.hash());
     let spec = ok(&format!(
-        "{HEAD}[nodes.a]\npackages = [\"nginx-light\", \"curl\"]\nsetup = [\"true\"]\nusers.bob.packages = [\"curl\"]\n"
+        "{HEAD}[nodes.a]\nsuite = \"bookworm\"\npackages = [\"nginx-light\", \"curl\"]\nsetup = [\"true\"]\nusers.bob.packages = [\"curl\"]\n"
     ));
     assert_eq!(spec.nodes["a"].image_inputs().hash(), a.hash());
 

@@ -87,6 +87,11 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "publish {path}: it belongs to {owner}, not to the store's user (a builder left a \
+         file of another user; this is a bug in vmrig)"
+    )]
+    ForeignFile { path: PathBuf, owner: String },
     #[error("set the permissions of {path}")]
     SetPermissions {
         path: PathBuf,
@@ -117,6 +122,18 @@ pub enum StoreError {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    /// A store belongs to one user: root's and a user's never mix.
+    #[error(
+        "use the store {store}: {path} belongs to {owner}, but vmrig runs as {me}, and a store \
+         is used by one user only; {fix}"
+    )]
+    ForeignOwner {
+        store: PathBuf,
+        path: PathBuf,
+        owner: String,
+        me: String,
+        fix: String,
     },
     /// The path was garbage-collected between lookup and use; look it up (or
     /// build it) again.
@@ -391,6 +408,23 @@ fn sync_tree(path: &Path) -> Result<(), StoreError> {
         move |source| StoreError::Sync { path: p, source }
     };
     let meta = fs::symlink_metadata(path).map_err(err(path))?;
+    // Everything in a store path belongs to the store's user and is readable by them.
+    if meta.uid() != euid() {
+        return Err(StoreError::ForeignFile {
+            path: path.to_owned(),
+            owner: user_label(meta.uid()),
+        });
+    }
+    let mode = meta.permissions().mode();
+    let wanted = if meta.is_dir() { 0o500 } else { 0o400 };
+    if !meta.file_type().is_symlink() && mode & wanted != wanted {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode | wanted)).map_err(|source| {
+            StoreError::SetPermissions {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    }
     if meta.is_dir() {
         for entry in fs::read_dir(path).map_err(err(path))? {
             let entry = entry.map_err(err(path))?;
@@ -415,19 +449,113 @@ fn sync_dir(path: &Path) -> Result<(), StoreError> {
 }
 
 fn remove_tree(path: &Path) -> Result<(), StoreError> {
+    remove_all(path).map_err(|source| StoreError::Remove {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// Removes `path` (a file or a whole tree; absent is fine). As a normal user, a tree that
+/// holds files of the user's subordinate ids (left by a build in a user namespace, e.g.
+/// mmdebstrap's unshare mode) is removed from a user namespace that maps those ids.
+pub fn remove_all(path: &Path) -> io::Result<()> {
     let result = match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     };
     match result {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::Remove {
-            path: path.to_owned(),
-            source: e,
-        }),
-        _ => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied && euid() != 0 => {
+            let status = std::process::Command::new("unshare")
+                .args(["--map-root-user", "--map-auto", "--", "rm", "-rf", "--"])
+                .arg(path)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            match status {
+                Ok(s) if s.success() && fs::symlink_metadata(path).is_err() => Ok(()),
+                _ => Err(e),
+            }
+        }
+        other => other,
     }
+}
+
+/// The login name of `uid`, else the number.
+fn user_label(uid: u32) -> String {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: zeroed passwd is a valid out value.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result = std::ptr::null_mut();
+    // SAFETY: valid buffers; `result` points into `pwd` on success.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc == 0 && !result.is_null() {
+        // SAFETY: pw_name is a NUL-terminated string inside `buf`.
+        let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+        format!("{} (uid {uid})", name.to_string_lossy())
+    } else {
+        format!("uid {uid}")
+    }
+}
+
+/// Set to `1` to let root use a store owned by another user (a store is otherwise used by
+/// its owner only).
+pub const ALLOW_FOREIGN_ENV: &str = "VMRIG_STORE_ALLOW_FOREIGN";
+
+/// Refuses a store (its root, its bookkeeping directories, its top-level paths) that holds
+/// something owned by another uid than `me`.
+fn check_owner(root: &Path, me: u32) -> Result<(), StoreError> {
+    let mut paths = vec![root.to_owned()];
+    for sub in [LOCKS_DIR, TMP_DIR, USES_DIR, ".results"] {
+        paths.push(root.join(sub));
+    }
+    if let Ok(entries) = fs::read_dir(root) {
+        let mut names: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        names.sort();
+        paths.extend(names);
+    }
+    for path in paths {
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.uid() == me {
+            continue;
+        }
+        let owner = user_label(meta.uid());
+        let me_label = user_label(me);
+        let fix = if me == 0 {
+            format!(
+                "run vmrig as that user, give root a store of its own (VMRIG_STORE=DIR), or \
+                 set {ALLOW_FOREIGN_ENV}=1 to let root write into it"
+            )
+        } else if path == root {
+            "use a store of your own: unset VMRIG_STORE (the default is \
+             $XDG_CACHE_HOME/vmrig/store) or point it at a directory of yours"
+                .to_owned()
+        } else {
+            format!(
+                "remove it (`sudo rm -rf {}`) or give it to you (`sudo chown -R {} {}`)",
+                path.display(),
+                me,
+                path.display()
+            )
+        };
+        return Err(StoreError::ForeignOwner {
+            store: root.to_owned(),
+            path,
+            owner,
+            me: me_label,
+            fix,
+        });
+    }
+    Ok(())
 }
 
 /// A content-addressed store of directories. Cheap to clone; any number of
@@ -444,8 +572,18 @@ impl Store {
     }
 
     /// Opens the store at `path`, creating it if needed.
+    ///
+    /// A store is one user's: a store (or a path in it) owned by another uid is refused
+    /// with [`StoreError::ForeignOwner`], before anything is written into it. Root may be
+    /// let in with `VMRIG_STORE_ALLOW_FOREIGN=1`.
     pub fn open(path: impl Into<PathBuf>) -> Result<Store, StoreError> {
         let root = path.into();
+        let me = euid();
+        let allowed =
+            me == 0 && std::env::var(ALLOW_FOREIGN_ENV).is_ok_and(|v| v == "1" || v == "true");
+        if !allowed {
+            check_owner(&root, me)?;
+        }
         for sub in [LOCKS_DIR, TMP_DIR, USES_DIR] {
             create_dir_all(&root.join(sub))?;
         }
@@ -532,10 +670,14 @@ impl Store {
 
         // `tmp` (a TempDir) removes the directory when dropped, including
         // while unwinding from a panicking builder.
-        builder(tmp.path()).map_err(|e| StoreError::Build {
-            path: sp.path.clone(),
-            source: e.into(),
-        })?;
+        if let Err(e) = builder(tmp.path()) {
+            // What a build in a user namespace left needs more than TempDir's removal.
+            let _ = remove_all(tmp.path());
+            return Err(StoreError::Build {
+                path: sp.path.clone(),
+                source: e.into(),
+            });
+        }
         // tempfile creates the directory 0700; store paths are world-readable
         // like the rest of the user's cache.
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).map_err(|source| {
@@ -834,6 +976,66 @@ mod tests {
         assert_eq!(tmp_entry_base(&format!("{base}.x12.abc")), None);
         assert_eq!(tmp_entry_base(&base), None);
         assert_eq!(tmp_entry_base("random-junk"), None);
+    }
+
+    #[test]
+    fn published_files_are_readable_by_their_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("s")).unwrap();
+        let sp = store
+            .build(&StoreKey::new("x", b"perm"), |out| {
+                fs::write(out.join("f"), b"data")?;
+                fs::set_permissions(out.join("f"), fs::Permissions::from_mode(0o200))?;
+                fs::create_dir(out.join("d"))?;
+                fs::set_permissions(out.join("d"), fs::Permissions::from_mode(0o200))
+            })
+            .unwrap();
+        let mode = |p: &str| fs::metadata(sp.path().join(p)).unwrap().mode() & 0o777;
+        assert_eq!(mode("f"), 0o600);
+        assert_eq!(mode("d"), 0o700);
+    }
+
+    /// Root's and a user's stores never mix (needs root to make files of another uid).
+    #[test]
+    fn a_path_of_another_uid_is_refused() {
+        if euid() != 0 {
+            eprintln!("SKIPPED: needs root to chown");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("s");
+        let store = Store::open(&root).unwrap();
+        // A builder that leaves a file of another user: nothing is published.
+        let err = store
+            .build(&StoreKey::new("x", b"foreign"), |out| {
+                fs::write(out.join("f"), b"")?;
+                std::os::unix::fs::chown(out.join("f"), Some(4321), None)
+            })
+            .unwrap_err();
+        assert!(matches!(err, StoreError::ForeignFile { .. }), "{err}");
+        assert!(store.lookup(&StoreKey::new("x", b"foreign")).is_none());
+        // A store path of another user: the store is refused, naming it.
+        let sp = store
+            .build(&StoreKey::new("y", b"y"), |out| {
+                fs::write(out.join("f"), b"")
+            })
+            .unwrap();
+        std::os::unix::fs::chown(sp.path(), Some(4321), None).unwrap();
+        let err = check_owner(&root, 0).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(&sp.path().display().to_string()), "{text}");
+        assert!(
+            text.contains("uid 4321") && text.contains("VMRIG_STORE_ALLOW_FOREIGN=1"),
+            "{text}"
+        );
+        // A store of another user, seen by that user: the one foreign thing is root's.
+        std::os::unix::fs::chown(&root, Some(4321), None).unwrap();
+        let err = check_owner(&root, 4321).unwrap_err().to_string();
+        assert!(
+            err.contains("belongs to root (uid 0), but vmrig runs as uid 4321"),
+            "{err}"
+        );
+        assert!(err.contains("sudo rm -rf"), "{err}");
     }
 
     #[test]

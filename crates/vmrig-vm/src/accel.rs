@@ -114,12 +114,65 @@ fn kvm_problem(kvm_dev: &Path, sys_module: &Path) -> Option<String> {
         .write(true)
         .open(kvm_dev)
     {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            if let Some(why) = not_in_group(kvm_dev) {
+                return Some(why);
+            }
+        }
         return Some(format!(
             "{} is not accessible ({e}); add yourself to the `kvm` group",
             kvm_dev.display()
         ));
     }
     None
+}
+
+/// "not in group kvm" with the command that fixes it, when the device's group is one the
+/// process is not in.
+fn not_in_group(kvm_dev: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let gid = std::fs::metadata(kvm_dev).ok()?.gid();
+    // SAFETY: getegid has no preconditions; getgroups with a buffer of the size it asked.
+    let mut groups = vec![unsafe { libc::getegid() }];
+    unsafe {
+        let n = libc::getgroups(0, std::ptr::null_mut());
+        if n > 0 {
+            let mut more = vec![0 as libc::gid_t; n as usize];
+            let n = libc::getgroups(n, more.as_mut_ptr());
+            more.truncate(n.max(0) as usize);
+            groups.extend(more);
+        }
+    }
+    if groups.contains(&gid) || gid == 0 {
+        return None;
+    }
+    let group = group_name(gid).unwrap_or_else(|| gid.to_string());
+    let user = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "$USER".into());
+    Some(format!(
+        "{} is not accessible: not in group {group} (fix: `sudo usermod -aG {group} {user}`, \
+         then log in again)",
+        kvm_dev.display()
+    ))
+}
+
+fn group_name(gid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: zeroed group is a valid out value; valid buffers; `result` points into `grp`.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut result = std::ptr::null_mut();
+    let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    // SAFETY: gr_name is a NUL-terminated string inside `buf`.
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(grp.gr_name) }
+            .to_string_lossy()
+            .into_owned(),
+    )
 }
 
 #[cfg(test)]
@@ -193,6 +246,25 @@ mod tests {
             decide_on(dir.path(), AccelChoice::Auto).unwrap().accel,
             Accel::Tcg
         );
+    }
+
+    #[test]
+    fn a_device_of_a_group_we_are_not_in_says_so_and_the_fix() {
+        let dir = host(true, false);
+        let kvm = dir.path().join("kvm");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: needs root to give the fake device another group");
+            return;
+        }
+        std::os::unix::fs::chown(&kvm, None, Some(54321)).unwrap();
+        let why = not_in_group(&kvm).expect("root is not in group 54321");
+        assert!(
+            why.contains("is not accessible: not in group 54321 (fix: `sudo usermod -aG 54321 "),
+            "{why}"
+        );
+        std::os::unix::fs::chown(&kvm, None, Some(unsafe { libc::getegid() })).unwrap();
+        assert_eq!(not_in_group(&kvm), None);
     }
 
     #[test]

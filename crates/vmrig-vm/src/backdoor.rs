@@ -29,6 +29,22 @@
 //! The guest needs only bash (and coreutils' base64 for exact output), so real NixOS guests
 //! work too. Stdin is `/dev/null` so a command that reads stdin cannot swallow the driver's
 //! next commands. Every read is bounded by a deadline and the reply size.
+//!
+//! **A time limit in the guest.** A command given a time limit ([`frame_limited`]) runs as
+//! a background job of the command substitution, in its own process group (`set -m`), next
+//! to a watchdog job that sleeps with bash's `read -t` (on a pipe that never gets data) and
+//! then kills the command's whole process group (TERM, KILL two seconds later). The reply
+//! then carries status 124, as from coreutils' `timeout`, which is what NixOS wraps every
+//! command in; the shell is free at once. No program is started for this (bash forks only).
+//! The shell's own job messages go to `/dev/null`, the command's stderr where it always goes.
+//!
+//! **No controlling terminal.** The guest's shell is started by its init as a session leader
+//! and opens `/dev/hvc0`, which makes the command channel the controlling terminal of every
+//! command: a command that opens `/dev/tty` (an `ssh` asking for a password) would write
+//! into the replies and read the driver's next commands. [`RELEASE_TERMINAL`], sent once to
+//! each new shell, replaces it by a shell in a session of its own (`setsid -w`): the old
+//! session keeps the console as its terminal, so the new one cannot acquire it, and
+//! `/dev/tty` fails with ENXIO ("No such device or address") in every command.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -103,13 +119,51 @@ pub enum Framing {
     Exact,
 }
 
+/// Sent once to a new shell, before its first command: if the shell has a controlling
+/// terminal (the console it reads), it replaces itself by a shell reading the same console
+/// in a new session without one (see the module documentation). A shell that has none
+/// already, or a guest without `setsid`, keeps its shell. The second line, run by the shell
+/// that stays, opens [`SLEEP_FD`]. The lines have no reply.
+pub const RELEASE_TERMINAL: &str =
+    "if { : </dev/tty; } 2>/dev/null && command -v setsid >/dev/null; \
+     then exec setsid -w \"$BASH\" --norc /dev/hvc0; fi\n\
+     exec 7<> <(:)\n";
+
+/// A descriptor of the guest's shell that nothing is ever written to (both ends of a pipe):
+/// the watchdog of a time-limited command sleeps on it with `read -t` (a builtin), which
+/// saves a fork per command over `read -t <> <(:)`. Commands do not inherit it.
+pub const SLEEP_FD: u32 = 7;
+
 /// The line sent to the guest for `command`.
 pub fn frame(command: &str, framing: Framing) -> Result<String, ShellError> {
+    frame_limited(command, framing, None)
+}
+
+/// The watchdog's kill sequence after the limit: TERM to the command's process group, KILL
+/// after this many seconds if it is still there.
+const KILL_AFTER_SECS: u32 = 2;
+
+/// The status a command killed at its time limit reports (coreutils' `timeout`).
+pub const TIMED_OUT_STATUS: i32 = 124;
+
+/// [`frame`] with a time limit enforced in the guest (see the module documentation): the
+/// command is killed after `limit` and its reply has status [`TIMED_OUT_STATUS`] and the
+/// output written until then. `None` or a zero limit: no limit (as `timeout 0`). The
+/// exact framing takes no limit (the caller's deadline bounds it).
+pub fn frame_limited(
+    command: &str,
+    framing: Framing,
+    limit: Option<Duration>,
+) -> Result<String, ShellError> {
     let quoted = quote_command(command)?;
+    let limit = limit.filter(|l| !l.is_zero());
     Ok(match framing {
-        Framing::Text => text_frame(&format!("eval {quoted} </dev/null")),
+        Framing::Text => match limit {
+            None => text_frame(&format!("eval {quoted} </dev/null {SLEEP_FD}<&-")),
+            Some(limit) => text_frame(&limited(&quoted, limit)),
+        },
         Framing::Exact => format!(
-            "printf 'B '; ( eval {quoted} ) </dev/null | base64 -w 0; echo \" ${{PIPESTATUS[0]}}\"\n"
+            "printf 'B '; ( eval {quoted} ) </dev/null {SLEEP_FD}<&- | base64 -w 0; echo \" ${{PIPESTATUS[0]}}\"\n"
         ),
     })
 }
@@ -121,7 +175,34 @@ pub fn frame(command: &str, framing: Framing) -> Result<String, ShellError> {
 /// at one byte per system call, ~60 KB/s under TCG).
 pub fn frame_with_input(command: &str, len: usize) -> Result<String, ShellError> {
     let quoted = quote_command(command)?;
-    Ok(text_frame(&format!("head -c {len} | ( eval {quoted} )")))
+    Ok(text_frame(&format!(
+        "head -c {len} | ( eval {quoted} ) {SLEEP_FD}<&-"
+    )))
+}
+
+/// The command (already quoted) as a job with a watchdog job that kills it after `limit`.
+/// The substitution's stderr goes to `/dev/null` (bash's job messages), the command's to
+/// the shell's stderr (kept in fd 8, closed for the command and the watchdog). A watchdog
+/// stopped while it is killing (a TERM trapped after its sleep) exits 124: the limit struck.
+/// The watchdog sleeps on [`SLEEP_FD`], or (a shell without it: `read` fails at once
+/// with a status of 128 or less) on a pipe of its own.
+fn limited(quoted: &str, limit: Duration) -> String {
+    // Whole milliseconds, never 0 (`read -t 0` does not wait at all).
+    let secs = format!("{:.3}", limit.as_secs_f64().max(0.001));
+    let sleep = |secs: &str| {
+        format!("{{ read -t {secs} -u {SLEEP_FD} || (( $? > 128 )) || read -t {secs} <> <(:); }}")
+    };
+    format!(
+        "exec 8>&2 2>/dev/null; set -m; \
+         eval {quoted} </dev/null 2>&8 8>&- {SLEEP_FD}<&- & __c=$!; \
+         {{ {}; trap 'exit {TIMED_OUT_STATUS}' TERM; kill -TERM -- -$__c; \
+         {}; kill -KILL -- -$__c; exit {TIMED_OUT_STATUS}; }} \
+         >/dev/null 8>&- & __w=$!; \
+         wait $__c; __r=$?; kill -- -$__w; wait $__w; \
+         if [[ $? == {TIMED_OUT_STATUS} ]]; then __r={TIMED_OUT_STATUS}; fi; exit $__r",
+        sleep(&secs),
+        sleep(&KILL_AFTER_SECS.to_string()),
+    )
 }
 
 /// `command` quoted for bash; a NUL cannot be sent on a line.
@@ -249,6 +330,9 @@ pub struct Shell<S: TimedStream> {
     /// Bytes read past the last complete reply or line.
     pending: Vec<u8>,
     busy: Option<String>,
+    /// A command sent without waiting for its reply ([`Shell::send_detached`]): the next
+    /// exchange reads (and drops) that reply first.
+    unread: Option<String>,
     /// The read buffer, allocated once (not a fresh 64 KiB per read of a dribbling guest).
     chunk: Vec<u8>,
 }
@@ -259,6 +343,7 @@ impl<S: TimedStream> Shell<S> {
             stream,
             pending: Vec::new(),
             busy: None,
+            unread: None,
             chunk: vec![0; 64 * 1024],
         }
     }
@@ -279,6 +364,9 @@ impl<S: TimedStream> Shell<S> {
                 scanned = line_start;
                 if line.ends_with(BANNER.as_bytes()) {
                     self.pending.drain(..line_start);
+                    // A new shell: nothing from the old one is still to come.
+                    self.busy = None;
+                    self.unread = None;
                     return Ok(());
                 }
             }
@@ -298,6 +386,44 @@ impl<S: TimedStream> Shell<S> {
         deadline: Option<Instant>,
     ) -> Result<CommandOutput, ShellError> {
         self.run_framed(command, Framing::Text, deadline)
+    }
+
+    /// [`Shell::run`] with a time limit enforced in the guest ([`frame_limited`]): a command
+    /// still running after `limit` is killed there and replies with status
+    /// [`TIMED_OUT_STATUS`]. `deadline` bounds the wait for the reply as in [`Shell::run`]
+    /// (give it some seconds more than `limit`).
+    pub fn run_limited(
+        &mut self,
+        command: &str,
+        limit: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> Result<CommandOutput, ShellError> {
+        let line = frame_limited(command, Framing::Text, limit)?;
+        self.exchange(command, &line, &[], deadline)
+    }
+
+    /// Sends `command` (framed, with its time limit) and returns at once; the next exchange
+    /// reads its reply first and drops it (NixOS's `execute(check_output=False)`, for
+    /// commands that take the shell down). A shell that is gone by then (a new shell's
+    /// banner) owes no reply.
+    pub fn send_detached(
+        &mut self,
+        command: &str,
+        limit: Option<Duration>,
+        deadline: Instant,
+    ) -> Result<(), ShellError> {
+        self.settle(Some(deadline))?;
+        let line = frame_limited(command, Framing::Text, limit)?;
+        self.write_line(command, &line, &[], deadline)?;
+        self.unread = Some(command.chars().take(80).collect());
+        Ok(())
+    }
+
+    /// Sends [`RELEASE_TERMINAL`] and waits until the (possibly new) shell answers.
+    pub fn release_terminal(&mut self, deadline: Instant) -> Result<(), ShellError> {
+        self.settle(Some(deadline))?;
+        self.write_line("(release the terminal)", RELEASE_TERMINAL, &[], deadline)?;
+        self.run("true", Some(deadline)).map(|_| ())
     }
 
     /// [`Shell::run`] with a chosen [`Framing`].
@@ -330,6 +456,30 @@ impl<S: TimedStream> Shell<S> {
         input: &[u8],
         deadline: Option<Instant>,
     ) -> Result<CommandOutput, ShellError> {
+        self.settle(deadline)?;
+        let deadline =
+            deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
+        self.write_line(command, line, input, deadline)?;
+        self.read_reply(deadline).inspect_err(|e| {
+            if matches!(e, ShellError::Timeout(_)) {
+                self.busy = Some(command.chars().take(80).collect());
+            }
+        })
+    }
+
+    /// Reads what earlier commands still owe: the reply of a detached command (waiting for
+    /// it until `deadline`), and that of a command that outlived its deadline (if it came
+    /// since; otherwise the shell is still busy with it).
+    fn settle(&mut self, deadline: Option<Instant>) -> Result<(), ShellError> {
+        if let Some(earlier) = self.unread.clone() {
+            let wait =
+                deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
+            match self.read_reply(wait) {
+                Ok(_) => self.unread = None,
+                Err(ShellError::Timeout(_)) => return Err(ShellError::Busy(earlier)),
+                Err(e) => return Err(e),
+            }
+        }
         if let Some(earlier) = self.busy.clone() {
             // The reply of a command that outlived its deadline may have arrived since:
             // then the shell is free again. Otherwise it is still running.
@@ -342,8 +492,17 @@ impl<S: TimedStream> Shell<S> {
                 Err(e) => return Err(e),
             }
         }
-        let deadline =
-            deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
+        Ok(())
+    }
+
+    /// Writes `line` and `input`, bounded by `deadline`.
+    fn write_line(
+        &mut self,
+        command: &str,
+        line: &str,
+        input: &[u8],
+        deadline: Instant,
+    ) -> Result<(), ShellError> {
         let started = Instant::now();
         self.stream
             .set_write_deadline(Some(deadline.saturating_duration_since(started)))?;
@@ -364,11 +523,7 @@ impl<S: TimedStream> Shell<S> {
             }
             return Err(closed_or_io(e));
         }
-        self.read_reply(deadline).inspect_err(|e| {
-            if matches!(e, ShellError::Timeout(_)) {
-                self.busy = Some(command.chars().take(80).collect());
-            }
-        })
+        Ok(())
     }
 
     /// Writes raw bytes to the guest shell (NixOS's `send_console`-like escapes go
@@ -439,13 +594,13 @@ mod tests {
     fn frame_quotes_and_asks_for_status_in_the_same_reply() {
         let text = frame("echo 'hi'", Framing::Text).unwrap();
         assert!(text.starts_with(
-            r#"__o=$( trap 'printf "\37"' EXIT; eval 'echo '\''hi'\''' </dev/null ); __s=$?;"#
+            r#"__o=$( trap 'printf "\37"' EXIT; eval 'echo '\''hi'\''' </dev/null 7<&- ); __s=$?;"#
         ));
         assert!(text.ends_with("unset __o __s __l\n"));
         assert_eq!(text.matches('\n').count(), 1, "one line per command");
         assert_eq!(
             frame("echo 'hi'", Framing::Exact).unwrap(),
-            r#"printf 'B '; ( eval 'echo '\''hi'\''' ) </dev/null | base64 -w 0; echo " ${PIPESTATUS[0]}""#
+            r#"printf 'B '; ( eval 'echo '\''hi'\''' ) </dev/null 7<&- | base64 -w 0; echo " ${PIPESTATUS[0]}""#
                 .to_string()
                 + "\n"
         );

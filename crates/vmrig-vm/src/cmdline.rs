@@ -27,6 +27,9 @@ pub struct VmConfig {
     pub initrd: PathBuf,
     /// The VM's own copy-on-write qcow2 layer over the store's read-only root image.
     pub disk: PathBuf,
+    /// The kernel's modules as a read-only ext4 image (shared by every VM of that kernel),
+    /// attached as a second virtio disk that the guest init mounts on /lib/modules/<v>.
+    pub modules_disk: Option<PathBuf>,
     /// Extra kernel parameters (the node's `kernel_params`).
     pub kernel_params: Vec<String>,
     /// Unix socket the driver listens on for the backdoor shell (virtio console, hvc0).
@@ -48,9 +51,10 @@ pub struct VmConfig {
 /// The kernel command line every vmrig guest gets before the node's own parameters.
 pub const BASE_KERNEL_PARAMS: &[&str] = &[
     "console=ttyS0",
-    "panic=-1",
-    "quiet",
-    "loglevel=4",
+    // As NixOS test VMs: a panic reboots after 1 s (QEMU, started with -no-reboot, exits),
+    // and every kernel message up to debug goes to the console (the serial log).
+    "panic=1",
+    "loglevel=7",
     // Stable NIC names: eth0 user networking, eth1.. the VLANs in order.
     "net.ifnames=0",
     "biosdevname=0",
@@ -66,6 +70,13 @@ pub const BASE_KERNEL_PARAMS: &[&str] = &[
     "cryptomgr.notests",
 ];
 
+/// Tells the guest init which disk holds the kernel's modules (by its ext4 label).
+pub const MODULES_PARAM: &str = "vmrig.modules=LABEL=vmrig-modules";
+
+/// The PCI slot of the modules disk: after the root disk (which QEMU places first, so it
+/// stays `/dev/vda`), before the NICs (0x10 and up).
+pub const MODULES_DISK_SLOT: &str = "0xf";
+
 /// The full kernel command line.
 pub fn kernel_command_line(cfg: &VmConfig) -> String {
     let mut params: Vec<&str> = BASE_KERNEL_PARAMS.to_vec();
@@ -73,6 +84,9 @@ pub fn kernel_command_line(cfg: &VmConfig) -> String {
         // Debian's kernel defers drawing the framebuffer console until new output comes,
         // which leaves a graphics node's screen blank (no login prompt to see or OCR).
         params.push("fbcon=nodefer");
+    }
+    if cfg.modules_disk.is_some() {
+        params.push(MODULES_PARAM);
     }
     params.extend(cfg.kernel_params.iter().map(String::as_str));
     params.join(" ")
@@ -140,6 +154,19 @@ pub fn machine_args(cfg: &VmConfig) -> Vec<String> {
             "file={},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
             qemu_escape(&cfg.disk)
         ),
+    ]);
+    if let Some(modules) = &cfg.modules_disk {
+        a.extend([
+            "-drive".into(),
+            format!(
+                "file={},if=none,id=modules,format=raw,readonly=on",
+                qemu_escape(modules)
+            ),
+            "-device".into(),
+            format!("virtio-blk-pci,drive=modules,addr={MODULES_DISK_SLOT}"),
+        ]);
+    }
+    a.extend([
         "-vga".into(),
         if cfg.graphics { "std" } else { "none" }.into(),
         "-display".into(),
@@ -280,6 +307,7 @@ mod tests {
             kernel: "/store/k/vmlinuz".into(),
             initrd: "/run/server/initrd".into(),
             disk: "/run/server/disk,1.qcow2".into(),
+            modules_disk: Some("/store/k/modules.img".into()),
             kernel_params: vec!["foo=bar".into()],
             shell_socket: "/run/server/shell".into(),
             qmp_socket: "/run/server/qmp".into(),
@@ -307,7 +335,7 @@ mod tests {
     #[test]
     fn golden_command_line() {
         let line = joined(&config());
-        let expected = "-name server -nodefaults -no-user-config -machine q35 -accel tcg,thread=multi -cpu max -m 1024 -smp 2 -bios /usr/share/qemu/qboot.rom -kernel /store/k/vmlinuz -initrd /run/server/initrd -append console=ttyS0 panic=-1 quiet loglevel=4 net.ifnames=0 biosdevname=0 mitigations=off tsc=reliable no_timer_check random.trust_cpu=on 8250.nr_uarts=1 systemd.show_status=false cryptomgr.notests foo=bar -drive file=/run/server/disk,,1.qcow2,if=virtio,format=qcow2,cache=unsafe,discard=unmap -vga none -display none -netdev user,id=user0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80 -device virtio-net-pci,netdev=user0,addr=0x10,mac=52:54:00:12:34:56 -netdev stream,id=vlan1,server=off,addr.type=unix,addr.path=/run/vlan1/server.sock -device virtio-net-pci,netdev=vlan1,addr=0x11,mac=52:54:00:12:01:02 -no-reboot -serial stdio -device virtio-serial-pci -chardev socket,id=shell,path=/run/server/shell -device virtconsole,chardev=shell -chardev socket,id=qmp,path=/run/server/qmp -mon chardev=qmp,mode=control -device virtio-rng-pci";
+        let expected = "-name server -nodefaults -no-user-config -machine q35 -accel tcg,thread=multi -cpu max -m 1024 -smp 2 -bios /usr/share/qemu/qboot.rom -kernel /store/k/vmlinuz -initrd /run/server/initrd -append console=ttyS0 panic=1 loglevel=7 net.ifnames=0 biosdevname=0 mitigations=off tsc=reliable no_timer_check random.trust_cpu=on 8250.nr_uarts=1 systemd.show_status=false cryptomgr.notests vmrig.modules=LABEL=vmrig-modules foo=bar -drive file=/run/server/disk,,1.qcow2,if=virtio,format=qcow2,cache=unsafe,discard=unmap -drive file=/store/k/modules.img,if=none,id=modules,format=raw,readonly=on -device virtio-blk-pci,drive=modules,addr=0xf -vga none -display none -netdev user,id=user0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80 -device virtio-net-pci,netdev=user0,addr=0x10,mac=52:54:00:12:34:56 -netdev stream,id=vlan1,server=off,addr.type=unix,addr.path=/run/vlan1/server.sock -device virtio-net-pci,netdev=vlan1,addr=0x11,mac=52:54:00:12:01:02 -no-reboot -serial stdio -device virtio-serial-pci -chardev socket,id=shell,path=/run/server/shell -device virtconsole,chardev=shell -chardev socket,id=qmp,path=/run/server/qmp -mon chardev=qmp,mode=control -device virtio-rng-pci";
         assert_eq!(line, expected);
     }
 

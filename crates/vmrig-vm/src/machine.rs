@@ -255,6 +255,12 @@ impl Vm {
         &self.name
     }
 
+    /// Names the writable disk of a start command's VM (which its script chose), so that
+    /// [`Vm::save_state`] can save it.
+    pub fn set_disk(&mut self, disk: PathBuf) {
+        self.disk = Some(disk);
+    }
+
     pub fn console(&self) -> &Arc<Console> {
         &self.console
     }
@@ -268,7 +274,10 @@ impl Vm {
         let stream = self.connect_sockets(deadline)?;
         let mut shell = Shell::new(stream);
         let start = Instant::now();
-        match shell.wait_for_banner(deadline) {
+        match shell
+            .wait_for_banner(deadline)
+            .and_then(|()| shell.release_terminal(deadline))
+        {
             Ok(()) => {
                 self.shell = Some(shell);
                 Ok(())
@@ -332,12 +341,22 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        self.shell = Some(Shell::new(stream));
+        // A state saved by an older vmrig may hold a shell that still has the console as
+        // its terminal; releasing it again costs one round trip.
+        let mut shell = Shell::new(stream);
+        shell
+            .release_terminal(deadline)
+            .map_err(|source| VmError::Shell {
+                machine: self.name.clone(),
+                source,
+            })?;
+        self.shell = Some(shell);
         Ok(())
     }
 
-    /// Saves the running VM into `dir`: the migration stream (`state`) and a copy of the
-    /// disk overlay as it was at that instant (`disk.qcow2`), then lets the VM go on.
+    /// Saves the running VM into `dir`: the migration stream (`state`), a copy of the disk
+    /// overlay as it was at that instant (`disk.qcow2`) and the console's output up to
+    /// then ([`CONSOLE_FILE`]), then lets the VM go on.
     pub fn save_state(&mut self, dir: &Path, deadline: Instant) -> Result<(), VmError> {
         let name = self.name.clone();
         let qmp_err = |source| VmError::Qmp {
@@ -394,8 +413,15 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(20));
         }
         let copied = std::fs::copy(&disk, dir.join("disk.qcow2"));
+        // The guest is stopped: once the reader has caught up with what QEMU wrote, the
+        // console holds the whole boot.
+        let console = settled_console_text(&self.console);
+        let console_file = dir.join(CONSOLE_FILE);
+        let written = std::fs::write(&console_file, console);
+        let qmp = self.qmp()?;
         qmp.cont().map_err(qmp_err)?;
         copied.map_err(io_err(format!("copying {}", disk.display())))?;
+        written.map_err(io_err(format!("writing {}", console_file.display())))?;
         Ok(())
     }
 
@@ -547,28 +573,69 @@ impl Vm {
         input: Option<&[u8]>,
         deadline: Option<Instant>,
     ) -> Result<CommandOutput, VmError> {
+        self.run_command(Run::Wait { input, limit: None }, command, deadline)
+            .map(|out| out.expect("a reply"))
+    }
+
+    /// Runs a command that the guest kills after `limit` (status 124, as NixOS's `timeout`);
+    /// `deadline` bounds the wait for its reply.
+    pub fn execute_limited(
+        &mut self,
+        command: &str,
+        limit: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> Result<CommandOutput, VmError> {
+        let how = Run::Wait { input: None, limit };
+        self.run_command(how, command, deadline)
+            .map(|out| out.expect("a reply"))
+    }
+
+    /// Sends a command and returns at once; its reply is read (and dropped) before the
+    /// next command's (NixOS's `execute(check_output=False)`).
+    pub fn execute_detached(
+        &mut self,
+        command: &str,
+        limit: Option<Duration>,
+        deadline: Instant,
+    ) -> Result<(), VmError> {
+        self.run_command(Run::Detached { limit }, command, Some(deadline))
+            .map(|_| ())
+    }
+
+    fn run_command(
+        &mut self,
+        how: Run,
+        command: &str,
+        deadline: Option<Instant>,
+    ) -> Result<Option<CommandOutput>, VmError> {
         let name = self.name.clone();
         let shell = self.shell.as_mut().ok_or(VmError::NotRunning {
             machine: name.clone(),
         })?;
+        let shell_err = |source| VmError::Shell {
+            machine: name.clone(),
+            source,
+        };
         if self.needs_banner {
             let deadline = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(600));
-            shell
-                .wait_for_banner(deadline)
-                .map_err(|source| VmError::Shell {
-                    machine: name.clone(),
-                    source,
-                })?;
+            shell.wait_for_banner(deadline).map_err(shell_err)?;
+            shell.release_terminal(deadline).map_err(shell_err)?;
             self.needs_banner = false;
         }
-        match input {
-            Some(input) => shell.run_with_input(command, input, deadline),
-            None => shell.run(command, deadline),
+        match how {
+            Run::Wait {
+                input: Some(input), ..
+            } => shell.run_with_input(command, input, deadline).map(Some),
+            Run::Wait { input: None, limit } => {
+                shell.run_limited(command, limit, deadline).map(Some)
+            }
+            Run::Detached { limit } => {
+                let deadline =
+                    deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(600));
+                shell.send_detached(command, limit, deadline).map(|()| None)
+            }
         }
-        .map_err(|source| VmError::Shell {
-            machine: name,
-            source,
-        })
+        .map_err(shell_err)
     }
 
     /// Sends a command without waiting for a reply (e.g. `poweroff`), dropping the shell.
@@ -664,6 +731,25 @@ impl Vm {
     }
 }
 
+/// The file of a saved state that holds the console's output up to the save.
+pub const CONSOLE_FILE: &str = "console.log";
+
+/// The console's text once its reader has caught up (no new line for 50 ms, at most 1 s):
+/// called while the guest is stopped.
+fn settled_console_text(console: &Console) -> String {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut seen = console.end();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = console.end();
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+    console.text()
+}
+
 /// The last console lines of `console`, indented, for error messages.
 pub fn console_tail(console: &Console) -> String {
     let lines = console.tail(ERROR_CONSOLE_LINES);
@@ -731,4 +817,15 @@ fn check_socket_path(path: &Path) -> Result<(), VmError> {
 fn listen(path: &PathBuf) -> Result<UnixListener, VmError> {
     let _ = std::fs::remove_file(path);
     UnixListener::bind(path).map_err(io_err(format!("listening on {}", path.display())))
+}
+
+/// How [`Vm::run_command`] runs a command.
+enum Run<'a> {
+    /// Waits for the reply; `input` is the command's stdin, `limit` its time limit.
+    Wait {
+        input: Option<&'a [u8]>,
+        limit: Option<Duration>,
+    },
+    /// Returns once the command is sent.
+    Detached { limit: Option<Duration> },
 }

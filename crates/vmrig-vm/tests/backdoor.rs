@@ -21,7 +21,8 @@ fn bash_guest() -> (Shell<UnixStream>, std::process::Child) {
 fn bash_guest_with(env: &[(&str, &str)]) -> (Shell<UnixStream>, std::process::Child) {
     let (host, guest) = UnixStream::pair().unwrap();
     let guest_out = guest.try_clone().unwrap();
-    let mut child = Command::new("bash")
+    let mut command = Command::new("bash");
+    command
         .args([
             "--norc",
             "-c",
@@ -30,9 +31,16 @@ fn bash_guest_with(env: &[(&str, &str)]) -> (Shell<UnixStream>, std::process::Ch
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(guest)))
         .stdout(Stdio::from(std::os::fd::OwnedFd::from(guest_out)))
         .stderr(Stdio::null())
-        .envs(env.iter().copied())
-        .spawn()
-        .unwrap();
+        .envs(env.iter().copied());
+    // Without the test runner's terminal, as the guest's shell after RELEASE_TERMINAL.
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
     let mut shell = Shell::new(host);
     if let Err(e) = shell.wait_for_banner(Instant::now() + Duration::from_secs(10)) {
         let _ = child.kill();
@@ -293,5 +301,108 @@ fn real_bash_commands_read_their_input_after_the_line() {
     // The shell goes on with the next command line.
     let out = shell.run("echo next", soon(10)).unwrap();
     assert_eq!(out.text(), "next\n");
+    let _ = child.kill();
+}
+
+/// A time limit is enforced in the guest: the command (and what it started) is killed,
+/// the reply has status 124 and the output written until then, and the shell is free at
+/// once, for a command that traps TERM too (KILL follows).
+#[test]
+fn real_bash_kills_a_command_at_its_time_limit_and_stays_usable() {
+    let (mut shell, mut child) = bash_guest();
+    let limit = Some(Duration::from_millis(500));
+    let started = Instant::now();
+    let out = shell
+        .run_limited("echo early; sleep 600 & sleep 600", limit, soon(10))
+        .unwrap();
+    assert_eq!((out.status, out.text()), (124, "early\n".into()));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let out = shell.run("echo next", soon(5)).unwrap();
+    assert_eq!((out.status, out.text()), (0, "next\n".into()));
+    // The background sleep of the killed command is gone too (once the signal is in).
+    let out = shell
+        .run(
+            "for i in $(seq 50); do pgrep -f '^sleep 600$' >/dev/null || { echo none; exit; }; sleep 0.1; done",
+            soon(10),
+        )
+        .unwrap();
+    assert_eq!(out.text(), "none\n");
+
+    let started = Instant::now();
+    let out = shell
+        .run_limited("trap '' TERM; while :; do :; done", limit, soon(10))
+        .unwrap();
+    assert_eq!(out.status, 124);
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Within the limit: status, output (trailing newlines too) and `exit` as without one.
+    let out = shell
+        .run_limited("printf 'a\\n\\n'; exit 3", limit, soon(10))
+        .unwrap();
+    assert_eq!((out.status, out.text()), (3, "a\n\n".into()));
+    let out = shell
+        .run_limited("true", Some(Duration::ZERO), soon(10))
+        .unwrap();
+    assert_eq!(out.status, 0, "a zero limit is no limit");
+    let _ = child.kill();
+}
+
+/// A detached command's reply is read (and dropped) before the next command's.
+#[test]
+fn real_bash_detached_command_does_not_desynchronise_the_replies() {
+    let (mut shell, mut child) = bash_guest();
+    shell
+        .send_detached(
+            "sleep 0.3; echo detached",
+            None,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+    let out = shell.run("echo mine", soon(10)).unwrap();
+    assert_eq!(out.text(), "mine\n");
+    let _ = child.kill();
+}
+
+/// Without a controlling terminal (as here) the release line changes nothing and the
+/// shell goes on answering.
+#[test]
+fn real_bash_release_terminal_without_a_terminal_keeps_the_shell() {
+    let (mut shell, mut child) = bash_guest();
+    shell
+        .release_terminal(Instant::now() + Duration::from_secs(10))
+        .unwrap();
+    let out = shell.run("echo $$ still", soon(10)).unwrap();
+    assert!(out.text().ends_with(" still\n"), "{}", out.text());
+    // The shell now has the sleep descriptor; watchdogs sleep on it, commands do not see it.
+    let out = shell
+        .run("test -e /dev/fd/7 && echo open", soon(10))
+        .unwrap();
+    assert_eq!(out.text(), "");
+    let started = Instant::now();
+    let out = shell
+        .run_limited("sleep 600", Some(Duration::from_millis(300)), soon(10))
+        .unwrap();
+    assert_eq!(out.status, 124);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let out = shell
+        .run_limited(
+            "sleep 0.2; echo in time",
+            Some(Duration::from_secs(5)),
+            soon(10),
+        )
+        .unwrap();
+    assert_eq!((out.status, out.text()), (0, "in time\n".into()));
     let _ = child.kill();
 }

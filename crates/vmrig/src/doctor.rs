@@ -22,6 +22,8 @@ pub struct Host {
     pub store_dir: Option<PathBuf>,
     pub firmware: Option<PathBuf>,
     pub root: bool,
+    /// What image builds as a normal user need (`None` as root: root mode needs none).
+    pub userns: Option<vmrig_image::tools::UsernsHost>,
 }
 
 impl Host {
@@ -29,14 +31,21 @@ impl Host {
         let path = std::env::var_os("PATH").unwrap_or_default();
         let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
         dirs.extend(["/usr/sbin", "/sbin"].map(PathBuf::from)); // as the image builders do
+                                                                // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let userns = (!root).then(|| {
+            let mut h = vmrig_image::tools::UsernsHost::current();
+            h.path = Some(dirs.clone());
+            h
+        });
         Host {
             path: dirs,
             qemu,
             python,
             store_dir: vmrig_store::default_store_dir().ok(),
             firmware: vmrig_driver::run::firmware(),
-            // SAFETY: geteuid has no preconditions.
-            root: unsafe { libc::geteuid() } == 0,
+            root,
+            userns,
         }
     }
 
@@ -77,6 +86,8 @@ pub struct Check {
     pub text: String,
     /// Packages that fix it.
     pub fix: Vec<&'static str>,
+    /// A command that fixes it, when that is not a package.
+    pub fix_command: Option<String>,
 }
 
 fn check(level: Level, text: impl Into<String>, fix: &[&'static str]) -> Check {
@@ -84,6 +95,7 @@ fn check(level: Level, text: impl Into<String>, fix: &[&'static str]) -> Check {
         level,
         text: text.into(),
         fix: fix.to_vec(),
+        fix_command: None,
     }
 }
 
@@ -125,6 +137,7 @@ pub fn checks(host: &Host) -> Vec<Check> {
             "image builds without root",
         ));
     }
+    out.extend(userns(host));
     out.push(python(host));
     out.push(program(
         host,
@@ -135,6 +148,43 @@ pub fn checks(host: &Host) -> Vec<Check> {
     ));
     out.push(disk(host));
     out
+}
+
+/// As a normal user: newuidmap/newgidmap, subordinate ids, user namespaces allowed.
+fn userns(host: &Host) -> Vec<Check> {
+    let Some(u) = &host.userns else {
+        return vec![check(
+            Level::Info,
+            "image builds run as root (mmdebstrap's root mode): no user namespaces needed",
+            &[],
+        )];
+    };
+    let problems = vmrig_image::tools::userns_problems_on(u);
+    if problems.is_empty() {
+        return vec![check(
+            Level::Ok,
+            format!(
+                "user namespaces for image builds as {} (newuidmap, newgidmap, subordinate ids)",
+                u.user
+            ),
+            &[],
+        )];
+    }
+    problems
+        .into_iter()
+        .map(|p| {
+            if p.fix == "sudo apt-get install uidmap" {
+                check(Level::Missing, p.what, &["uidmap"])
+            } else {
+                Check {
+                    level: Level::Missing,
+                    text: p.what,
+                    fix: vec![],
+                    fix_command: Some(p.fix),
+                }
+            }
+        })
+        .collect()
 }
 
 fn program(host: &Host, name: &str, fix: &[&'static str], required: bool, what: &str) -> Check {
@@ -270,6 +320,7 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 pub fn report(host: &Host, checks: &[Check]) -> (String, i32) {
     let mut out = String::new();
     let mut packages: Vec<&str> = Vec::new();
+    let mut other_fixes = false;
     for c in checks {
         let mark = match c.level {
             Level::Ok => "ok  ",
@@ -278,6 +329,12 @@ pub fn report(host: &Host, checks: &[Check]) -> (String, i32) {
             Level::Info => "info",
         };
         out.push_str(&format!("{mark} {}\n", c.text));
+        if let Some(command) = &c.fix_command {
+            out.push_str(&format!("     fix: {command}\n"));
+            if c.level == Level::Missing {
+                other_fixes = true;
+            }
+        }
         if !c.fix.is_empty() {
             out.push_str(&format!("     fix: {}\n", host.install(&c.fix)));
             if c.level == Level::Missing {
@@ -289,10 +346,16 @@ pub fn report(host: &Host, checks: &[Check]) -> (String, i32) {
             }
         }
     }
-    if packages.is_empty() {
+    if packages.is_empty() && !other_fixes {
         out.push_str("everything vmrig needs is here\n");
         (out, exit::OK)
+    } else if packages.is_empty() {
+        out.push_str("not ready: run the fixes above\n");
+        (out, exit::INFRA)
     } else {
+        if other_fixes {
+            out.push_str("not ready: run the fixes above; ");
+        }
         out.push_str(&format!(
             "missing required tools; install them all with: {}\n",
             host.install(&packages)
@@ -327,6 +390,17 @@ mod tests {
             store_dir: Some(dir.join("store")),
             firmware: None,
             root,
+            userns: (!root).then(|| {
+                std::fs::create_dir_all(dir.join("etc")).unwrap();
+                vmrig_image::tools::UsernsHost {
+                    user: "alice".into(),
+                    uid: 1000,
+                    etc: dir.join("etc"),
+                    proc_sys: dir.join("sys"),
+                    path: Some(vec![dir.to_owned()]),
+                    probe: false,
+                }
+            }),
         }
     }
 
@@ -354,7 +428,7 @@ mod tests {
         assert!(text.contains("warn tesseract not found (optional: OCR of screenshots)\n     fix: sudo apt-get install tesseract-ocr\n"), "{text}");
         assert!(text.contains("MISS python3 not found"), "{text}");
         assert!(text.ends_with(
-            "install them all with: sudo apt-get install qemu-system-x86 qemu-utils mmdebstrap e2fsprogs kmod util-linux python3\n"
+            "install them all with: sudo apt-get install qemu-system-x86 qemu-utils mmdebstrap e2fsprogs kmod util-linux uidmap python3\n"
         ), "{text}");
     }
 
@@ -376,6 +450,28 @@ mod tests {
     }
 
     #[test]
+    fn a_user_without_namespaces_gets_each_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = host(dir.path(), false);
+        std::fs::create_dir_all(dir.path().join("sys/user")).unwrap();
+        std::fs::write(dir.path().join("sys/user/max_user_namespaces"), "0\n").unwrap();
+        let (text, code) = report(&h, &checks(&h));
+        assert_eq!(code, exit::INFRA);
+        assert!(
+            text.contains(
+                "MISS `newuidmap` is not installed\n     fix: sudo apt-get install uidmap\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("MISS /etc/subuid and /etc/subgid have no range of 65536 subordinate ids for alice\n     fix: sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 alice\n"), "{text}");
+        assert!(text.contains("MISS user namespaces are turned off (user.max_user_namespaces = 0)\n     fix: sudo sysctl -w user.max_user_namespaces=65536"), "{text}");
+        assert!(
+            text.contains("not ready: run the fixes above; missing required tools"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn a_complete_host_passes_with_optional_warnings() {
         let dir = tempfile::tempdir().unwrap();
         fake(
@@ -384,12 +480,38 @@ mod tests {
             "echo 'QEMU emulator version 8.2.2'",
         );
         fake(dir.path(), "python3", "echo 3.11");
-        for p in ["qemu-img", "mmdebstrap", "mke2fs", "depmod", "unshare"] {
+        for p in [
+            "qemu-img",
+            "mmdebstrap",
+            "mke2fs",
+            "depmod",
+            "unshare",
+            "newuidmap",
+            "newgidmap",
+        ] {
             fake(dir.path(), p, "true");
         }
-        let h = host(dir.path(), false);
+        let mut h = host(dir.path(), false);
+        std::fs::write(dir.path().join("etc/subuid"), "alice:100000:65536\n").unwrap();
+        std::fs::write(dir.path().join("etc/subgid"), "alice:100000:65536\n").unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            // Root owns the fakes: setuid root, as the real ones.
+            for p in ["newuidmap", "newgidmap"] {
+                let p = dir.path().join(p);
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o4755)).unwrap();
+            }
+        } else {
+            h.userns = None; // a user cannot make setuid-root fakes
+        }
         let (text, code) = report(&h, &checks(&h));
         assert_eq!(code, exit::OK, "{text}");
+        if h.userns.is_some() {
+            assert!(
+                text.contains("ok   user namespaces for image builds as alice"),
+                "{text}"
+            );
+        }
         assert!(text.contains("ok   qemu-system-x86_64 8.2 ("), "{text}");
         assert!(text.contains("ok   python 3.11"), "{text}");
         assert!(text.contains("info accelerator: "), "{text}");

@@ -85,6 +85,10 @@ pub struct NixosArgs {
     /// Accepted for compatibility; vmrig has no SSH backdoor.
     #[arg(long, hide = true)]
     pub dump_vsocks: Option<u32>,
+    /// Boot every machine cold: no boot snapshots for start scripts written by
+    /// `vmrig build --start-scripts` (other start scripts always boot cold).
+    #[arg(long)]
+    pub no_snapshots: bool,
     /// The Python interpreter for the test script.
     #[arg(long, default_value = "python3", env = "VMRIG_PYTHON")]
     pub python: PathBuf,
@@ -216,6 +220,7 @@ pub fn resolve(args: &NixosArgs, env: &dyn Fn(&str) -> Option<String>) -> anyhow
         interactive: args.interactive && !args.no_interactive,
         python: args.python.clone(),
         reporters: Vec::new(),
+        snapshots: !args.no_snapshots,
     })
 }
 

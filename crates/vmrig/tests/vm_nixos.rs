@@ -1,8 +1,9 @@
 //! The NixOS-compatible driver with real VMs: start scripts made by
 //! `vmrig build --start-scripts`, run by `vmrig nixos-driver` in the upstream driver's three
 //! command-line forms (old flags, environment variables, `--config`), a VLAN between the
-//! machines through the switch's VDE side, the global timeout's exit status 143, and
-//! `create_machine` in a vmrig run. In the nextest `vm` group.
+//! machines through the switch's VDE side, the global timeout's exit status 143 (also
+//! inside `wait_for_unit`), boot snapshots of vmrig's start scripts, and `create_machine`
+//! in a vmrig run. In the nextest `vm` group.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -178,6 +179,106 @@ fn nixos_driver_global_timeout_exits_143() {
         "took {:?}",
         started.elapsed()
     );
+    common::assert_no_leftovers(tmp.path());
+}
+
+/// The global timeout striking inside `wait_for_unit` (a unit that stays activating) ends
+/// the run with 143 too, as upstream: the call's own timeout error comes a moment before
+/// the watchdog, and must not turn the exit status into 1.
+#[test]
+fn nixos_driver_global_timeout_inside_wait_for_unit_exits_143() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (scripts, _) = setup(tmp.path());
+    let script = tmp.path().join("hang.py");
+    std::fs::write(
+        &script,
+        "alpha.succeed('systemd-run --unit=stuck --no-block -p Type=oneshot sleep 600')\n\
+         alpha.wait_for_unit('stuck.service')\n",
+    )
+    .unwrap();
+    // Warm the pair's snapshots so that the 5 s below are spent inside wait_for_unit, not
+    // booting (a cold boot takes longer than that; it would strike there, also inside).
+    let warm = tmp.path().join("warm.py");
+    std::fs::write(&warm, "alpha.succeed('true')\n").unwrap();
+    let alpha = script_path(&scripts, "alpha");
+    let out = driver(
+        tmp.path(),
+        &[
+            "--start-scripts",
+            &alpha,
+            "--vlans",
+            "1",
+            warm.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let started = std::time::Instant::now();
+    let out = driver(
+        tmp.path(),
+        &[
+            "--start-scripts",
+            &alpha,
+            "--vlans",
+            "1",
+            "--global-timeout",
+            "5",
+            script.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(143), "{log}");
+    assert!(log.contains("waiting for unit stuck.service"), "{log}");
+    assert!(log.contains("global timeout of 5 s"), "{log}");
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "took {:?}",
+        started.elapsed()
+    );
+    common::assert_no_leftovers(tmp.path());
+}
+
+/// Start scripts vmrig wrote boot from boot snapshots under `nixos-driver` (the first run
+/// saves them unless an identical machine did already; scripts written into another
+/// directory share them), and `--no-snapshots` boots them cold.
+#[test]
+fn nixos_driver_restores_vmrigs_start_scripts_from_snapshots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (scripts, script) = setup(tmp.path());
+    let args = |extra: &[&str]| {
+        let mut args = vec![
+            "--start-scripts".to_owned(),
+            script_path(&scripts, "alpha"),
+            script_path(&scripts, "beta"),
+            "--vlans".to_owned(),
+            "1".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(script.to_string_lossy().into_owned());
+        args
+    };
+    let run = |extra: &[&str]| {
+        let args = args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        driver(tmp.path(), &args, &[])
+    };
+    let first = run(&[]);
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    let second = run(&[]);
+    let log = text(&second);
+    assert_eq!(second.status.code(), Some(0), "{log}");
+    for node in ["alpha", "beta"] {
+        assert!(
+            log.contains(&format!("{node}: restored from the boot snapshot")),
+            "{log}"
+        );
+    }
+    let cold = run(&["--no-snapshots"]);
+    let log = text(&cold);
+    assert_eq!(cold.status.code(), Some(0), "{log}");
+    assert!(!log.contains("restored from the boot snapshot"), "{log}");
+    assert!(!log.contains("saving a boot snapshot"), "{log}");
     common::assert_no_leftovers(tmp.path());
 }
 
