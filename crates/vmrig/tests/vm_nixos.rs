@@ -22,10 +22,13 @@ packages = ["less"]
 packages = ["less"]
 "#;
 
-/// The script every form runs: the VLAN works, block() cuts it, unblock() heals it.
+/// The script every form runs: the VLAN works, block() cuts it, unblock() heals it. Beta is
+/// used first (so that it is up, and saves its boot snapshot): with snapshots alpha may be
+/// up long before beta boots.
 const SCRIPT: &str = r#"
 start_all()
-alpha.succeed("ping -c1 -W10 beta")
+beta.succeed("true")
+alpha.wait_until_succeeds("ping -c1 -W2 beta", timeout=60)
 beta.block()
 alpha.fail("ping -c1 -W2 beta")
 beta.unblock()
