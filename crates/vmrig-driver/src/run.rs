@@ -448,17 +448,23 @@ fn global_timeout_watchdog(
     (tx, handle)
 }
 
+/// How long before the global deadline a call's own wait may give up: a polling wait
+/// (`wait_for_unit`, `wait_until_succeeds`) does not start a pause of up to a second that
+/// would end past its deadline.
+const DEADLINE_SLACK: Duration = Duration::from_millis(1500);
+
 /// Whether the global timeout ended the script: the watchdog fired, or the script failed
-/// once the deadline had passed. Every wait of a call is bounded by the same deadline, so
-/// a call in progress (`wait_for_unit`, a command) usually returns its own timeout error a
-/// moment before the watchdog wakes: the script then fails of the global timeout too.
+/// when the deadline had passed or was at most [`DEADLINE_SLACK`] away. Every wait of a
+/// call is bounded by the same deadline, so a call in progress (`wait_for_unit`, a
+/// command) returns its own timeout error before the watchdog wakes, and the script fails
+/// of the global timeout all the same (upstream exits 143 there too).
 fn global_timeout_ended(
     fired: bool,
     outcome: &ScriptOutcome,
     deadline: Instant,
     now: Instant,
 ) -> bool {
-    fired || (!matches!(outcome, ScriptOutcome::Passed) && now >= deadline)
+    fired || (!matches!(outcome, ScriptOutcome::Passed) && now + DEADLINE_SLACK >= deadline)
 }
 
 /// A reporter shared with the caller (who reads what it collected after the run).
@@ -497,9 +503,12 @@ mod tests {
             line: Some(3),
             traceback: String::new(),
         };
-        let before = deadline - Duration::from_millis(1);
         let after = deadline + Duration::from_millis(1);
         assert!(global_timeout_ended(false, &failed, deadline, after));
+        // A poll that gave up a second early (its next pause would end past the deadline).
+        let poll_gave_up = deadline - Duration::from_millis(900);
+        assert!(global_timeout_ended(false, &failed, deadline, poll_gave_up));
+        let before = deadline - Duration::from_secs(3);
         assert!(!global_timeout_ended(false, &failed, deadline, before));
         assert!(!global_timeout_ended(
             false,

@@ -22,13 +22,15 @@ packages = ["less"]
 packages = ["less"]
 "#;
 
-/// The script every form runs: the VLAN works, block() cuts it, unblock() heals it.
+/// The script every form runs: the VLAN works, block() cuts it, unblock() heals it. Beta is
+/// used first (so that it is up, and saves its boot snapshot): with snapshots alpha may be
+/// up long before beta boots.
 const SCRIPT: &str = r#"
 start_all()
 # The cards get their addresses after udev, before network-online.target (as on NixOS).
-alpha.wait_for_unit("network-online.target")
 beta.wait_for_unit("network-online.target")
-alpha.succeed("ping -c1 -W10 beta")
+alpha.wait_for_unit("network-online.target")
+alpha.wait_until_succeeds("ping -c1 -W2 beta", timeout=60)
 beta.block()
 alpha.fail("ping -c1 -W2 beta")
 beta.unblock()
