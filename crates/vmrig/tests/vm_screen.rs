@@ -36,7 +36,10 @@ fn console_example_reads_the_login_prompt() {
     assert!(log.contains("test console passed"), "{log}");
     assert!(log.contains("found \"login:\" on the screen"), "{log}");
     assert!(log.contains("sending keys \"root\\n\""), "{log}");
-    assert!(log.contains("found \"root@machine\" on the screen"), "{log}");
+    assert!(
+        log.contains("found \"root@machine\" on the screen"),
+        "{log}"
+    );
     let shot = out_dir.join("console.png");
     assert!(is_png(&shot), "{}", shot.display());
     assert!(
