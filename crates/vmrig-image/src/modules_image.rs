@@ -32,7 +32,13 @@ pub fn write(
     let src = kernel.join("lib/modules").join(version);
     let size_mib = size_mib(dir_size(&src));
     let mke2fs = tools::find_program("mke2fs").unwrap_or_else(|| "mke2fs".into());
-    let mut cmd = Command::new(mke2fs);
+    // As a normal user the modules are the caller's: seen as root's (uid 0 in the image)
+    // from a user namespace where the caller is root.
+    let mut cmd = if crate::run::is_root() {
+        Command::new(mke2fs)
+    } else {
+        crate::run::as_owner(&mke2fs)
+    };
     cmd.args(["-q", "-F", "-t", "ext4", "-L", MODULES_LABEL, "-m", "0"])
         .args(["-O", "^has_journal"])
         .args(["-E", "root_owner=0:0,lazy_itable_init=0"])

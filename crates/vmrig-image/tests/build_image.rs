@@ -53,6 +53,26 @@ fn builds_a_bootable_image_and_reuses_it() {
     assert_eq!(cat("/etc/vmrig-setup-marker"), "built-by-setup\n");
     assert!(cat("/usr/local/lib/vmrig/backdoor").contains("Spawning backdoor root shell"));
     assert!(!cat("/usr/bin/less").is_empty());
+    // The guest bits of a NixOS test guest: no name servers, no getty on the serial line.
+    assert!(!cat("/etc/resolv.conf").contains("nameserver"));
+    assert!(cat("/etc/systemd/journald.conf.d/vmrig.conf").contains("ForwardToConsole=yes"));
+    // The kernel's modules are one image beside the kernel, not in the root image.
+    assert!(
+        kernel
+            .path()
+            .join(vmrig_image::modules_image::MODULES_IMAGE)
+            .metadata()
+            .unwrap()
+            .len()
+            > 100_000_000
+    );
+    let ls = std::process::Command::new("debugfs")
+        .args(["-R", "ls -p /usr/lib/modules"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&ls.stdout);
+    assert!(!listing.contains("-amd64"), "{listing}");
 
     // A second build of the same inputs is a store hit.
     let again = vmrig_image::rootfs::build(&builder, &inputs, &kernel, &["test".into()]).unwrap();

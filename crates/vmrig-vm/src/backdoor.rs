@@ -181,6 +181,9 @@ pub fn frame_with_input(command: &str, len: usize) -> Result<String, ShellError>
 }
 
 /// The command (already quoted) as a job with a watchdog job that kills it after `limit`.
+/// The substitution drops its EXIT trap and writes the marker itself at its end: an async
+/// child may run an inherited EXIT trap (bash does for some ways of ending), and the marker
+/// would come twice.
 /// The substitution's stderr goes to `/dev/null` (bash's job messages), the command's to
 /// the shell's stderr (kept in fd 8, closed for the command and the watchdog). A watchdog
 /// stopped while it is killing (a TERM trapped after its sleep) exits 124: the limit struck.
@@ -193,13 +196,14 @@ fn limited(quoted: &str, limit: Duration) -> String {
         format!("{{ read -t {secs} -u {SLEEP_FD} || (( $? > 128 )) || read -t {secs} <> <(:); }}")
     };
     format!(
-        "exec 8>&2 2>/dev/null; set -m; \
+        "trap - EXIT; exec 8>&2 2>/dev/null; set -m; \
          eval {quoted} </dev/null 2>&8 8>&- {SLEEP_FD}<&- & __c=$!; \
          {{ {}; trap 'exit {TIMED_OUT_STATUS}' TERM; kill -TERM -- -$__c; \
          {}; kill -KILL -- -$__c; exit {TIMED_OUT_STATUS}; }} \
          >/dev/null 8>&- & __w=$!; \
          wait $__c; __r=$?; kill -- -$__w; wait $__w; \
-         if [[ $? == {TIMED_OUT_STATUS} ]]; then __r={TIMED_OUT_STATUS}; fi; exit $__r",
+         if [[ $? == {TIMED_OUT_STATUS} ]]; then __r={TIMED_OUT_STATUS}; fi; \
+         printf '\\37'; exit $__r",
         sleep(&secs),
         sleep(&KILL_AFTER_SECS.to_string()),
     )
@@ -608,6 +612,21 @@ mod tests {
             frame("a\0b", Framing::Text),
             Err(ShellError::NulInCommand)
         ));
+    }
+
+    #[test]
+    fn limited_frame_is_one_line_with_the_watchdog() {
+        let line =
+            frame_limited("sleep 9", Framing::Text, Some(Duration::from_millis(1500))).unwrap();
+        assert_eq!(line.matches('\n').count(), 1, "one line per command");
+        assert!(line.contains("read -t 1.500 -u 7"), "{line}");
+        assert!(line.contains("kill -TERM -- -$__c"), "{line}");
+        // No limit, or a zero one: the plain frame.
+        assert_eq!(
+            frame_limited("x", Framing::Text, Some(Duration::ZERO)).unwrap(),
+            frame("x", Framing::Text).unwrap()
+        );
+        assert!(!frame("x", Framing::Text).unwrap().contains("set -m"));
     }
 
     #[test]

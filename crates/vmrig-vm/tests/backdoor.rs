@@ -348,6 +348,15 @@ fn real_bash_kills_a_command_at_its_time_limit_and_stays_usable() {
         .run_limited("printf 'a\\n\\n'; exit 3", limit, soon(10))
         .unwrap();
     assert_eq!((out.status, out.text()), (3, "a\n\n".into()));
+    // A command that fails under `set -e` ends the job with the marker written once.
+    let out = shell
+        .run_limited("set -euo pipefail; echo -n hi; false", limit, soon(10))
+        .unwrap();
+    assert_eq!((out.status, out.text()), (1, "hi".into()));
+    let out = shell
+        .run_limited("set -euo pipefail; echo -n hi; exit 3", limit, soon(10))
+        .unwrap();
+    assert_eq!((out.status, out.text()), (3, "hi".into()));
     let out = shell
         .run_limited("true", Some(Duration::ZERO), soon(10))
         .unwrap();
@@ -404,5 +413,13 @@ fn real_bash_release_terminal_without_a_terminal_keeps_the_shell() {
         )
         .unwrap();
     assert_eq!((out.status, out.text()), (0, "in time\n".into()));
+    // `exit` and `set -e` end the command's job with one marker (it drops the EXIT trap).
+    for (command, status) in [("exit 3", 3), ("false", 1)] {
+        let command = format!("set -euo pipefail; echo -n hi; {command}");
+        let out = shell
+            .run_limited(&command, Some(Duration::from_secs(5)), soon(10))
+            .unwrap();
+        assert_eq!((out.status, out.text()), (status, "hi".into()), "{command}");
+    }
     let _ = child.kill();
 }

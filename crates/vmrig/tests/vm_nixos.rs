@@ -25,6 +25,9 @@ packages = ["less"]
 /// The script every form runs: the VLAN works, block() cuts it, unblock() heals it.
 const SCRIPT: &str = r#"
 start_all()
+# The cards get their addresses after udev, before network-online.target (as on NixOS).
+alpha.wait_for_unit("network-online.target")
+beta.wait_for_unit("network-online.target")
 alpha.succeed("ping -c1 -W10 beta")
 beta.block()
 alpha.fail("ping -c1 -W2 beta")
@@ -168,6 +171,7 @@ fn nixos_driver_global_timeout_exits_143() {
             &script_path(&scripts, "alpha"),
             "--global-timeout",
             "5",
+            "--",
             script.to_str().unwrap(),
         ],
         &[],
@@ -208,6 +212,7 @@ fn nixos_driver_global_timeout_inside_wait_for_unit_exits_143() {
             &alpha,
             "--vlans",
             "1",
+            "--",
             warm.to_str().unwrap(),
         ],
         &[],
@@ -223,6 +228,7 @@ fn nixos_driver_global_timeout_inside_wait_for_unit_exits_143() {
             "1",
             "--global-timeout",
             "5",
+            "--",
             script.to_str().unwrap(),
         ],
         &[],
@@ -255,6 +261,7 @@ fn nixos_driver_restores_vmrigs_start_scripts_from_snapshots() {
             "1".to_owned(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        args.push("--".to_owned());
         args.push(script.to_string_lossy().into_owned());
         args
     };
@@ -300,6 +307,8 @@ assert extra.name == "beta", extra.name
 assert extra in machines
 extra.start()
 assert extra.succeed("hostname").strip() == "beta"
+machine.wait_for_unit("network-online.target")
+extra.wait_for_unit("network-online.target")
 machine.succeed("ping -c1 -W10 192.168.1.2")
 extra.succeed("ping -c1 -W10 192.168.1.1")
 named = create_machine("{alpha}", name="other")

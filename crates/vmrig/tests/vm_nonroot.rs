@@ -20,6 +20,9 @@ alpha.succeed("ping -c1 -W10 beta")
 owners = alpha.succeed("stat -c %u:%g /etc/passwd /usr/bin/ls /root")
 assert owners == "0:0\n0:0\n0:0\n", owners
 assert beta.succeed("stat -c %U /var/cache/apt/archives/partial").strip() == "_apt"
+# The kernel's modules image too (made from the user's copy of the modules).
+mods = alpha.succeed("stat -c %u:%g /lib/modules/$(uname -r)/modules.dep /lib/modules/$(uname -r)/kernel")
+assert mods == "0:0\n0:0\n", mods
 '''
 
 [nodes.alpha]
@@ -56,8 +59,16 @@ impl TestUser {
              with runuser; run it as root (as CI does)"
         );
         let name = format!("vmrig{tag}{}", std::process::id());
+        // A home closed to others, as on current Ubuntu (0750) and Fedora (0700): the
+        // subordinate ids that mmdebstrap runs as cannot reach the store in it.
         run(Command::new("useradd")
-            .args(["--create-home", "--shell", "/bin/bash"])
+            .args([
+                "--create-home",
+                "--shell",
+                "/bin/bash",
+                "-K",
+                "HOME_MODE=0700",
+            ])
             .arg(&name));
         let mut user = TestUser {
             uid: 0,
@@ -194,8 +205,8 @@ fn assert_store_is_the_users(user: &TestUser) {
     assert!(tmp.is_empty(), "build leftovers in .tmp: {tmp:?}");
 }
 
-/// From an empty store as a normal user: build and run a two-node test, then run it again
-/// from its boot snapshots.
+/// From an empty store as a normal user: build and run a two-node test, run it again from
+/// its boot snapshots, then as NixOS start scripts under `nixos-driver`.
 #[test]
 fn a_normal_user_builds_runs_and_restores_snapshots() {
     let user = TestUser::create("nr");
@@ -221,9 +232,44 @@ fn a_normal_user_builds_runs_and_restores_snapshots() {
         "{log}"
     );
     assert!(!log.contains("building "), "nothing is built again: {log}");
+
+    // The NixOS interface as the user: start scripts, run by nixos-driver.
+    let scripts = user.work.path().join("scripts");
+    let out = user.vmrig(
+        &["build", "--start-scripts", scripts.to_str().unwrap(), spec],
+        USER_PATH,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let script = user.file(
+        "test.py",
+        "start_all()\nalpha.succeed('ping -c1 -W10 beta')\nassert alpha.succeed('id -u').strip() == '0'\n",
+    );
+    // The upstream driver wants its output directory to exist.
+    let out3 = user.work.path().join("out3");
+    std::fs::create_dir(&out3).unwrap();
+    std::os::unix::fs::chown(&out3, Some(user.uid), None).unwrap();
+    let run_vm = |node: &str| scripts.join(format!("run-{node}-vm")).display().to_string();
+    let out = user.vmrig(
+        &[
+            "nixos-driver",
+            "-o",
+            "out3",
+            "--start-scripts",
+            &run_vm("alpha"),
+            &run_vm("beta"),
+            "--vlans",
+            "1",
+            "--",
+            script.to_str().unwrap(),
+        ],
+        USER_PATH,
+    );
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("test script finished in"), "{log}");
     assert_store_is_the_users(&user);
     common::assert_no_leftovers(&user.tmp());
-    let scratch: Vec<_> = ["/var/tmp", "/tmp"]
+    let scratch: Vec<_> = [Path::new("/var/tmp"), Path::new("/tmp"), &user.tmp()]
         .iter()
         .flat_map(|d| std::fs::read_dir(d).unwrap())
         .filter_map(|e| {
@@ -331,5 +377,4 @@ fn doctor_and_a_build_name_a_missing_newuidmap_and_stores_never_mix() {
         "{log}"
     );
     common::assert_no_leftovers(&user.tmp());
-    let _: &Path = user.work.path();
 }
