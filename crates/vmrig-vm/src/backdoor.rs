@@ -183,7 +183,8 @@ pub fn frame_with_input(command: &str, len: usize) -> Result<String, ShellError>
 /// The command (already quoted) as a job with a watchdog job that kills it after `limit`.
 /// The substitution drops its EXIT trap and writes the marker itself at its end: an async
 /// child may run an inherited EXIT trap (bash does for some ways of ending), and the marker
-/// would come twice.
+/// would come twice. The command is a group (`{ eval ...; }`): a bare async `eval` that
+/// `set -e` ends reports status 1 instead of the failed command's.
 /// The substitution's stderr goes to `/dev/null` (bash's job messages), the command's to
 /// the shell's stderr (kept in fd 8, closed for the command and the watchdog). A watchdog
 /// stopped while it is killing (a TERM trapped after its sleep) exits 124: the limit struck.
@@ -197,7 +198,7 @@ fn limited(quoted: &str, limit: Duration) -> String {
     };
     format!(
         "trap - EXIT; exec 8>&2 2>/dev/null; set -m; \
-         eval {quoted} </dev/null 2>&8 8>&- {SLEEP_FD}<&- & __c=$!; \
+         {{ eval {quoted}; }} </dev/null 2>&8 8>&- {SLEEP_FD}<&- & __c=$!; \
          {{ {}; trap 'exit {TIMED_OUT_STATUS}' TERM; kill -TERM -- -$__c; \
          {}; kill -KILL -- -$__c; exit {TIMED_OUT_STATUS}; }} \
          >/dev/null 8>&- & __w=$!; \

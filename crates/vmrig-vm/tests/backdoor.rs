@@ -414,7 +414,7 @@ fn real_bash_release_terminal_without_a_terminal_keeps_the_shell() {
         .unwrap();
     assert_eq!((out.status, out.text()), (0, "in time\n".into()));
     // `exit` and `set -e` end the command's job with one marker (it drops the EXIT trap).
-    for (command, status) in [("exit 3", 3), ("false", 1)] {
+    for (command, status) in [("exit 3", 3), ("false", 1), ("(exit 5)", 5)] {
         let command = format!("set -euo pipefail; echo -n hi; {command}");
         let out = shell
             .run_limited(&command, Some(Duration::from_secs(5)), soon(10))
