@@ -122,11 +122,16 @@ pub enum Framing {
 /// Sent once to a new shell, before its first command: if the shell has a controlling
 /// terminal (the console it reads), it replaces itself by a shell reading the same console
 /// in a new session without one (see the module documentation). A shell that has none
-/// already, or a guest without `setsid`, keeps its shell. The second line, run by the shell
-/// that stays, opens [`SLEEP_FD`]. The lines have no reply.
+/// already, or a guest without `setsid`, keeps its shell. util-linux's `setsid` is taken by
+/// its path first: a test that puts busybox's applets first on `PATH` (upstream's busybox
+/// test does) would otherwise get busybox's, which has no `-w`, and lose the shell. The
+/// second line, run by the shell that stays, opens [`SLEEP_FD`]. The lines have no reply.
 pub const RELEASE_TERMINAL: &str =
-    "if { : </dev/tty; } 2>/dev/null && command -v setsid >/dev/null; \
-     then exec setsid -w \"$BASH\" --norc /dev/hvc0; fi\n\
+    "__ss=; for __p in /usr/bin/setsid /bin/setsid /run/current-system/sw/bin/setsid; \
+     do if [[ -x $__p ]]; then __ss=$__p; break; fi; done; \
+     if [[ -z $__ss ]] && command -v setsid >/dev/null; then __ss=setsid; fi; \
+     if [[ -n $__ss ]] && { : </dev/tty; } 2>/dev/null; \
+     then exec \"$__ss\" -w \"$BASH\" --norc /dev/hvc0; fi; unset __ss __p\n\
      exec 7<> <(:)\n";
 
 /// A descriptor of the guest's shell that nothing is ever written to (both ends of a pipe):
@@ -222,7 +227,8 @@ fn quote_command(command: &str) -> Result<String, ShellError> {
 fn text_frame(inner: &str) -> String {
     format!(
         "__o=$( trap 'printf \"\\37\"' EXIT; {inner} ); __s=$?; \
-             __o=${{__o%$'\\37'}}; __l=${{LC_ALL-$'\\37'}}; LC_ALL=C; \
+             case $__o in *$'\\37') __o=${{__o%$'\\37'}};; \
+             *$'\\37'*) __o=${{__o%$'\\37'*}}${{__o##*$'\\37'}};; esac; __l=${{LC_ALL-$'\\37'}}; LC_ALL=C; \
              printf 'T %d %d\\n%s\\n' $__s ${{#__o}} \"$__o\"; \
              if [[ $__l == $'\\37' ]]; then unset LC_ALL; else LC_ALL=$__l; fi; \
              unset __o __s __l\n"

@@ -423,3 +423,30 @@ fn real_bash_release_terminal_without_a_terminal_keeps_the_shell() {
     }
     let _ = child.kill();
 }
+
+/// A background job that keeps stdout open (upstream's succeed-stdout-warning test): the
+/// reply waits for it and carries what it wrote after the command ended, without the
+/// framing's marker in the middle.
+#[test]
+fn real_bash_output_written_after_the_command_ended_has_no_marker() {
+    let (mut shell, mut child) = bash_guest();
+    let plain = shell
+        .run("(echo ONE; sleep 1; echo TWO) &", soon(10))
+        .unwrap();
+    let limited = shell
+        .run_limited(
+            "(echo ONE; sleep 1; echo TWO) &",
+            Some(Duration::from_secs(30)),
+            soon(10),
+        )
+        .unwrap();
+    for out in [plain, limited] {
+        assert_eq!(out.status, 0);
+        assert!(!out.stdout.contains(&0x1f), "{:?}", out.text());
+        // Trailing newlines written after the command ended are lost (documented).
+        assert_eq!(out.text().trim_end(), "ONE\nTWO", "{:?}", out.text());
+    }
+    let out = shell.run("echo next", soon(5)).unwrap();
+    assert_eq!(out.text(), "next\n");
+    let _ = child.kill();
+}
