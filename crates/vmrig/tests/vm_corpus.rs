@@ -1,7 +1,7 @@
 //! The upstream corpus: real tests from nixpkgs' `nixos/tests`, ported to vmrig test files
 //! with their scripts kept as they are (tests/nixpkgs/, table in docs/corpus.md), run under
-//! TCG. Every test of tests/nixpkgs/ must pass; the two of tests/nixpkgs/expect-fail/ are
-//! tests that upstream expects to fail, and must fail for the reason upstream's does.
+//! TCG. Every test of tests/nixpkgs/ must pass; the one of tests/nixpkgs/expect-fail/ is
+//! a test that upstream expects to fail, and must fail for the reason upstream's does.
 
 mod common;
 
@@ -66,22 +66,5 @@ fn corpus_timeout_fails_on_the_global_timeout() {
     );
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("global timeout of 5 s reached"), "{log}");
-    common::assert_no_leftovers(tmp.path());
-}
-
-/// Upstream's nixos-test-driver/succeed-stdout-warning.nix: every check passes, then the
-/// script raises on purpose.
-#[test]
-fn corpus_succeed_stdout_warning_fails_only_at_its_end() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (code, log) = run(
-        tmp.path(),
-        &["tests/nixpkgs/expect-fail/driver-succeed-stdout-warning.toml"],
-    );
-    assert_eq!(code, Some(1), "{log}");
-    assert!(
-        log.contains("Exception: Test script done and successful so far."),
-        "the script did not fail at its intended end:\n{log}"
-    );
     common::assert_no_leftovers(tmp.path());
 }
