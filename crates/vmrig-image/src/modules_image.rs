@@ -56,7 +56,9 @@ pub fn size_mib(bytes: u64) -> u64 {
     bytes / (1024 * 1024) * 9 / 8 + 32
 }
 
-fn dir_size(dir: &Path) -> u64 {
+/// The space the files under `dir` take in whole 4 KiB blocks (what an ext4 image made
+/// from it needs, before metadata); also sizes root images.
+pub(crate) fn dir_size(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

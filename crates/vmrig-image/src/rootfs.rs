@@ -115,7 +115,7 @@ fn bootstrap(
             .map_err(ImageError::io("creating root.img"))?;
     }
     let mke2fs = tools::find_program("mke2fs").unwrap_or_else(|| "mke2fs".into());
-    let size_mib = dir_size(&root) / (1024 * 1024) * 5 / 4 + 1024;
+    let size_mib = crate::modules_image::dir_size(&root) / (1024 * 1024) * 5 / 4 + 1024;
     let mut mkfs = in_namespace(&mke2fs);
     mkfs.args(["-q", "-F", "-t", "ext4", "-L", "vmrig-root", "-m", "0"])
         .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
@@ -146,27 +146,6 @@ fn in_namespace(program: &Path) -> Command {
     } else {
         crate::run::as_mapped_root(program)
     }
-}
-
-fn dir_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.path().symlink_metadata() else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else {
-                total += meta.len();
-            }
-        }
-    }
-    total
 }
 
 /// The customize hook: guest bits, setup commands, apt cleanup. (No kernel modules: every
