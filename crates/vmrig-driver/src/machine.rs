@@ -596,7 +596,7 @@ impl Machine {
                 self.ctx
                     .store
                     .build(key, |tmp| vm.save_state(tmp, deadline))
-                    .map_err(|e| format!("{e:#}"))?;
+                    .map_err(|e| error_chain(&e))?;
                 Ok(())
             });
         if let Err(why) = result {
@@ -883,4 +883,16 @@ pub(crate) fn vm_error(e: VmError) -> ApiError {
         }
         other => ApiError::Machine(other.to_string()),
     }
+}
+
+/// `e` and its sources, `: `-separated (a store error's own text names only the path).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
