@@ -278,7 +278,7 @@ const BUILD_MOMENTS: &[Moment] = &[
         "kernel extraction (mmdebstrap)",
         BuildRun,
         "check",
-        Line("kernel (linux-image-amd64, bookworm): I: extracting archives"),
+        Line("kernel (linux-image-amd64, trixie): I: extracting archives"),
         1000,
     )
     .until("I: success in"),
@@ -286,7 +286,7 @@ const BUILD_MOMENTS: &[Moment] = &[
         "kernel unpack (vmlinux, depmod)",
         BuildRun,
         "check",
-        Line("kernel (linux-image-amd64, bookworm): I: success in"),
+        Line("kernel (linux-image-amd64, trixie): I: success in"),
         1500,
     )
     .until("built kernel"),
@@ -297,7 +297,7 @@ const BUILD_MOMENTS: &[Moment] = &[
         Line("building initramfs"),
         0,
     )
-    .after("built kernel (linux-image-amd64, bookworm)"),
+    .after("built kernel (linux-image-amd64, trixie)"),
     Moment::new(
         "vmrig build: root image download",
         Build,
