@@ -15,6 +15,9 @@ use common::text;
 const PAIR: &str = r#"name = "nonroot-pair"
 test_script = '''
 start_all()
+# The cards get their addresses after udev, before network-online.target (as on NixOS).
+beta.wait_for_unit("network-online.target")
+alpha.wait_for_unit("network-online.target")
 alpha.succeed("ping -c1 -W10 beta")
 # The image was made in a user namespace: its files still belong to root and _apt.
 owners = alpha.succeed("stat -c %u:%g /etc/passwd /usr/bin/ls /root")
@@ -242,7 +245,7 @@ fn a_normal_user_builds_runs_and_restores_snapshots() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let script = user.file(
         "test.py",
-        "start_all()\nalpha.succeed('ping -c1 -W10 beta')\nassert alpha.succeed('id -u').strip() == '0'\n",
+        "start_all()\nbeta.wait_for_unit('network-online.target')\nalpha.wait_for_unit('network-online.target')\nalpha.succeed('ping -c1 -W10 beta')\nassert alpha.succeed('id -u').strip() == '0'\n",
     );
     // The upstream driver wants its output directory to exist.
     let out3 = user.work.path().join("out3");
