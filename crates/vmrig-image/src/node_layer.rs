@@ -567,17 +567,20 @@ mod tests {
         )));
     }
 
+    /// The text of the layer's file at `path`, if it has one.
+    fn layer_file(layer: &NodeLayer, path: &str) -> Option<String> {
+        layer
+            .files
+            .iter()
+            .find(|f| f.path == path)
+            .map(|f| String::from_utf8(f.contents.clone()).unwrap())
+    }
+
     #[test]
     fn packaged_units_get_a_drop_in_with_the_test_files_settings() {
         let s = spec("name = \"t\"\ntest_script = \"x\"\n[nodes.m.services.nginx]\nafter = [\"network-online.target\"]\nenvironment = { A = \"1\" }\nwanted_by = [\"graphical.target\"]\n[nodes.m.services.cron]\n");
         let layer = node_layer(&s, &s.nodes["m"]).unwrap();
-        let file = |path: &str| {
-            layer
-                .files
-                .iter()
-                .find(|f| f.path == path)
-                .map(|f| String::from_utf8(f.contents.clone()).unwrap())
-        };
+        let file = |path: &str| layer_file(&layer, path);
         assert_eq!(
             file("/etc/systemd/system/nginx.service.d/vmrig.conf").unwrap(),
             "# vmrig: settings from the test file\n[Unit]\nAfter=network-online.target\n[Service]\nEnvironment=\"A=1\"\n"
@@ -599,13 +602,7 @@ mod tests {
     fn vlan_cards_are_configured_by_units_not_by_the_setup_script() {
         let s = spec(TWO);
         let layer = node_layer(&s, &s.nodes["client"]).unwrap();
-        let file = |path: &str| {
-            layer
-                .files
-                .iter()
-                .find(|f| f.path == path)
-                .map(|f| String::from_utf8(f.contents.clone()).unwrap())
-        };
+        let file = |path: &str| layer_file(&layer, path);
         assert_eq!(
             file("/etc/vmrig/network/eth2").unwrap(),
             "# vmrig: VLAN 2 (52:54:00:12:02:01)\naddr replace 192.168.2.1/24 dev eth2\naddr replace 2001:db8:2::1/64 dev eth2 nodad\nlink set dev eth2 up\n"
