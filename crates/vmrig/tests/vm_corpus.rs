@@ -1,70 +1,81 @@
 //! The upstream corpus: real tests from nixpkgs' `nixos/tests`, ported to vmrig test files
 //! with their scripts kept as they are (tests/nixpkgs/, table in docs/corpus.md), run under
-//! TCG. Every test of tests/nixpkgs/ must pass; the one of tests/nixpkgs/expect-fail/ is
-//! a test that upstream expects to fail, and must fail for the reason upstream's does.
+//! TCG. One nextest test per file (datatest-stable), so a failure names its test, nextest
+//! times each one, and a failure's message ends with that test's own log. Every file of
+//! tests/nixpkgs/ must pass; every file of tests/nixpkgs/expect-fail/ is a test upstream
+//! expects to fail, and must fail with the text its `# expect-fail:` line names.
 
 mod common;
 
 use std::path::Path;
 
-/// `vmrig run ARGS --rerun -j 1 -o <tmp>/out` from the repository root.
-fn run(tmp: &Path, args: &[&str]) -> (Option<i32>, String) {
+datatest_stable::harness! {
+    { test = passes, root = "../../tests/nixpkgs", pattern = r"^[^/]+\.toml$" },
+    { test = fails_as_upstream, root = "../../tests/nixpkgs/expect-fail", pattern = r"^[^/]+\.toml$" },
+}
+
+/// How many lines of a failed run's log the failure shows: its end holds the failing
+/// script line, the command, its output, the machine's last console lines and the summary.
+const LOG_TAIL_LINES: usize = 120;
+
+/// `vmrig run --rerun -j 1 -o <tmp>/out FILE` from the repository root: (exit code, log).
+fn run(file: &Path, tmp: &Path) -> (Option<i32>, String) {
+    let file = file.canonicalize().expect("the corpus file exists");
     let out_dir = tmp.join("out");
-    let mut all = vec!["run", "-j", "1", "-o", out_dir.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = common::vmrig_rerun(&all, tmp);
+    let args = ["run", "-j", "1", "-o", out_dir.to_str().unwrap()];
+    let out = common::vmrig_rerun(&[&args[..], &[file.to_str().unwrap()]].concat(), tmp);
     (out.status.code(), common::text(&out))
 }
 
-/// The lines of the summary table that name a test that did not pass.
-fn failures(log: &str) -> Vec<&str> {
-    log.lines()
-        .filter(|l| {
-            let mut words = l.split("  ").map(str::trim).filter(|w| !w.is_empty());
-            let _test = words.next();
-            matches!(words.next(), Some("FAILED" | "ERROR" | "skipped"))
-        })
-        .collect()
+/// The last `n` lines of `log`, saying how many came before.
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    let skipped = lines.len().saturating_sub(n);
+    let head = if skipped > 0 {
+        format!("[… {skipped} earlier lines of the log …]\n")
+    } else {
+        String::new()
+    };
+    format!("{head}{}", lines[skipped..].join("\n"))
 }
 
-#[test]
-fn corpus_passes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (code, log) = run(tmp.path(), &["tests/nixpkgs/"]);
-    let failed = failures(&log);
-    assert!(
-        code == Some(0) && failed.is_empty(),
-        "the upstream corpus failed (exit code {code:?}); tests that did not pass:\n{}\n\nthe whole log:\n{log}",
-        failed.join("\n")
-    );
-    // Every test of the directory ran and passed (the summary counts them).
-    let tests = std::fs::read_dir(common::repo().join("tests/nixpkgs"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "toml")
-        })
-        .count();
-    assert!(tests >= 15, "only {tests} corpus tests");
-    assert!(
-        log.contains(&format!("{tests} passed (0 cached), 0 failed")),
-        "{log}"
-    );
+fn passes(file: &Path) -> datatest_stable::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (code, log) = run(file, tmp.path());
+    if code != Some(0) || !log.contains("1 passed (0 cached), 0 failed") {
+        return Err(format!(
+            "{} did not pass (exit code {code:?}); the end of its log:\n{}",
+            file.display(),
+            tail(&log, LOG_TAIL_LINES)
+        )
+        .into());
+    }
     common::assert_no_leftovers(tmp.path());
+    Ok(())
 }
 
-/// Upstream's nixos-test-driver/timeout.nix: a 5 s global timeout strikes.
-#[test]
-fn corpus_timeout_fails_on_the_global_timeout() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (code, log) = run(
-        tmp.path(),
-        &["tests/nixpkgs/expect-fail/driver-timeout.toml"],
-    );
-    assert_eq!(code, Some(1), "{log}");
-    assert!(log.contains("global timeout of 5 s reached"), "{log}");
+/// The text after `# expect-fail:` in `file`: what the failure must say.
+fn expected_failure(file: &Path) -> String {
+    let text = std::fs::read_to_string(file).expect("read the corpus file");
+    text.lines()
+        .find_map(|l| l.strip_prefix("# expect-fail:"))
+        .unwrap_or_else(|| panic!("{}: no `# expect-fail: TEXT` line", file.display()))
+        .trim()
+        .to_string()
+}
+
+fn fails_as_upstream(file: &Path) -> datatest_stable::Result<()> {
+    let expected = expected_failure(file);
+    let tmp = tempfile::tempdir()?;
+    let (code, log) = run(file, tmp.path());
+    if code != Some(1) || !log.contains(&expected) {
+        return Err(format!(
+            "{} should fail with {expected:?} (exit code 1), got exit code {code:?}; the end of its log:\n{}",
+            file.display(),
+            tail(&log, LOG_TAIL_LINES)
+        )
+        .into());
+    }
     common::assert_no_leftovers(tmp.path());
+    Ok(())
 }
