@@ -126,7 +126,8 @@ pub const NETWORK_DIR: &str = "/etc/vmrig/network";
 /// One instance per network card, as NixOS's `network-addresses-<card>.service`: after
 /// udev has seen the card (its device unit; udev's rules and the card's sysctls have been
 /// applied then) and after `network-pre.target` (the firewall), before `network.target`
-/// and `network-online.target`, which it pulls in. One `ip` process per card.
+/// and `network-online.target`, which it pulls in. One `ip` process per card, by its full
+/// path: a test may put other tools first in PATH (busybox's `ip` cannot read a batch file).
 pub const NETWORK_UNIT: &str = "[Unit]
 Description=vmrig: addresses of %i
 BindsTo=sys-subsystem-net-devices-%i.device
@@ -138,7 +139,7 @@ ConditionPathExists=/etc/vmrig/network/%i
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-ExecStart=ip -batch /etc/vmrig/network/%i
+ExecStart=/bin/ip -batch /etc/vmrig/network/%i
 
 [Install]
 WantedBy=multi-user.target
