@@ -139,7 +139,15 @@ impl Machine {
         }
     }
 
-    pub fn wait_until_succeeds(&mut self, command: &str, timeout: f64) -> Result<String, ApiError> {
+    /// Retries `command` until it succeeds, for `timeout` seconds; each try is killed in the
+    /// guest after `attempt_timeout` seconds (as upstream's `attempt_timeout`), which
+    /// counts as a failed try.
+    pub fn wait_until_succeeds(
+        &mut self,
+        command: &str,
+        timeout: f64,
+        attempt_timeout: Option<f64>,
+    ) -> Result<String, ApiError> {
         let logger = self.logger().clone();
         let name = self.name.clone();
         logger.nested(
@@ -150,7 +158,8 @@ impl Machine {
                     &format!("waiting for success of `{command}`"),
                     timeout,
                     |m, left| {
-                        let (status, output) = m.execute_user(command, Some(left))?;
+                        let limit = attempt_timeout.map_or(left, |a| a.min(left));
+                        let (status, output) = m.execute_user(command, Some(limit))?;
                         Ok(if status == 0 {
                             Ok(output)
                         } else {
@@ -165,7 +174,15 @@ impl Machine {
         )
     }
 
-    pub fn wait_until_fails(&mut self, command: &str, timeout: f64) -> Result<String, ApiError> {
+    /// Retries `command` until it fails, for `timeout` seconds; each try is killed in the
+    /// guest after `attempt_timeout` seconds (as upstream's `attempt_timeout`), which
+    /// counts as a failed try.
+    pub fn wait_until_fails(
+        &mut self,
+        command: &str,
+        timeout: f64,
+        attempt_timeout: Option<f64>,
+    ) -> Result<String, ApiError> {
         let logger = self.logger().clone();
         let name = self.name.clone();
         logger.nested(
@@ -176,7 +193,8 @@ impl Machine {
                     &format!("waiting for failure of `{command}`"),
                     timeout,
                     |m, left| {
-                        let (status, output) = m.execute_user(command, Some(left))?;
+                        let limit = attempt_timeout.map_or(left, |a| a.min(left));
+                        let (status, output) = m.execute_user(command, Some(limit))?;
                         Ok(if status != 0 {
                             Ok(output)
                         } else {
@@ -529,10 +547,12 @@ impl Machine {
                 self.poll(
                     &format!("waiting for {regexp:?} on tty {tty}"),
                     timeout,
-                    |m, left| match m.read_tty(tty, left.min(TTY_READ_TIMEOUT)) {
+                    |m, left| match m.read_tty(tty, left.min(TTY_POLL_READ_TIMEOUT)) {
                         Ok(text) if re.is_match(&text) => Ok(Ok(())),
                         Ok(text) => Ok(Err(format!("tty {tty} shows:\n{}", excerpt(&text)))),
-                        Err(ApiError::Assertion(why)) => Ok(Err(why)),
+                        // A read that hangs (opening a terminal whose getty is starting)
+                        // is killed in the guest: the next try reads again.
+                        Err(ApiError::Assertion(why) | ApiError::Timeout(why)) => Ok(Err(why)),
                         Err(e) => Err(e),
                     },
                 )
@@ -543,6 +563,10 @@ impl Machine {
 
 /// The longest one read of a virtual terminal may take.
 const TTY_READ_TIMEOUT: f64 = 60.0;
+
+/// The longest one read of a terminal may take while polling it: a read that hangs
+/// (opening a terminal while its getty starts) is given up and retried, not waited out.
+const TTY_POLL_READ_TIMEOUT: f64 = 10.0;
 
 /// The guest command that prints virtual terminal `tty` (digits only): `/dev/vcs<tty>` folded
 /// at the terminal's width. The width comes from `/dev/vcsa<tty>`'s header (its second byte)

@@ -310,12 +310,16 @@ impl DriverHandler {
             }
             "succeed" => json!(m.succeed(&p.strings("commands"), p.opt_f64("timeout"))?),
             "fail" => json!(m.fail(&p.strings("commands"), p.opt_f64("timeout"))?),
-            "wait_until_succeeds" => {
-                json!(m.wait_until_succeeds(p.str("command")?, p.f64_or("timeout", DEFAULT_WAIT))?)
-            }
-            "wait_until_fails" => {
-                json!(m.wait_until_fails(p.str("command")?, p.f64_or("timeout", DEFAULT_WAIT))?)
-            }
+            "wait_until_succeeds" => json!(m.wait_until_succeeds(
+                p.str("command")?,
+                p.f64_or("timeout", DEFAULT_WAIT),
+                p.opt_f64("attempt_timeout"),
+            )?),
+            "wait_until_fails" => json!(m.wait_until_fails(
+                p.str("command")?,
+                p.f64_or("timeout", DEFAULT_WAIT),
+                p.opt_f64("attempt_timeout"),
+            )?),
             "sleep" => {
                 let secs = p.f64_or("secs", 0.0);
                 m.succeed(&[format!("sleep {secs}")], None)?;

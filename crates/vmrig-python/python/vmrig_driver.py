@@ -483,11 +483,21 @@ class Machine:
     def fail(self, *commands, timeout=None):
         return self._call("fail", commands=list(commands), timeout=timeout)
 
-    def wait_until_succeeds(self, command, timeout=900):
-        return self._call("wait_until_succeeds", command=command, timeout=timeout)
+    def wait_until_succeeds(self, command, timeout=900, attempt_timeout=None):
+        return self._call(
+            "wait_until_succeeds",
+            command=command,
+            timeout=timeout,
+            attempt_timeout=attempt_timeout,
+        )
 
-    def wait_until_fails(self, command, timeout=900):
-        return self._call("wait_until_fails", command=command, timeout=timeout)
+    def wait_until_fails(self, command, timeout=900, attempt_timeout=None):
+        return self._call(
+            "wait_until_fails",
+            command=command,
+            timeout=timeout,
+            attempt_timeout=attempt_timeout,
+        )
 
     def sleep(self, secs):
         self._call("sleep", secs=secs)

@@ -37,7 +37,7 @@
 //! | `machine.state` | | `{"booted": bool, "connected": bool}` |
 //! | `machine.execute` | `command`, `check_return`, `check_output`, `timeout` (null = none) | `[status, output]` |
 //! | `machine.succeed`, `machine.fail` | `commands` (list), `timeout` (null) | output, concatenated |
-//! | `machine.wait_until_succeeds`, `machine.wait_until_fails` | `command`, `timeout` | output of the last attempt |
+//! | `machine.wait_until_succeeds`, `machine.wait_until_fails` | `command`, `timeout`, `attempt_timeout` (null = the time left) | output of the last attempt |
 //! | `machine.sleep` | `secs` (guest time) | |
 //! | `machine.systemctl` | `q`, `user` | `[status, output]` |
 //! | `machine.start_job`, `machine.stop_job` | `jobname`, `user` | `[status, output]` |
