@@ -181,7 +181,8 @@ pub fn frame_limited(
 pub fn frame_with_input(command: &str, len: usize) -> Result<String, ShellError> {
     let quoted = quote_command(command)?;
     Ok(text_frame(&format!(
-        "head -c {len} | ( eval {quoted} ) {SLEEP_FD}<&-"
+        "head -c {len} | ( __b=${{!-}}; trap '{}' EXIT; eval {quoted} ) {SLEEP_FD}<&-",
+        wait_for_stdout_jobs()
     )))
 }
 
@@ -203,13 +204,15 @@ fn limited(quoted: &str, limit: Duration) -> String {
     };
     format!(
         "trap - EXIT; exec 8>&2 2>/dev/null; set -m; \
-         {{ eval {quoted}; }} </dev/null 2>&8 8>&- {SLEEP_FD}<&- & __c=$!; \
+         {{ __b=${{!-}}; trap '{}' EXIT; eval {quoted}; }} \
+         </dev/null 2>&8 8>&- {SLEEP_FD}<&- & __c=$!; \
          {{ {}; trap 'exit {TIMED_OUT_STATUS}' TERM; kill -TERM -- -$__c; \
          {}; kill -KILL -- -$__c; exit {TIMED_OUT_STATUS}; }} \
          >/dev/null 8>&- & __w=$!; \
          wait $__c; __r=$?; kill -- -$__w; wait $__w; \
          if [[ $? == {TIMED_OUT_STATUS} ]]; then __r={TIMED_OUT_STATUS}; fi; \
          printf '\\37'; exit $__r",
+        wait_for_stdout_jobs(),
         sleep(&secs),
         sleep(&KILL_AFTER_SECS.to_string()),
     )
@@ -223,15 +226,33 @@ fn quote_command(command: &str) -> Result<String, ShellError> {
     Ok(shell_quote(command))
 }
 
+/// Bash for the end of the subshell a command ran in: wait while background jobs the
+/// command started still hold its stdout, as upstream's reply waits for stdout to close
+/// (`(echo ONE; sleep 15; echo TWO) &` returns both lines, with their newlines). A job
+/// whose stdout goes elsewhere (`cmd >&2 &`, the way tests start servers) is not waited
+/// for; it is polled, not `wait`ed, because a job just forked has not yet applied its own
+/// redirections. `__b` is `$!` from before the command: when it is unchanged the command
+/// started no job and nothing is forked. No single quote: it goes inside a `trap '...'`.
+/// Every step succeeds, so a `set -e` shell keeps the command's status.
+fn wait_for_stdout_jobs() -> String {
+    format!(
+        "if [[ ${{!-}} != \"$__b\" ]]; then for __j in $(jobs -p); do \
+         while [[ /proc/$__j/fd/1 -ef /proc/$BASHPID/fd/1 ]]; do \
+         read -t 0.02 -u {SLEEP_FD} || (( $? > 128 )) || read -t 0.02 <> <(:) || :; \
+         done; done; fi"
+    )
+}
+
 /// [`Framing::Text`] around `inner` (the command as the guest runs it).
 fn text_frame(inner: &str) -> String {
     format!(
-        "__o=$( trap 'printf \"\\37\"' EXIT; {inner} ); __s=$?; \
+        "__o=$( __b=${{!-}}; trap '{}; printf \"\\37\"' EXIT; {inner} ); __s=$?; \
              case $__o in *$'\\37') __o=${{__o%$'\\37'}};; \
              *$'\\37'*) __o=${{__o%$'\\37'*}}${{__o##*$'\\37'}};; esac; __l=${{LC_ALL-$'\\37'}}; LC_ALL=C; \
              printf 'T %d %d\\n%s\\n' $__s ${{#__o}} \"$__o\"; \
              if [[ $__l == $'\\37' ]]; then unset LC_ALL; else LC_ALL=$__l; fi; \
-             unset __o __s __l\n"
+             unset __o __s __l\n",
+        wait_for_stdout_jobs()
     )
 }
 
@@ -605,7 +626,10 @@ mod tests {
     fn frame_quotes_and_asks_for_status_in_the_same_reply() {
         let text = frame("echo 'hi'", Framing::Text).unwrap();
         assert!(text.starts_with(
-            r#"__o=$( trap 'printf "\37"' EXIT; eval 'echo '\''hi'\''' </dev/null 7<&- ); __s=$?;"#
+            r#"__o=$( __b=${!-}; trap 'if [[ ${!-} != "$__b" ]]; then "#
+        ));
+        assert!(text.contains(
+            r#"; printf "\37"' EXIT; eval 'echo '\''hi'\''' </dev/null 7<&- ); __s=$?;"#
         ));
         assert!(text.ends_with("unset __o __s __l\n"));
         assert_eq!(text.matches('\n').count(), 1, "one line per command");

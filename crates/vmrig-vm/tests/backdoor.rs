@@ -443,10 +443,37 @@ fn real_bash_output_written_after_the_command_ended_has_no_marker() {
     for out in [plain, limited] {
         assert_eq!(out.status, 0);
         assert!(!out.stdout.contains(&0x1f), "{:?}", out.text());
-        // Trailing newlines written after the command ended are lost (documented).
-        assert_eq!(out.text().trim_end(), "ONE\nTWO", "{:?}", out.text());
+        assert_eq!(out.text(), "ONE\nTWO\n");
     }
     let out = shell.run("echo next", soon(5)).unwrap();
     assert_eq!(out.text(), "next\n");
     let _ = child.kill();
+}
+
+/// A background job whose stdout goes elsewhere (how tests start servers: `cmd >&2 &`) is
+/// not waited for, and a job's failure does not change the command's status, even under
+/// `set -e`.
+#[test]
+fn real_bash_background_jobs_without_stdout_are_not_waited_for() {
+    let (mut shell, mut child) = bash_guest();
+    for limit in [None, Some(Duration::from_secs(30))] {
+        let start = Instant::now();
+        let out = shell
+            .run_limited("sleep 60 >&2 & echo started", limit, soon(10))
+            .unwrap();
+        assert_eq!((out.status, out.text()), (0, "started\n".into()));
+        assert!(start.elapsed() < Duration::from_secs(5), "{limit:?}");
+        let out = shell
+            .run_limited("set -e; (sleep 0.2; exit 7) & echo a; exit 3", limit, soon(10))
+            .unwrap();
+        assert_eq!((out.status, out.text()), (3, "a\n".into()), "{limit:?}");
+    }
+    let out = shell
+        .run_with_input("(cat; sleep 0.3; echo late) &", b"in\n", soon(10))
+        .unwrap();
+    assert_eq!(out.text(), "in\nlate\n");
+    let _ = child.kill();
+    let _ = std::process::Command::new("pkill")
+        .args(["-f", "^sleep 60$"])
+        .status();
 }
