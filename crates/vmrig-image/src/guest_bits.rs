@@ -194,6 +194,13 @@ pub const GUEST_FILES: &[GuestFile] = &[
         mode: 0o644,
         text: "# vmrig: no name servers (tests are hermetic); /etc/hosts names the nodes.\n",
     },
+    // New users get bash, as on NixOS (`users.defaultUserShell`); Debian's `useradd`
+    // gives /bin/sh, and tests look for a user's `bash` after a login.
+    GuestFile {
+        path: "/etc/default/useradd",
+        mode: 0o644,
+        text: "# vmrig: NixOS's default shell for new users\nSHELL=/bin/bash\n",
+    },
     GuestFile {
         path: "/etc/hostname",
         mode: 0o644,

@@ -30,13 +30,14 @@
 //! work too. Stdin is `/dev/null` so a command that reads stdin cannot swallow the driver's
 //! next commands. Every read is bounded by a deadline and the reply size.
 //!
-//! **A time limit in the guest.** A command given a time limit ([`frame_limited`]) runs as
-//! a background job of the command substitution, in its own process group (`set -m`), next
-//! to a watchdog job that sleeps with bash's `read -t` (on a pipe that never gets data) and
-//! then kills the command's whole process group (TERM, KILL two seconds later). The reply
-//! then carries status 124, as from coreutils' `timeout`, which is what NixOS wraps every
-//! command in; the shell is free at once. No program is started for this (bash forks only).
-//! The shell's own job messages go to `/dev/null`, the command's stderr where it always goes.
+//! **A time limit in the guest.** A command given a time limit ([`frame_limited`]) runs
+//! piped into a watchdog, the pipeline in its own process group (`set -m`). The pipe
+//! carries no data: the watchdog's `read -t` ends at end-of-file when the command's shell
+//! exits, or at the limit, when it kills the group (TERM, KILL once the command's shell is
+//! gone or two seconds later). The reply then carries status 124, as from coreutils'
+//! `timeout`, which is what NixOS wraps every command in; the shell is free at once. No
+//! program is started for this (bash forks only). The shell's own job messages go to
+//! `/dev/null`, the command's stderr where it always goes.
 //!
 //! **No controlling terminal.** The guest's shell is started by its init as a session leader
 //! and opens `/dev/hvc0`, which makes the command channel the controlling terminal of every
@@ -135,8 +136,8 @@ pub const RELEASE_TERMINAL: &str =
      exec 7<> <(:)\n";
 
 /// A descriptor of the guest's shell that nothing is ever written to (both ends of a pipe):
-/// the watchdog of a time-limited command sleeps on it with `read -t` (a builtin), which
-/// saves a fork per command over `read -t <> <(:)`. Commands do not inherit it.
+/// the wait for a command's background jobs sleeps on it with `read -t` (a builtin), which
+/// saves a fork per pause over `read -t <> <(:)`. Commands do not inherit it.
 pub const SLEEP_FD: u32 = 7;
 
 /// The line sent to the guest for `command`.
@@ -145,7 +146,7 @@ pub fn frame(command: &str, framing: Framing) -> Result<String, ShellError> {
 }
 
 /// The watchdog's kill sequence after the limit: TERM to the command's process group, KILL
-/// after this many seconds if it is still there.
+/// once the command's shell has exited, or after this many seconds.
 const KILL_AFTER_SECS: u32 = 2;
 
 /// The status a command killed at its time limit reports (coreutils' `timeout`).
@@ -186,35 +187,41 @@ pub fn frame_with_input(command: &str, len: usize) -> Result<String, ShellError>
     )))
 }
 
-/// The command (already quoted) as a job with a watchdog job that kills it after `limit`.
-/// The substitution drops its EXIT trap and writes the marker itself at its end: an async
-/// child may run an inherited EXIT trap (bash does for some ways of ending), and the marker
-/// would come twice. The command is a group (`{ eval ...; }`): a bare async `eval` that
-/// `set -e` ends reports status 1 instead of the failed command's.
-/// The substitution's stderr goes to `/dev/null` (bash's job messages), the command's to
-/// the shell's stderr (kept in fd 8, closed for the command and the watchdog). A watchdog
-/// stopped while it is killing (a TERM trapped after its sleep) exits 124: the limit struck.
-/// The watchdog sleeps on [`SLEEP_FD`], or (a shell without it: `read` fails at once
-/// with a status of 128 or less) on a pipe of its own.
+/// The command (already quoted) piped into a watchdog that kills it after `limit`.
+///
+/// The pipe between them carries no data: the command's group holds its write end (as fd
+/// 3, closed for the command itself), so the watchdog's `read -t` ends with end-of-file the
+/// moment the command's shell exits, or with a timeout (status > 128) when the limit
+/// strikes. Nobody has to stop the watchdog. (It used to be a separate job killed with
+/// TERM: bash, catching TERM, could take the signal just before its `read -t` began, and
+/// then slept its whole limit: a poll's attempt hung until the global timeout. That hung
+/// upstream's files, tty and nfs tests in CI.)
+///
+/// At the limit the watchdog ignores TERM itself, sends it to the pipeline's process group
+/// (its own: `set -m` gives the pipeline one, and the watchdog checks it is not the
+/// shell's), waits until the command's shell is gone or [`KILL_AFTER_SECS`] have passed,
+/// then sends KILL, which ends the watchdog too: its status 137 says the limit struck, and
+/// the reply says 124. The command's stdout is the reply's pipe (fd 9), its stderr the
+/// shell's (fd 8); the substitution's own stderr goes to `/dev/null` (bash's job messages).
+/// The substitution drops its EXIT trap and writes the marker itself at its end (a child
+/// could run an inherited EXIT trap, and the marker would come twice). The command is a
+/// group (`{ eval ...; }`): `set -e` ending a bare `eval` would report status 1.
 fn limited(quoted: &str, limit: Duration) -> String {
     // Whole milliseconds, never 0 (`read -t 0` does not wait at all).
     let secs = format!("{:.3}", limit.as_secs_f64().max(0.001));
-    let sleep = |secs: &str| {
-        format!("{{ read -t {secs} -u {SLEEP_FD} || (( $? > 128 )) || read -t {secs} <> <(:); }}")
-    };
     format!(
-        "trap - EXIT; exec 8>&2 2>/dev/null; set -m; \
-         {{ __b=${{!-}}; trap '{}' EXIT; eval {quoted}; }} \
-         </dev/null 2>&8 8>&- {SLEEP_FD}<&- & __c=$!; \
-         {{ {}; trap 'exit {TIMED_OUT_STATUS}' TERM; kill -TERM -- -$__c; \
-         {}; kill -KILL -- -$__c; exit {TIMED_OUT_STATUS}; }} \
-         >/dev/null 8>&- & __w=$!; \
-         wait $__c; __r=$?; kill -- -$__w; wait $__w; \
-         if [[ $? == {TIMED_OUT_STATUS} ]]; then __r={TIMED_OUT_STATUS}; fi; \
+        "trap - EXIT; exec 8>&2 2>/dev/null 9>&1; set -m; \
+         {{ __b=${{!-}}; trap '{}' EXIT; eval {quoted} 3>&-; }} \
+         </dev/null 3>&1 >&9 2>&8 8>&- 9>&- {SLEEP_FD}<&- \
+         | {{ read -t {secs}; if (( $? > 128 )); then \
+         read -r -a __st < /proc/$BASHPID/stat; \
+         if (( __st[4] != $$ )); then trap '' TERM; kill -TERM -- -${{__st[4]}}; \
+         read -t {KILL_AFTER_SECS}; kill -KILL -- -${{__st[4]}}; fi; fi; }} \
+         >/dev/null 8>&- 9>&- {SLEEP_FD}<&-; \
+         __p=(\"${{PIPESTATUS[@]}}\"); __r=${{__p[0]}}; \
+         if [[ ${{__p[1]}} == 137 ]]; then __r={TIMED_OUT_STATUS}; fi; \
          printf '\\37'; exit $__r",
         wait_for_stdout_jobs(),
-        sleep(&secs),
-        sleep(&KILL_AFTER_SECS.to_string()),
     )
 }
 
@@ -625,9 +632,7 @@ mod tests {
     #[test]
     fn frame_quotes_and_asks_for_status_in_the_same_reply() {
         let text = frame("echo 'hi'", Framing::Text).unwrap();
-        assert!(text.starts_with(
-            r#"__o=$( __b=${!-}; trap 'if [[ ${!-} != "$__b" ]]; then "#
-        ));
+        assert!(text.starts_with(r#"__o=$( __b=${!-}; trap 'if [[ ${!-} != "$__b" ]]; then "#));
         assert!(text.contains(
             r#"; printf "\37"' EXIT; eval 'echo '\''hi'\''' </dev/null 7<&- ); __s=$?;"#
         ));
@@ -650,8 +655,8 @@ mod tests {
         let line =
             frame_limited("sleep 9", Framing::Text, Some(Duration::from_millis(1500))).unwrap();
         assert_eq!(line.matches('\n').count(), 1, "one line per command");
-        assert!(line.contains("read -t 1.500 -u 7"), "{line}");
-        assert!(line.contains("kill -TERM -- -$__c"), "{line}");
+        assert!(line.contains("read -t 1.500;"), "{line}");
+        assert!(line.contains("kill -TERM -- -${__st[4]}"), "{line}");
         // No limit, or a zero one: the plain frame.
         assert_eq!(
             frame_limited("x", Framing::Text, Some(Duration::ZERO)).unwrap(),

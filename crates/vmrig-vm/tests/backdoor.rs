@@ -464,7 +464,11 @@ fn real_bash_background_jobs_without_stdout_are_not_waited_for() {
         assert_eq!((out.status, out.text()), (0, "started\n".into()));
         assert!(start.elapsed() < Duration::from_secs(5), "{limit:?}");
         let out = shell
-            .run_limited("set -e; (sleep 0.2; exit 7) & echo a; exit 3", limit, soon(10))
+            .run_limited(
+                "set -e; (sleep 0.2; exit 7) & echo a; exit 3",
+                limit,
+                soon(10),
+            )
             .unwrap();
         assert_eq!((out.status, out.text()), (3, "a\n".into()), "{limit:?}");
     }
@@ -476,4 +480,42 @@ fn real_bash_background_jobs_without_stdout_are_not_waited_for() {
     let _ = std::process::Command::new("pkill")
         .args(["-f", "^sleep 60$"])
         .status();
+}
+
+/// Upstream's files and nfs tests: a background job, then at once time-limited polls. A
+/// watchdog killed by TERM could miss the signal (bash caught it just before its `read -t`
+/// began) and sleep its whole limit: this hung within 300 rounds on a busy host.
+#[test]
+fn real_bash_polls_right_after_a_background_job_are_answered() {
+    let (mut shell, mut child) = bash_guest();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f");
+    for i in 0..50 {
+        let start = shell
+            .run(
+                &format!(
+                    "(sleep 0.$((RANDOM % 3)) && touch {}) >&2 &",
+                    file.display()
+                ),
+                soon(10),
+            )
+            .unwrap();
+        assert_eq!(start.status, 0);
+        let mut tries = 0;
+        loop {
+            let out = shell
+                .run_limited(
+                    &format!("test -e {}", file.display()),
+                    Some(Duration::from_secs(60)),
+                    soon(10),
+                )
+                .unwrap_or_else(|e| panic!("round {i}, try {tries}: {e}"));
+            if out.status == 0 {
+                break;
+            }
+            tries += 1;
+        }
+        std::fs::remove_file(&file).unwrap();
+    }
+    let _ = child.kill();
 }
