@@ -259,10 +259,14 @@ def retry(fn, timeout_seconds=900, *, timeout=_UNSET):
     more with last_try=True, so it can explain itself, and raise
     RequestedAssertionFailed if that fails too. Tries are counted as
     upstream: a script that replaces time.sleep does not spin for the whole
-    timeout. `timeout=` (a number, a timedelta, or None for no bound) is the
-    newer spelling of `timeout_seconds`."""
+    timeout.
+
+    `timeout=` (a number, a timedelta, or None for no bound) is the newest
+    upstream API, with its semantics: fn gets the seconds left (None without
+    a bound), is not called once none are left, and there is no extra last
+    try."""
     if timeout is not _UNSET:
-        timeout_seconds = timeout
+        return _retry_with_time_left(fn, _seconds(timeout))
     seconds = _seconds(timeout_seconds)
     start = time.monotonic()
     if seconds is None:
@@ -283,6 +287,27 @@ def retry(fn, timeout_seconds=900, *, timeout=_UNSET):
                 elapsed, timeout_seconds
             )
         )
+
+
+def _retry_with_time_left(fn, seconds):
+    """Newest upstream `retry(fn, timeout=...)`: fn(seconds left) about once a
+    second until it returns true; RequestedAssertionFailed when no time is left."""
+    if seconds is None:
+        while not fn(None):
+            time.sleep(1)
+        return
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RequestedAssertionFailed(
+                "action timed out after {:.2f} seconds (timeout={:g})".format(
+                    seconds - left, seconds
+                )
+            )
+        if fn(left):
+            return
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 # ---------------------------------------------------------- polling condition

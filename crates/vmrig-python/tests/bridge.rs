@@ -1002,21 +1002,6 @@ try:
     assert seen == [False] * 900 + [True], len(seen)
     # Saved in the last go.
     retry(lambda last: last)
-    # The newer spelling, with a timedelta.
-    seen.clear()
-    try:
-        retry(never, timeout=datetime.timedelta(seconds=3))
-        raise Exception("retry did not raise")
-    except RequestedAssertionFailed:
-        pass
-    assert seen == [False, False, False, True], seen
-    # No bound: until it holds.
-    left = [3]
-    def eventually(last_try):
-        left[0] -= 1
-        return left[0] == 0
-    retry(eventually, timeout=None)
-    assert left == [0]
 finally:
     time.sleep = old_sleep
 "#,
@@ -1024,6 +1009,51 @@ finally:
     assert_passed(&r);
     let took = started.elapsed();
     assert!(took < Duration::from_secs(30), "{took:?}");
+}
+
+/// The newest upstream `retry(fn, timeout=...)` (nixos-test-driver/retry.nix): fn gets the
+/// time left (None without a bound), is never called without time left, and gets no
+/// extra last try.
+#[test]
+fn retry_with_a_timeout_keyword_passes_the_time_left() {
+    let r = run(
+        &["m"],
+        r#"
+import datetime as dt
+import time
+args = []
+retry(lambda left: args.append(left) or True, timeout=None)
+assert args == [None], args
+args.clear()
+def slow_failure(left):
+    args.append(left)
+    time.sleep(0.05)
+    return False
+try:
+    retry(slow_failure, timeout=dt.timedelta(seconds=0.01))
+    raise Exception("retry did not raise")
+except RequestedAssertionFailed as e:
+    assert str(e).startswith("action timed out after "), str(e)
+assert len(args) == 1 and 0 < args[0] <= 0.01, args
+late = []
+retry(lambda left: late.append(left) or time.sleep(0.02) or True, timeout=dt.timedelta(seconds=0.01))
+assert len(late) == 1, late
+never = []
+try:
+    retry(lambda left: never.append(left) or True, timeout=dt.timedelta(0))
+    raise Exception("retry did not raise")
+except RequestedAssertionFailed:
+    pass
+assert never == [], never
+left = []
+def third(t):
+    left.append(t)
+    return len(left) == 3
+retry(third, timeout=30)
+assert len(left) == 3 and 28 < left[0] <= 30 and left[2] < left[1] < left[0], left
+"#,
+    );
+    assert_passed(&r);
 }
 
 /// Upstream formats the tty into a command, so a number works as well as a
