@@ -246,6 +246,11 @@ log = Logger()
 _UNSET = object()
 
 
+def _given(**params):
+    """The parameters that are not None (optional ones the Rust side defaults)."""
+    return {k: v for k, v in params.items() if v is not None}
+
+
 def _seconds(value):
     """A timeout as seconds: a number or a datetime.timedelta."""
     if isinstance(value, datetime.timedelta):
@@ -513,7 +518,7 @@ class Machine:
             "wait_until_succeeds",
             command=command,
             timeout=timeout,
-            attempt_timeout=attempt_timeout,
+            **_given(attempt_timeout=attempt_timeout),
         )
 
     def wait_until_fails(self, command, timeout=900, attempt_timeout=None):
@@ -521,7 +526,7 @@ class Machine:
             "wait_until_fails",
             command=command,
             timeout=timeout,
-            attempt_timeout=attempt_timeout,
+            **_given(attempt_timeout=attempt_timeout),
         )
 
     def sleep(self, secs):

@@ -1069,6 +1069,7 @@ machine.get_tty_text(2)
 machine.wait_for_unit_active_state("x.service", "activating", timeout=10)
 machine.wait_until_succeeds("true", timeout=datetime.timedelta(seconds=2.5))
 machine.switch_root()
+machine.wait_until_fails("x", timeout=20, attempt_timeout=datetime.timedelta(seconds=2))
 from test_driver.logger import rootlog
 assert rootlog.sanitise("a\x07b") == "ab"
 assert machine.execute("poweroff", check_output=False) == (0, "output\n")
@@ -1103,8 +1104,15 @@ assert machine.execute("poweroff", check_output=False) == (0, "output\n")
         )
     );
     assert_eq!(calls[4], ("machine.switch_root", &json!({"machine": "m"})));
-    assert_eq!(calls[5].0, "machine.execute");
-    assert_eq!(calls[5].1["check_output"], json!(false));
+    assert_eq!(
+        calls[5],
+        (
+            "machine.wait_until_fails",
+            &json!({"machine": "m", "command": "x", "timeout": 20, "attempt_timeout": 2.0})
+        )
+    );
+    assert_eq!(calls[6].0, "machine.execute");
+    assert_eq!(calls[6].1["check_output"], json!(false));
 }
 
 #[test]
@@ -1118,8 +1126,8 @@ switch_root()
 execute(command, check_return=True, check_output=True, timeout=900)
 succeed(*commands, timeout=None)
 fail(*commands, timeout=None)
-wait_until_succeeds(command, timeout=900)
-wait_until_fails(command, timeout=900)
+wait_until_succeeds(command, timeout=900, attempt_timeout=None)
+wait_until_fails(command, timeout=900, attempt_timeout=None)
 sleep(secs)
 systemctl(q, user=None)
 start_job(jobname, user=None)
