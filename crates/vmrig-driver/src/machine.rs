@@ -616,7 +616,15 @@ impl Machine {
         command: &str,
         timeout: Option<f64>,
     ) -> Result<(i32, String), ApiError> {
-        self.execute_limited(&user_command(command), timeout)
+        let (status, output) = self.execute_limited(&user_command(command), timeout)?;
+        if status == BASH_SYNTAX_STATUS {
+            if let Some(error) = syntax_error(command) {
+                return Err(ApiError::Assertion(format!(
+                    "command `{command}` is not valid shell: {error}"
+                )));
+            }
+        }
+        Ok((status, output))
     }
 
     /// [`Machine::execute_user`] without waiting for the command (NixOS's
@@ -869,6 +877,23 @@ fn user_command(command: &str) -> String {
     format!("set -euo pipefail; {command}")
 }
 
+/// The status bash gives a command it cannot parse (and many commands give for other
+/// reasons).
+const BASH_SYNTAX_STATUS: i32 = 2;
+
+/// bash's message when `command` is not valid shell, from the host's `bash -n` (parses,
+/// runs nothing). Upstream raises on such a command (`execute(")")`): it is a bug in the
+/// test, never a failure a test waits for. Asked only after a status of 2, so a command
+/// that works costs nothing; no message when the host has no bash.
+fn syntax_error(command: &str) -> Option<String> {
+    let out = Command::new("bash")
+        .args(["-n", "-c", command])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).trim().to_owned())
+}
+
 /// A time limit in seconds as the guest enforces it (none for 0, negative, or not finite:
 /// `timeout 0` means no limit).
 fn guest_limit(secs: Option<f64>) -> Option<Duration> {
@@ -895,4 +920,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syntax_errors_are_told_from_commands_that_exit_2() {
+        let error = syntax_error(")").expect("a syntax error");
+        assert!(
+            error.contains("syntax error near unexpected token"),
+            "{error}"
+        );
+        assert_eq!(syntax_error("exit 2"), None);
+        assert_eq!(syntax_error("grep -q x /nonexistent"), None);
+    }
 }

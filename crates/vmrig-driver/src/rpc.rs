@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use vmrig_python::{Handler, RpcError};
 
-use crate::api::DEFAULT_WAIT;
+use crate::api::{DEFAULT_WAIT, MONITOR_PROMPT};
 use crate::events::{BlockKind, Level};
 use crate::logger::Logger;
 use crate::machine::Machine;
@@ -390,7 +390,9 @@ impl DriverHandler {
                     .map_err(|e| RpcError::machine(e.to_string()))?
                     .human_monitor_command(command)
                     .map_err(|e| RpcError::machine(e.to_string()))?;
-                json!(out)
+                // Upstream reads its monitor socket up to the next prompt, so its reply ends
+                // with one (and tests look for it); QMP's reply has none.
+                json!(format!("{out}{MONITOR_PROMPT}"))
             }
             "next_qmp_event" => {
                 let timeout = Duration::from_secs_f64(p.f64_or("timeout", 0.0).clamp(0.0, 3600.0));

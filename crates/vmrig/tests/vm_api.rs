@@ -100,6 +100,7 @@ else:
 
     with subtest("send_monitor_command, wait_for_qmp_event"):
         t.assertIn("running", machine.send_monitor_command("info status"))
+        t.assertTrue(machine.send_monitor_command("help").endswith("(qemu) "))
         with t.assertRaises(TimeoutError):
             machine.wait_for_qmp_event(lambda e: False, timeout=1)
         machine.send_monitor_command("stop")
