@@ -216,6 +216,8 @@ impl Machine {
             return Ok(());
         }
         self.connected = false;
+        // `get_console_log()` is per start, as upstream's (the serial log file keeps all).
+        self.console.clear();
         let log = self.ctx.logger.clone();
         let name = self.name.clone();
         log.nested("starting vm", Some(&name), || self.launch(allow_reboot))

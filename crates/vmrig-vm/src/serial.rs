@@ -142,6 +142,15 @@ impl Console {
         self.changed.notify_all();
     }
 
+    /// Forgets the lines so far: a new start of the machine (upstream's console log is per
+    /// start). Indices go on, so a reader's position stays valid.
+    pub fn clear(&self) {
+        let mut h = self.history.lock().unwrap();
+        h.first += h.lines.len();
+        h.lines.clear();
+        h.bytes = 0;
+    }
+
     /// Reopens after a restart of the machine.
     pub fn reopen(&self) {
         self.history.lock().unwrap().closed = false;
@@ -210,6 +219,20 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::time::Duration;
+
+    #[test]
+    fn clear_forgets_the_lines_and_keeps_the_indices() {
+        let c = Console::new();
+        c.push("boot one".into());
+        c.push("MARK".into());
+        assert_eq!(c.end(), 2);
+        c.clear();
+        assert_eq!(c.text(), "");
+        assert_eq!(c.end(), 2);
+        c.push("boot two".into());
+        assert_eq!(c.text(), "boot two\n");
+        assert_eq!(c.end(), 3);
+    }
 
     #[test]
     fn splits_crlf_and_invalid_utf8() {
