@@ -84,10 +84,10 @@ pub fn hosts_file(spec: &TestSpec, node: &NodeSpec) -> String {
             .or(other.vlans.first());
         if let Some(v) = shared {
             let k = node_number(spec, &other.name);
-            let _ = writeln!(s, "192.168.{v}.{k} {}", other.name);
-            let _ = writeln!(s, "2001:db8:{v}::{k} {}", other.name);
+            let _ = writeln!(s, "192.168.{v}.{k} {}", other.host_name());
+            let _ = writeln!(s, "2001:db8:{v}::{k} {}", other.host_name());
         } else if other.name == node.name {
-            let _ = writeln!(s, "127.0.1.1 {}", other.name);
+            let _ = writeln!(s, "127.0.1.1 {}", other.host_name());
         }
     }
     s
@@ -106,7 +106,7 @@ pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io
     add(
         "/etc/hostname",
         0o644,
-        format!("{}\n", node.name).into_bytes(),
+        format!("{}\n", node.host_name()).into_bytes(),
     );
     add("/etc/hosts", 0o644, hosts_file(spec, node).into_bytes());
     let id =
@@ -488,6 +488,20 @@ mod tests {
         assert_eq!(
             vlan_addresses(&s, &s.nodes["server"])[0].ipv4,
             "192.168.1.3"
+        );
+    }
+
+    /// NixOS's node-name test: a node `one_two` is the host `onetwo` (host names have no `_`).
+    #[test]
+    fn host_names_drop_underscores() {
+        let s = spec("name = \"t\"\ntest_script = \"\"\n[nodes.one_two]\n[nodes.a-b]\n");
+        let node = &s.nodes["one_two"];
+        let layer = node_layer(&s, node).unwrap();
+        assert_eq!(layer_file(&layer, "/etc/hostname").unwrap(), "onetwo\n");
+        let hosts = hosts_file(&s, &s.nodes["a-b"]);
+        assert!(
+            hosts.contains(" onetwo\n") && !hosts.contains("one_two"),
+            "{hosts}"
         );
     }
 

@@ -53,7 +53,7 @@ pub struct ScriptSource {
 /// One node (virtual machine), with `[defaults]` already merged in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeSpec {
-    /// The node's name (`[a-z][a-z0-9-]*`), also its host name.
+    /// The node's name (`[a-z][a-z0-9_-]*`); its host name is [`NodeSpec::host_name`].
     pub name: String,
     /// Debian packages in the image (defaults first, duplicates removed, order kept).
     pub packages: Vec<String>,
@@ -211,6 +211,11 @@ impl NodeSpec {
         python_name(&self.name)
     }
 
+    /// The node's host name (`/etc/hostname`, `/etc/hosts`): see [`host_name`].
+    pub fn host_name(&self) -> String {
+        host_name(&self.name)
+    }
+
     /// Everything that decides the node's package image (and nothing else), so that nodes
     /// with equal inputs share one image.
     pub fn image_inputs(&self) -> ImageInputs {
@@ -244,6 +249,12 @@ impl NodeSpec {
 /// The Python identifier for a node name (`-` made `_`).
 pub fn python_name(node_name: &str) -> String {
     node_name.replace('-', "_")
+}
+
+/// The host name of a node: its name without `_` (which host names cannot hold), as NixOS
+/// derives `networking.hostName` from a node named `one_two`.
+pub fn host_name(node_name: &str) -> String {
+    node_name.replace('_', "")
 }
 
 /// The inputs of a node's package image.

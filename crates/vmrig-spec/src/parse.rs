@@ -256,7 +256,7 @@ fn is_node_name(s: &str) -> bool {
     !b.is_empty()
         && b[0].is_ascii_lowercase()
         && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
 }
 
 fn is_user_name(s: &str) -> bool {
@@ -1124,6 +1124,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<TestSpec> {
                 let t = cx.table(&f, "nodes", "")?;
                 for e in cx.named_entries(t) {
                     check_node_name(&cx, &e)?;
+                    check_node_name_is_unique(&cx, &e, nodes.iter().map(|(n, _)| n.as_str()))?;
                     let within = format!("node `{}`", e.name);
                     let nt = cx.table(&e, &format!("nodes.{}", e.name), "")?;
                     nodes.push((e.name.to_string(), cx.node(nt, &within)?));
@@ -1223,16 +1224,40 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<TestSpec> {
     })
 }
 
+/// Two nodes must not share a Python variable (`a-b`, `a_b`) or a host name (`ab`, `a_b`).
+fn check_node_name_is_unique<'n>(
+    cx: &Ctx,
+    e: &Field,
+    mut earlier: impl Iterator<Item = &'n str>,
+) -> Result<()> {
+    let clash = earlier.find(|other| {
+        python_name(other) == python_name(e.name) || host_name(other) == host_name(e.name)
+    });
+    match clash {
+        Some(other) => Err(cx.invalid(
+            e.key_span(),
+            format!(
+                "invalid node name `{}`: node `{other}` has the same Python variable or host name",
+                e.name
+            ),
+            "clashes with another node",
+            "the script sees `-` as `_`, and host names drop `_`; rename one of the two nodes",
+        )),
+        None => Ok(()),
+    }
+}
+
 fn check_node_name(cx: &Ctx, e: &Field) -> Result<()> {
     let name = e.name;
     let span = e.key_span();
-    let help = "node names are lowercase letters, digits and `-`, starting with a letter, at most \
-                63 characters; the script sees the node as a variable with `-` made `_`";
+    let help = "node names are lowercase letters, digits, `-` and `_`, starting with a letter, at \
+                most 63 characters; the script sees the node as a variable with `-` made `_`, \
+                and its host name is the name without `_` (as NixOS's)";
     if !is_node_name(name) || name.len() > 63 {
         let why = if name.len() > 63 {
             "longer than 63 characters"
         } else {
-            "must match [a-z][a-z0-9-]*"
+            "must match [a-z][a-z0-9_-]*"
         };
         return Err(cx.invalid(
             span,

@@ -209,15 +209,23 @@ fn bad_node_names() {
     let cases: &[(&str, &str)] = &[
         (
             "[nodes.Server]\n",
-            "t.toml:3:8: invalid node name `Server`: must match [a-z][a-z0-9-]*",
+            "t.toml:3:8: invalid node name `Server`: must match [a-z][a-z0-9_-]*",
         ),
         (
             "[nodes.1abc]\n",
-            "t.toml:3:8: invalid node name `1abc`: must match [a-z][a-z0-9-]*",
+            "t.toml:3:8: invalid node name `1abc`: must match [a-z][a-z0-9_-]*",
         ),
         (
-            "[nodes.a_b]\n",
-            "t.toml:3:8: invalid node name `a_b`: must match [a-z][a-z0-9-]*",
+            "[nodes._ab]\n",
+            "t.toml:3:8: invalid node name `_ab`: must match [a-z][a-z0-9_-]*",
+        ),
+        (
+            "[nodes.a-b]\n[nodes.a_b]\n",
+            "t.toml:4:8: invalid node name `a_b`: node `a-b` has the same Python variable or host name",
+        ),
+        (
+            "[nodes.ab]\n[nodes.a_b]\n",
+            "t.toml:4:8: invalid node name `a_b`: node `ab` has the same Python variable or host name",
         ),
         (
             "[nodes.class]\n",
