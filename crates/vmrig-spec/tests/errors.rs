@@ -166,16 +166,6 @@ fn missing_and_conflicting() {
         "t.toml:3:1: both `test_script` and `test_script_file` are set",
     );
     check(
-        HEAD,
-        ErrorKind::Missing,
-        "t.toml: no nodes: a test needs at least one node",
-    );
-    check(
-        &with_head("[nodes]\n"),
-        ErrorKind::Missing,
-        "t.toml:3:2: no nodes: a test needs at least one node",
-    );
-    check(
         &with_head("[nodes.a.services.web]\nscript = \"x\"\nexec_start = \"y\"\n"),
         ErrorKind::Conflict,
         "t.toml:5:1: both `script` and `exec_start` are set in service `web` of node `a`",

@@ -350,3 +350,15 @@ fn spec_serializes() {
     let json = serde_json::to_string(&spec).unwrap();
     assert!(json.contains("\"type\":\"simple\""));
 }
+
+/// Upstream's retry.nix has `nodes = { }`: a test may have no machines.
+#[test]
+fn a_test_without_nodes_parses() {
+    for text in [
+        "name = \"t\"\ntest_script = \"pass\"\n",
+        "name = \"t\"\ntest_script = \"pass\"\n[nodes]\n",
+    ] {
+        let spec = vmrig_spec::parse(text, std::path::Path::new("t.toml")).unwrap();
+        assert!(spec.nodes.is_empty());
+    }
+}
