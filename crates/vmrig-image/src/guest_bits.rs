@@ -162,6 +162,14 @@ pub fn network_unit_link(card: &str) -> (String, String) {
     )
 }
 
+/// NixOS's getty command line: the terminal's name is on it (`agetty ... %I ...`), and
+/// tests find a console's getty by it (`pgrep -f 'agetty.*tty1'`); Debian's names the
+/// terminal `-` (its stdin). Debian's login prompt options are kept.
+pub const GETTY_DROPIN: &str = "[Service]
+ExecStart=
+ExecStart=-/sbin/agetty -o '-- \\\\u' --noreset --noclear --keep-baud %I 115200,38400,9600 $TERM
+";
+
 /// Files every image gets. Symlinks are in [`GUEST_SYMLINKS`].
 pub const GUEST_FILES: &[GuestFile] = &[
     GuestFile {
@@ -240,6 +248,11 @@ pub const GUEST_FILES: &[GuestFile] = &[
         path: "/etc/udev/rules.d/70-vmrig.rules",
         mode: 0o644,
         text: UDEV_RULES,
+    },
+    GuestFile {
+        path: "/etc/systemd/system/getty@.service.d/vmrig.conf",
+        mode: 0o644,
+        text: GETTY_DROPIN,
     },
     GuestFile {
         path: "/etc/systemd/system/systemd-udev-trigger.service.d/vmrig.conf",
