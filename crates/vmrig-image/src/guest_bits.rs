@@ -164,7 +164,9 @@ pub fn network_unit_link(card: &str) -> (String, String) {
 
 /// NixOS's getty command line: the terminal's name is on it (`agetty ... %I ...`), and
 /// tests find a console's getty by it (`pgrep -f 'agetty.*tty1'`); Debian's names the
-/// terminal `-` (its stdin). Debian's login prompt options are kept.
+/// terminal `-` (its stdin). Debian's login prompt options are kept. Named to sort first:
+/// systemd applies drop-ins in file-name order across the template's and the instance's
+/// directories, so a test's own (an autologin for `getty@tty1`) comes after it and wins.
 pub const GETTY_DROPIN: &str = "[Service]
 ExecStart=
 ExecStart=-/sbin/agetty -o '-- \\\\u' --noreset --noclear --keep-baud %I 115200,38400,9600 $TERM
@@ -250,7 +252,7 @@ pub const GUEST_FILES: &[GuestFile] = &[
         text: UDEV_RULES,
     },
     GuestFile {
-        path: "/etc/systemd/system/getty@.service.d/vmrig.conf",
+        path: "/etc/systemd/system/getty@.service.d/00-vmrig.conf",
         mode: 0o644,
         text: GETTY_DROPIN,
     },
