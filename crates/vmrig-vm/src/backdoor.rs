@@ -205,13 +205,14 @@ pub fn frame_with_input(command: &str, len: usize) -> Result<String, ShellError>
 /// shell's (fd 8); the substitution's own stderr goes to `/dev/null` (bash's job messages).
 /// The substitution drops its EXIT trap and writes the marker itself at its end (a child
 /// could run an inherited EXIT trap, and the marker would come twice). The command is a
-/// group (`{ eval ...; }`): `set -e` ending a bare `eval` would report status 1.
+/// subshell in a group: `exec` in the command replaces the subshell, while the group keeps
+/// holding the pipe until the exec'd program ends, so the limit still holds.
 fn limited(quoted: &str, limit: Duration) -> String {
     // Whole milliseconds, never 0 (`read -t 0` does not wait at all).
     let secs = format!("{:.3}", limit.as_secs_f64().max(0.001));
     format!(
         "trap - EXIT; exec 8>&2 2>/dev/null 9>&1; set -m; \
-         {{ __b=${{!-}}; trap '{}' EXIT; eval {quoted} 3>&-; }} \
+         {{ ( __b=${{!-}}; trap '{}' EXIT; eval {quoted} 3>&- ); }} \
          </dev/null 3>&1 >&9 2>&8 8>&- 9>&- {SLEEP_FD}<&- \
          | {{ read -t {secs}; if (( $? > 128 )); then \
          read -r -a __st < /proc/$BASHPID/stat; \
