@@ -169,6 +169,12 @@ impl Machine {
         &self.ctx.logger
     }
 
+    /// Whether the machine has no display (a test-file node without `graphics`); unknown
+    /// (false) for a start command, which decides that itself.
+    pub fn has_no_display(&self) -> bool {
+        matches!(&self.source, Source::Node { node, .. } if !node.graphics)
+    }
+
     pub fn console(&self) -> &Arc<Console> {
         &self.console
     }

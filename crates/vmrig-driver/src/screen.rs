@@ -336,7 +336,20 @@ fn ocr_all(
 /// A bound for the one-shot OCR calls.
 const OCR_CALL_TIMEOUT: f64 = 120.0;
 
+/// Upstream raises this when a test reads the screen of a machine without OCR; vmrig's
+/// OCR needs a display (`graphics = true`), and the message says which one is missing.
+fn require_display_for_ocr(m: &Machine) -> Result<(), ApiError> {
+    if m.has_no_display() {
+        return Err(ApiError::Machine(format!(
+            "OCR requested but enableOCR is false: `{}` has no display (set `graphics = true` on the node)",
+            m.name
+        )));
+    }
+    Ok(())
+}
+
 pub fn get_screen_text(m: &mut Machine) -> Result<String, ApiError> {
+    require_display_for_ocr(m)?;
     let tess = tesseract()?;
     let deadline = m.deadline_in(Some(OCR_CALL_TIMEOUT));
     let (shot, img) = grab(m, deadline)?;
@@ -345,6 +358,7 @@ pub fn get_screen_text(m: &mut Machine) -> Result<String, ApiError> {
 }
 
 pub fn get_screen_text_variants(m: &mut Machine) -> Result<Vec<String>, ApiError> {
+    require_display_for_ocr(m)?;
     let tess = tesseract()?;
     let deadline = m.deadline_in(Some(OCR_CALL_TIMEOUT));
     let (shot, img) = grab(m, deadline)?;
@@ -354,6 +368,7 @@ pub fn get_screen_text_variants(m: &mut Machine) -> Result<Vec<String>, ApiError
 
 pub fn wait_for_text(m: &mut Machine, regex: &str, timeout: f64) -> Result<(), ApiError> {
     let re = compile(regex)?;
+    require_display_for_ocr(m)?;
     let tess = tesseract()?;
     let name = m.name.clone();
     let logger = m.logger().clone();

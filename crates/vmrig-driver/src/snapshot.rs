@@ -16,7 +16,9 @@ use vmrig_vm::cmdline::{qemu_args, VmConfig};
 
 /// Bumped when what a snapshot contains or how it is restored changes.
 /// 3: the boot's console output is kept with the snapshot (`console.log`).
-pub const SNAPSHOT_FORMAT: &str = "vmrig-snapshot-3";
+/// 4: the time-limited command frame changed (the watchdog reads a pipe the command holds);
+///    a console example's snapshot saved by the earlier build did not answer after a restore.
+pub const SNAPSHOT_FORMAT: &str = "vmrig-snapshot-4";
 
 /// What the store names of snapshots start with (`vmrig store gc --snapshots`).
 pub const NAME_PREFIX: &str = "snapshot-";

@@ -334,7 +334,10 @@ fn real_bash_kills_a_command_at_its_time_limit_and_stays_usable() {
 
     // A command that `exec`s keeps its limit (the exec'd program does not hold the
     // watchdog's pipe; the command's group, outside the subshell it ran in, does).
-    for command in ["exec sleep 600 >/dev/null", "echo a >/dev/null; exec sleep 600"] {
+    for command in [
+        "exec sleep 600 >/dev/null",
+        "echo a >/dev/null; exec sleep 600",
+    ] {
         let started = Instant::now();
         let out = shell.run_limited(command, limit, soon(10)).unwrap();
         assert_eq!(out.status, 124, "{command}");
