@@ -182,8 +182,8 @@ pub fn frame_limited(
 pub fn frame_with_input(command: &str, len: usize) -> Result<String, ShellError> {
     let quoted = quote_command(command)?;
     Ok(text_frame(&format!(
-        "head -c {len} | ( __b=${{!-}}; trap '{}' EXIT; eval {quoted} ) {SLEEP_FD}<&-",
-        wait_for_stdout_jobs()
+        "head -c {len} | ( {} eval {quoted} ) {SLEEP_FD}<&-",
+        exit_trap_waiting_for_jobs("")
     )))
 }
 
@@ -212,7 +212,7 @@ fn limited(quoted: &str, limit: Duration) -> String {
     let secs = format!("{:.3}", limit.as_secs_f64().max(0.001));
     format!(
         "trap - EXIT; exec 8>&2 2>/dev/null 9>&1; set -m; \
-         {{ ( __b=${{!-}}; trap '{}' EXIT; eval {quoted} 3>&- ); }} \
+         {{ ( {} eval {quoted} 3>&- ); }} \
          </dev/null 3>&1 >&9 2>&8 8>&- 9>&- {SLEEP_FD}<&- \
          | {{ read -t {secs}; if (( $? > 128 )); then \
          read -r -a __st < /proc/$BASHPID/stat; \
@@ -222,7 +222,7 @@ fn limited(quoted: &str, limit: Duration) -> String {
          __p=(\"${{PIPESTATUS[@]}}\"); __r=${{__p[0]}}; \
          if [[ ${{__p[1]}} == 137 ]]; then __r={TIMED_OUT_STATUS}; fi; \
          printf '\\37'; exit $__r",
-        wait_for_stdout_jobs(),
+        exit_trap_waiting_for_jobs(""),
     )
 }
 
@@ -234,33 +234,34 @@ fn quote_command(command: &str) -> Result<String, ShellError> {
     Ok(shell_quote(command))
 }
 
-/// Bash for the end of the subshell a command ran in: wait while background jobs the
+/// An EXIT trap for the subshell a command runs in: wait while background jobs the
 /// command started still hold its stdout, as upstream's reply waits for stdout to close
 /// (`(echo ONE; sleep 15; echo TWO) &` returns both lines, with their newlines). A job
 /// whose stdout goes elsewhere (`cmd >&2 &`, the way tests start servers) is not waited
 /// for; it is polled, not `wait`ed, because a job just forked has not yet applied its own
 /// redirections. `__b` is `$!` from before the command: when it is unchanged the command
 /// started no job and nothing is forked. No single quote: it goes inside a `trap '...'`.
-/// Every step succeeds, so a `set -e` shell keeps the command's status.
-fn wait_for_stdout_jobs() -> String {
+/// Every step succeeds, so a `set -e` shell keeps the command's status. `then` (no single
+/// quote either) runs after the wait. Ends with `;`, ready for the command.
+fn exit_trap_waiting_for_jobs(then: &str) -> String {
     format!(
-        "if [[ ${{!-}} != \"$__b\" ]]; then for __j in $(jobs -p); do \
+        "__b=${{!-}}; trap 'if [[ ${{!-}} != \"$__b\" ]]; then for __j in $(jobs -p); do \
          while [[ /proc/$__j/fd/1 -ef /proc/$BASHPID/fd/1 ]]; do \
          read -t 0.02 -u {SLEEP_FD} || (( $? > 128 )) || read -t 0.02 <> <(:) || :; \
-         done; done; fi"
+         done; done; fi{then}' EXIT;"
     )
 }
 
 /// [`Framing::Text`] around `inner` (the command as the guest runs it).
 fn text_frame(inner: &str) -> String {
     format!(
-        "__o=$( __b=${{!-}}; trap '{}; printf \"\\37\"' EXIT; {inner} ); __s=$?; \
+        "__o=$( {} {inner} ); __s=$?; \
              case $__o in *$'\\37') __o=${{__o%$'\\37'}};; \
              *$'\\37'*) __o=${{__o%$'\\37'*}}${{__o##*$'\\37'}};; esac; __l=${{LC_ALL-$'\\37'}}; LC_ALL=C; \
              printf 'T %d %d\\n%s\\n' $__s ${{#__o}} \"$__o\"; \
              if [[ $__l == $'\\37' ]]; then unset LC_ALL; else LC_ALL=$__l; fi; \
              unset __o __s __l\n",
-        wait_for_stdout_jobs()
+        exit_trap_waiting_for_jobs("; printf \"\\37\"")
     )
 }
 
