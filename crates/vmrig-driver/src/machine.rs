@@ -599,6 +599,11 @@ impl Machine {
                 if state != "running" && state != "degraded" {
                     return Err(format!("the system did not settle (it is {state:?})"));
                 }
+                let room = self.ctx.store.make_room().map_err(|e| error_chain(&e))?;
+                if !room.removed.is_empty() {
+                    let line = vmrig_store::describe_room(&room, self.ctx.store.root());
+                    logger.log(crate::events::Level::Info, line, Some(&name));
+                }
                 let deadline = self.deadline_in(Some(120.0));
                 let vm = self.vm.as_mut().ok_or("the machine stopped")?;
                 self.ctx

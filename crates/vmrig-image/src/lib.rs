@@ -200,6 +200,11 @@ impl<'a> ImageBuilder<'a> {
         }
         self.observer.step_started(step);
         let start = std::time::Instant::now();
+        let room = self.store.make_room()?;
+        if !room.removed.is_empty() {
+            self.observer
+                .line(step, &vmrig_store::describe_room(&room, self.store.root()));
+        }
         let mut built_here = false;
         let path = self
             .store

@@ -28,6 +28,9 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 
 mod lock;
+mod room;
+
+pub use room::{describe_room, free_bytes, parse_size, FreeSpace, MIN_FREE_ENV, TARGET_FREE_ENV};
 
 use lock::Mode;
 
@@ -51,6 +54,8 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 pub enum StoreError {
     #[error("find the store directory: none of VMRIG_STORE, XDG_CACHE_HOME and HOME is set")]
     NoStoreDir,
+    #[error("read {var}={text:?}: not a size (write it as 5G, 512M or a number of bytes)")]
+    BadSize { var: &'static str, text: String },
     #[error(
         "use {name:?} as a store path name: only a-z, A-Z, 0-9, '.', '_', '+' and '-' are \
          allowed, 1 to {MAX_NAME_LEN} characters"
@@ -563,6 +568,8 @@ fn check_owner(root: &Path, me: u32) -> Result<(), StoreError> {
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    /// When [`Store::make_room`] collects.
+    free_space: FreeSpace,
 }
 
 impl Store {
@@ -587,7 +594,10 @@ impl Store {
         for sub in [LOCKS_DIR, TMP_DIR, USES_DIR] {
             create_dir_all(&root.join(sub))?;
         }
-        Ok(Store { root })
+        Ok(Store {
+            root,
+            free_space: FreeSpace::from_env()?,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -831,28 +841,33 @@ impl Store {
                 continue;
             }
             if !policy.dry_run {
-                // Move out of the way atomically first, so that the path is
-                // either complete or absent; then delete at leisure (still
-                // holding the lock, so that a killed gc leaves a `.deleting`
-                // directory that the next gc removes).
-                let doomed = self.root.join(TMP_DIR).join(format!(
-                    "{base}.{}.{}{DELETING_SUFFIX}",
-                    std::process::id(),
-                    random_suffix()
-                ));
-                fs::rename(&path, &doomed).map_err(|source| StoreError::Remove {
-                    path: path.clone(),
-                    source,
-                })?;
-                let _ = sync_dir(&self.root);
-                remove_tree(&doomed)?;
-                remove_tree(&self.uses_path(&base))?;
+                self.remove_locked(&base)?;
             }
             report.freed_bytes += entry.size_bytes;
             report.removed.push(entry);
         }
         self.gc_tmp(policy.dry_run, &mut report)?;
         Ok(report)
+    }
+
+    /// Removes the path `base`, whose exclusive lock the caller holds.
+    fn remove_locked(&self, base: &str) -> Result<(), StoreError> {
+        let path = self.root.join(base);
+        // Move out of the way atomically first, so that the path is either complete or
+        // absent; then delete at leisure (still holding the lock, so that a killed gc
+        // leaves a `.deleting` directory that the next gc removes).
+        let doomed = self.root.join(TMP_DIR).join(format!(
+            "{base}.{}.{}{DELETING_SUFFIX}",
+            std::process::id(),
+            random_suffix()
+        ));
+        fs::rename(&path, &doomed).map_err(|source| StoreError::Remove {
+            path: path.clone(),
+            source,
+        })?;
+        let _ = sync_dir(&self.root);
+        remove_tree(&doomed)?;
+        remove_tree(&self.uses_path(base))
     }
 
     fn gc_tmp(&self, dry_run: bool, report: &mut GcReport) -> Result<(), StoreError> {

@@ -286,7 +286,7 @@ fn disk(host: &Host) -> Check {
         .ancestors()
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
-    match free_bytes(existing) {
+    match vmrig_store::free_bytes(existing) {
         Some(free) if free < LOW_DISK_BYTES => check(
             Level::Warn,
             format!(
@@ -303,17 +303,6 @@ fn disk(host: &Host) -> Check {
         ),
         None => check(Level::Warn, format!("store {}: free space unknown", dir.display()), &[]),
     }
-}
-
-pub fn free_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid C string and `st` a valid out pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// The report and the exit code.

@@ -167,7 +167,7 @@ pub fn disk_full_message(text: &str, out_dir: Option<&Path>) -> String {
     let free = path
         .ancestors()
         .find(|p| p.exists())
-        .and_then(crate::doctor::free_bytes)
+        .and_then(vmrig_store::free_bytes)
         .map(|b| format!(", {} free", crate::units::format_bytes(b)))
         .unwrap_or_default();
     format!(

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::Subcommand;
-use vmrig_store::{GcPolicy, Store};
+use vmrig_store::{FreeSpace, GcPolicy, Store};
 
 use crate::exit;
 use crate::units::{format_age, format_bytes, parse_duration};
@@ -29,6 +29,12 @@ pub enum StoreCommand {
         /// Only boot snapshots (the next run of each node boots cold and saves a new one).
         #[arg(long)]
         snapshots: bool,
+        /// Instead of by age: remove the least recently used paths (never those in use)
+        /// until SIZE is free on the store's disk, e.g. 20G. Builds do this by
+        /// themselves below VMRIG_STORE_MIN_FREE (default 5G).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_arg,
+              conflicts_with_all = ["older_than", "all", "dry_run", "snapshots"])]
+        free: Option<u64>,
     },
 }
 
@@ -37,10 +43,14 @@ pub fn run(command: StoreCommand) -> anyhow::Result<i32> {
     match command {
         StoreCommand::List => list(&store),
         StoreCommand::Gc {
+            free: Some(free), ..
+        } => make_room(&store, free),
+        StoreCommand::Gc {
             older_than,
             all,
             dry_run,
             snapshots,
+            free: None,
         } => gc(
             &store,
             &GcPolicy {
@@ -102,6 +112,49 @@ fn list(store: &Store) -> anyhow::Result<i32> {
         format_bytes(total),
         store.root().display()
     )?;
+    Ok(exit::OK)
+}
+
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    vmrig_store::parse_size(text)
+        .ok_or_else(|| format!("{text:?} is not a size: write 20G, 512M or bytes"))
+}
+
+fn make_room(store: &Store, free: u64) -> anyhow::Result<i32> {
+    let space = FreeSpace {
+        min_free: free,
+        target_free: free,
+    };
+    let report = store
+        .make_room_to(space)
+        .with_context(|| format!("failed to make room in {}", store.root().display()))?;
+    let mut out = std::io::stdout().lock();
+    for entry in &report.removed {
+        let age = format_age(entry.last_used, SystemTime::now());
+        writeln!(
+            out,
+            "removed {}-{} ({}, used {age})",
+            entry.hash,
+            entry.name,
+            format_bytes(entry.size_bytes)
+        )?;
+    }
+    let now_free = vmrig_store::free_bytes(store.root()).unwrap_or(0);
+    writeln!(
+        out,
+        "removed {} path{}, freed {}; {} free on the store's disk",
+        report.removed.len(),
+        if report.removed.len() == 1 { "" } else { "s" },
+        format_bytes(report.freed_bytes),
+        format_bytes(now_free)
+    )?;
+    if now_free < free {
+        writeln!(
+            out,
+            "less than {} free: the rest is in use or outside the store",
+            format_bytes(free)
+        )?;
+    }
     Ok(exit::OK)
 }
 

@@ -143,6 +143,34 @@ fn store_gc_all_dry_run_removes_nothing() {
 }
 
 #[test]
+fn store_gc_free_removes_paths_until_the_disk_has_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = vmrig_store_dir_with_one_path(dir.path());
+    // Nobody's disk has 1 PiB free: the path goes, and the report says what is left.
+    let out = vmrig(&store, &["store", "gc", "--free", "1024T"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(stdout.contains("-kernel-bookworm"), "{stdout}");
+    assert!(stdout.contains("removed 1 path,"), "{stdout}");
+    assert!(stdout.contains("less than 1.0 PiB free"), "{stdout}");
+    assert!(text(&vmrig(&store, &["store", "list"]).stdout).contains("empty"));
+
+    let store = vmrig_store_dir_with_one_path(&dir.path().join("second"));
+    let out = vmrig(&store, &["store", "gc", "--free", "1K"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("removed 0 paths"));
+    assert!(text(&vmrig(&store, &["store", "list"]).stdout).contains("-kernel-bookworm"));
+
+    let out = vmrig(&store, &["store", "gc", "--free", "lots"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not a size"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn store_gc_on_empty_store() {
     let dir = tempfile::tempdir().unwrap();
     let out = vmrig(dir.path(), &["store", "gc", "--all", "--dry-run"]);
