@@ -12,11 +12,23 @@ pub fn repo() -> PathBuf {
 }
 
 /// `vmrig` run from the repository root with its own `TMPDIR` (run directories land there).
+/// It gets SIGTERM when the test's thread ends, so a test runner killed from outside (a CI
+/// timeout) leaves no `vmrig run` behind; vmrig's own cleanup then stops its VMs.
 pub fn command(tmp: &Path) -> Command {
+    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmrig"));
     cmd.current_dir(repo())
         .env("TMPDIR", tmp)
         .env("NO_COLOR", "1");
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     cmd
 }
 
