@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
-use vmrig_spec::{NodeSpec, ServiceSpec, TestSpec};
+use vmrig_spec::{NodeSpec, ServiceSpec, SocketSpec, TestSpec};
 
 use crate::cpio_writer::CpioWriter;
 
@@ -44,6 +44,8 @@ pub struct VlanAddress {
     pub mac: String,
     pub ipv4: String,
     pub ipv6: String,
+    /// Whether the card is given `ipv4` and `ipv6` (the node's `static_addresses`).
+    pub static_addresses: bool,
 }
 
 /// Node numbers: alphabetical order, from 1.
@@ -68,12 +70,13 @@ pub fn vlan_addresses(spec: &TestSpec, node: &NodeSpec) -> Vec<VlanAddress> {
             mac: format!("52:54:00:12:{v:02x}:{k:02x}"),
             ipv4: format!("192.168.{v}.{k}"),
             ipv6: format!("2001:db8:{v}::{k}"),
+            static_addresses: node.static_addresses,
         })
         .collect()
 }
 
 /// `/etc/hosts`: every node's name at its address on the first VLAN it shares with `node`
-/// (else its own first VLAN).
+/// (else its own first VLAN); a node without static addresses has none to list.
 pub fn hosts_file(spec: &TestSpec, node: &NodeSpec) -> String {
     let mut s = String::from("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n");
     for other in spec.nodes.values() {
@@ -81,7 +84,8 @@ pub fn hosts_file(spec: &TestSpec, node: &NodeSpec) -> String {
             .vlans
             .iter()
             .find(|v| node.vlans.contains(v))
-            .or(other.vlans.first());
+            .or(other.vlans.first())
+            .filter(|_| other.static_addresses);
         if let Some(v) = shared {
             let k = node_number(spec, &other.name);
             let _ = writeln!(s, "192.168.{v}.{k} {}", other.host_name());
@@ -198,6 +202,23 @@ pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io
         }
     }
 
+    for (name, socket) in &node.sockets {
+        let unit = format!("{name}.socket");
+        add(
+            &format!("/etc/systemd/system/{unit}"),
+            0o644,
+            socket_unit_file(name, socket).into_bytes(),
+        );
+        if socket.enable {
+            for target in &socket.wanted_by {
+                layer.symlinks.push((
+                    format!("/etc/systemd/system/{target}.wants/{unit}"),
+                    format!("../{unit}"),
+                ));
+            }
+        }
+    }
+
     for a in vlan_addresses(spec, node) {
         layer
             .symlinks
@@ -271,17 +292,14 @@ pub fn network_files(addresses: &[VlanAddress]) -> Vec<(String, String)> {
     addresses
         .iter()
         .map(|a| {
-            (
-                format!("{}/{}", crate::guest_bits::NETWORK_DIR, a.interface),
-                format!(
-                    "# vmrig: VLAN {vlan} ({mac})\naddr replace {v4}/24 dev {i}\naddr replace {v6}/64 dev {i} nodad\nlink set dev {i} up\n",
-                    vlan = a.vlan,
-                    mac = a.mac,
-                    i = a.interface,
-                    v4 = a.ipv4,
-                    v6 = a.ipv6
-                ),
-            )
+            let i = &a.interface;
+            let mut batch = format!("# vmrig: VLAN {} ({})\n", a.vlan, a.mac);
+            if a.static_addresses {
+                let _ = writeln!(batch, "addr replace {}/24 dev {i}", a.ipv4);
+                let _ = writeln!(batch, "addr replace {}/64 dev {i} nodad", a.ipv6);
+            }
+            let _ = writeln!(batch, "link set dev {i} up");
+            (format!("{}/{i}", crate::guest_bits::NETWORK_DIR), batch)
         })
         .collect()
 }
@@ -341,6 +359,26 @@ pub fn unit_file(name: &str, service: &ServiceSpec) -> String {
         (None, None) => {}
     }
     service_settings(&mut s, service);
+    s
+}
+
+/// `<name>.socket` as NixOS writes `systemd.sockets.<name>`.
+pub fn socket_unit_file(name: &str, socket: &SocketSpec) -> String {
+    let mut s = format!("[Unit]\nDescription=vmrig test socket {name}\n\n[Socket]\n");
+    for listen in &socket.listen_streams {
+        let _ = writeln!(s, "ListenStream={listen}");
+    }
+    for listen in &socket.listen_datagrams {
+        let _ = writeln!(s, "ListenDatagram={listen}");
+    }
+    if socket.accept {
+        s.push_str("Accept=yes\n");
+    }
+    for (key, value) in &socket.socket_config {
+        for v in value.values() {
+            let _ = writeln!(s, "{key}={v}");
+        }
+    }
     s
 }
 
@@ -480,7 +518,8 @@ mod tests {
                 interface: "eth1".into(),
                 mac: "52:54:00:12:01:01".into(),
                 ipv4: "192.168.1.1".into(),
-                ipv6: "2001:db8:1::1".into()
+                ipv6: "2001:db8:1::1".into(),
+                static_addresses: true,
             }
         );
         assert_eq!(client[1].interface, "eth2");
@@ -610,6 +649,63 @@ mod tests {
             setup.contains("ln -sf '/lib/systemd/system/nginx.service' '/etc/systemd/system/graphical.target.wants'/"),
             "{setup}"
         );
+    }
+
+    /// rsyncd.nix's `socketActivated = true`: a socket with `Accept` and its template.
+    #[test]
+    fn sockets_are_written_and_enabled_and_templates_are_not_enabled() {
+        let s = spec(concat!(
+            "name = \"t\"\ntest_script = \"\"\n",
+            "[nodes.b.sockets.rsync]\nlisten_streams = [\"873\"]\naccept = true\n",
+            "socket_config = { Backlog = 8 }\n",
+            "[nodes.b.sockets.\"off.socket\"]\nenable = false\nlisten_datagrams = [\"/run/off\"]\n",
+            "[nodes.b.services.\"rsync@\"]\nexec_start = \"/usr/bin/rsync --daemon\"\n",
+            "service_config = { StandardInput = \"socket\" }\n",
+        ));
+        let layer = node_layer(&s, &s.nodes["b"]).unwrap();
+        assert_eq!(
+            layer_file(&layer, "/etc/systemd/system/rsync.socket").unwrap(),
+            "[Unit]\nDescription=vmrig test socket rsync\n\n[Socket]\nListenStream=873\nAccept=yes\nBacklog=8\n"
+        );
+        assert!(layer_file(&layer, "/etc/systemd/system/off.socket")
+            .unwrap()
+            .contains("ListenDatagram=/run/off\n"));
+        let service = layer_file(&layer, "/etc/systemd/system/rsync@.service").unwrap();
+        assert!(
+            service.contains("ExecStart=/usr/bin/rsync --daemon\nStandardInput=socket\n"),
+            "{service}"
+        );
+        let links: Vec<&str> = layer.symlinks.iter().map(|(l, _)| l.as_str()).collect();
+        assert!(
+            links.contains(&"/etc/systemd/system/sockets.target.wants/rsync.socket"),
+            "{links:?}"
+        );
+        assert!(!links.iter().any(|l| l.contains("off.socket")), "{links:?}");
+        assert!(!links.iter().any(|l| l.contains("rsync@")), "{links:?}");
+    }
+
+    /// ipv6.nix's client: `networking.interfaces = lib.mkForce {}`.
+    #[test]
+    fn a_node_without_static_addresses_brings_its_cards_up_bare_and_is_not_in_hosts() {
+        let s = spec(&TWO.replace(
+            "vlans = [1, 2]\n",
+            "vlans = [1, 2]\nstatic_addresses = false\n",
+        ));
+        let client = node_layer(&s, &s.nodes["client"]).unwrap();
+        assert_eq!(
+            layer_file(&client, "/etc/vmrig/network/eth2").unwrap(),
+            "# vmrig: VLAN 2 (52:54:00:12:02:01)\nlink set dev eth2 up\n"
+        );
+        let hosts = layer_file(&client, "/etc/hosts").unwrap();
+        assert!(hosts.contains("192.168.1.3 server"), "{hosts}");
+        assert!(hosts.contains("127.0.1.1 client\n"), "{hosts}");
+        assert!(!hosts.contains("192.168.1.1"), "{hosts}");
+        let server = node_layer(&s, &s.nodes["server"]).unwrap();
+        let hosts = layer_file(&server, "/etc/hosts").unwrap();
+        assert!(!hosts.contains("client"), "{hosts}");
+        assert!(layer_file(&server, "/etc/vmrig/network/eth1")
+            .unwrap()
+            .contains("addr replace 192.168.1.3/24"),);
     }
 
     #[test]

@@ -36,7 +36,7 @@
 //!
 //! | keys | rule |
 //! | --- | --- |
-//! | `memory`, `cpus`, `graphics`, `suite`, `mirror`, `snapshot`, `firewall.enable` | the node's value if set, else the default's, else the built-in default |
+//! | `memory`, `cpus`, `graphics`, `suite`, `mirror`, `snapshot`, `static_addresses`, `firewall.enable` | the node's value if set, else the default's, else the built-in default |
 //! | `vlans` | the node's list if set (even `[]`), else the default's, else `[1]` |
 //! | `packages` | defaults first, then the node's; later duplicates dropped |
 //! | `kernel_params`, `setup` | defaults first, then the node's (kept as written, duplicates too) |

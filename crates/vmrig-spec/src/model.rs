@@ -73,6 +73,8 @@ pub struct NodeSpec {
     pub files: BTreeMap<String, FileSpec>,
     /// systemd services, by name as written (`nginx`, `foo.service`, `bar@1`).
     pub services: BTreeMap<String, ServiceSpec>,
+    /// systemd socket units, by name without `.socket` (NixOS's `systemd.sockets`).
+    pub sockets: BTreeMap<String, SocketSpec>,
     /// Firewall settings.
     pub firewall: FirewallSpec,
     /// Shell commands run inside the image at build time.
@@ -83,6 +85,10 @@ pub struct NodeSpec {
     pub mirror: Option<String>,
     /// Whether the node may boot from a saved snapshot (default true).
     pub snapshot: bool,
+    /// Whether VLAN cards get vmrig's static `192.168.v.k` and `2001:db8:v::k` (default
+    /// true). `false` is NixOS's `networking.interfaces = lib.mkForce {}`: the cards come up
+    /// with only what router advertisements (or a DHCP server in the test) give them.
+    pub static_addresses: bool,
 }
 
 /// `users.<name>`.
@@ -135,6 +141,24 @@ impl ServiceConfigValue {
             ServiceConfigValue::Many(v) => v.iter().map(String::as_str).collect(),
         }
     }
+}
+
+/// `sockets.<name>`: the unit `<name>.socket`, which starts `<name>.service` (or, with
+/// `accept`, an instance of the template `<name>@.service`) on the first connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SocketSpec {
+    /// Default true: the socket is enabled in its `wanted_by` targets.
+    pub enable: bool,
+    /// `ListenStream=` values: a port, `address:port` or a path.
+    pub listen_streams: Vec<String>,
+    /// `ListenDatagram=` values.
+    pub listen_datagrams: Vec<String>,
+    /// `Accept=`: one service instance per connection (default false).
+    pub accept: bool,
+    /// Default `["sockets.target"]`.
+    pub wanted_by: Vec<String>,
+    /// Raw `[Socket]` settings.
+    pub socket_config: BTreeMap<String, ServiceConfigValue>,
 }
 
 /// `services.<name>`.

@@ -33,11 +33,13 @@ pub const NODE_KEYS: &[&str] = &[
     "users",
     "files",
     "services",
+    "sockets",
     "firewall",
     "setup",
     "suite",
     "mirror",
     "snapshot",
+    "static_addresses",
 ];
 /// Keys allowed in `users.<name>`.
 pub const USER_KEYS: &[&str] = &[
@@ -57,6 +59,15 @@ pub const SERVICE_KEYS: &[&str] = &[
     "environment",
     "type",
     "service_config",
+];
+/// Keys allowed in `sockets.<name>`.
+pub const SOCKET_KEYS: &[&str] = &[
+    "enable",
+    "listen_streams",
+    "listen_datagrams",
+    "accept",
+    "wanted_by",
+    "socket_config",
 ];
 /// Keys allowed in `firewall`.
 pub const FIREWALL_KEYS: &[&str] = &["enable", "allowed_tcp_ports", "allowed_udp_ports"];
@@ -149,6 +160,7 @@ pub(crate) struct Partial {
     users: BTreeMap<String, UserSpec>,
     files: BTreeMap<String, FileSpec>,
     services: BTreeMap<String, ServiceSpec>,
+    sockets: BTreeMap<String, SocketSpec>,
     firewall_enable: Option<bool>,
     tcp: Vec<u16>,
     udp: Vec<u16>,
@@ -156,6 +168,7 @@ pub(crate) struct Partial {
     suite: Option<String>,
     mirror: Option<String>,
     snapshot: Option<bool>,
+    static_addresses: Option<bool>,
 }
 
 /// One entry of a table: its key, the key's place and its value.
@@ -654,6 +667,7 @@ impl<'a> Ctx<'a> {
                     n.mirror = Some(s);
                 }
                 "snapshot" => n.snapshot = Some(self.boolean(&f, within)?),
+                "static_addresses" => n.static_addresses = Some(self.boolean(&f, within)?),
                 "users" => {
                     let t = self.table(&f, "users", within)?;
                     for u in self.named_entries(t) {
@@ -705,8 +719,33 @@ impl<'a> Ctx<'a> {
                         }
                         let sw = format!("service `{}` of {within}", e.name);
                         let st = self.table(&e, &format!("services.{}", e.name), within)?;
-                        let spec = self.service(st, &e, &sw)?;
+                        let mut spec = self.service(st, &e, &sw)?;
+                        // A template (`web@`) runs as instances (of a socket with `accept`,
+                        // or named elsewhere): enabling the template itself is an error.
+                        if ServiceSpec::unit_name(e.name).contains("@.")
+                            && spec.wanted_by == [DEFAULT_WANTED_BY]
+                        {
+                            spec.wanted_by.clear();
+                        }
                         n.services.insert(e.name.to_string(), spec);
+                    }
+                }
+                "sockets" => {
+                    let t = self.table(&f, "sockets", within)?;
+                    for e in self.named_entries(t) {
+                        let name = e.name.strip_suffix(".socket").unwrap_or(e.name);
+                        if !is_unit_name(name) || name.contains('@') {
+                            return Err(self.invalid(
+                                e.key_span(),
+                                format!("invalid socket name `{}`{}", e.name, in_(within)),
+                                "not a systemd socket unit name",
+"socket names are letters, digits and `:_.-`, e.g. `rsync` (the unit rsync.socket)",
+                            ));
+                        }
+                        let sw = format!("socket `{}` of {within}", e.name);
+                        let st = self.table(&e, &format!("sockets.{}", e.name), within)?;
+                        let spec = self.socket(st, &sw)?;
+                        n.sockets.insert(name.to_string(), spec);
                     }
                 }
                 "firewall" => {
@@ -937,48 +976,8 @@ impl<'a> Ctx<'a> {
                     }
                 }
                 _ => {
-                    let t = self.table(&f, "service_config", within)?;
-                    for e in self.named_entries(t) {
-                        let name = format!("service_config.{}", e.name);
-                        if !e.name.bytes().all(|c| c.is_ascii_alphanumeric())
-                            || !e.name.starts_with(|c: char| c.is_ascii_uppercase())
-                        {
-                            return Err(self
-                                .invalid(
-                                    e.key_span(),
-                                    format!("invalid `[Service]` setting name `{}`{}", e.name, in_(within)),
-                                    "expected a systemd setting such as `Restart`",
-"`service_config` keys are written as in a unit file, e.g. `RestartSec`",
-));
-                        }
-                        let expected = "a string, number, boolean or an array of them";
-                        let v = match e.item.as_value() {
-                            Some(Value::Array(a)) => {
-                                let mut out = Vec::new();
-                                for (i, v) in a.iter().enumerate() {
-                                    match scalar_string(v) {
-                                        Some(s) => out.push(s),
-                                        None => {
-                                            return Err(self.wrong_type_at(
-                                                v.span(),
-                                                v.type_name(),
-                                                &format!("{name}[{i}]"),
-                                                within,
-                                                "a string, number or boolean",
-                                            ))
-                                        }
-                                    }
-                                }
-                                ServiceConfigValue::Many(out)
-                            }
-                            Some(v) => match scalar_string(v) {
-                                Some(s) => ServiceConfigValue::One(s),
-                                None => return Err(self.wrong_type(&e, &name, within, expected)),
-                            },
-                            None => return Err(self.wrong_type(&e, &name, within, expected)),
-                        };
-                        s.service_config.insert(e.name.to_string(), v);
-                    }
+                    s.service_config =
+                        self.unit_settings(&f, "service_config", "Service", within)?
                 }
             }
         }
@@ -988,6 +987,95 @@ impl<'a> Ctx<'a> {
             None => Vec::new(),
         };
         Ok(s)
+    }
+}
+
+impl Ctx<'_> {
+    fn socket(&self, table: &dyn TableLike, within: &str) -> Result<SocketSpec> {
+        let mut s = SocketSpec {
+            enable: true,
+            listen_streams: Vec::new(),
+            listen_datagrams: Vec::new(),
+            accept: false,
+            wanted_by: vec!["sockets.target".to_string()],
+            socket_config: BTreeMap::new(),
+        };
+        let strings = |f: &Field| -> Result<Vec<String>> {
+            Ok(self
+                .string_list(f, within)?
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect())
+        };
+        for f in self.entries(table, SOCKET_KEYS, within)? {
+            match f.name {
+                "enable" => s.enable = self.boolean(&f, within)?,
+                "listen_streams" => s.listen_streams = strings(&f)?,
+                "listen_datagrams" => s.listen_datagrams = strings(&f)?,
+                "accept" => s.accept = self.boolean(&f, within)?,
+                "wanted_by" => s.wanted_by = strings(&f)?,
+                _ => s.socket_config = self.unit_settings(&f, "socket_config", "Socket", within)?,
+            }
+        }
+        Ok(s)
+    }
+
+    /// Raw unit-file settings of one section (`service_config`, `socket_config`): keys as
+    /// in a unit file, values scalars or arrays of them (a setting given several times).
+    fn unit_settings(
+        &self,
+        f: &Field,
+        key: &str,
+        section: &str,
+        within: &str,
+    ) -> Result<BTreeMap<String, ServiceConfigValue>> {
+        let mut out_map = BTreeMap::new();
+        let t = self.table(f, key, within)?;
+        for e in self.named_entries(t) {
+            let name = format!("{key}.{}", e.name);
+            if !e.name.bytes().all(|c| c.is_ascii_alphanumeric())
+                || !e.name.starts_with(|c: char| c.is_ascii_uppercase())
+            {
+                return Err(self.invalid(
+                    e.key_span(),
+                    format!(
+                        "invalid `[{section}]` setting name `{}`{}",
+                        e.name,
+                        in_(within)
+                    ),
+                    "expected a systemd setting such as `Restart`",
+                    format!("`{key}` keys are written as in a unit file, e.g. `RestartSec`"),
+                ));
+            }
+            let expected = "a string, number, boolean or an array of them";
+            let v = match e.item.as_value() {
+                Some(Value::Array(a)) => {
+                    let mut out = Vec::new();
+                    for (i, v) in a.iter().enumerate() {
+                        match scalar_string(v) {
+                            Some(s) => out.push(s),
+                            None => {
+                                return Err(self.wrong_type_at(
+                                    v.span(),
+                                    v.type_name(),
+                                    &format!("{name}[{i}]"),
+                                    within,
+                                    "a string, number or boolean",
+                                ))
+                            }
+                        }
+                    }
+                    ServiceConfigValue::Many(out)
+                }
+                Some(v) => match scalar_string(v) {
+                    Some(s) => ServiceConfigValue::One(s),
+                    None => return Err(self.wrong_type(&e, &name, within, expected)),
+                },
+                None => return Err(self.wrong_type(&e, &name, within, expected)),
+            };
+            out_map.insert(e.name.to_string(), v);
+        }
+        Ok(out_map)
     }
 }
 
@@ -1036,6 +1124,7 @@ pub(crate) fn merge(name: &str, d: &Partial, n: Partial) -> NodeSpec {
         users: map(&d.users, n.users),
         files: map(&d.files, n.files),
         services: map(&d.services, n.services),
+        sockets: map(&d.sockets, n.sockets),
         firewall: FirewallSpec {
             enable: n.firewall_enable.or(d.firewall_enable),
             allowed_tcp_ports: concat_dedup(&d.tcp, &n.tcp),
@@ -1048,6 +1137,7 @@ pub(crate) fn merge(name: &str, d: &Partial, n: Partial) -> NodeSpec {
             .unwrap_or_else(|| DEFAULT_SUITE.to_string()),
         mirror: n.mirror.or_else(|| d.mirror.clone()),
         snapshot: n.snapshot.or(d.snapshot).unwrap_or(true),
+        static_addresses: n.static_addresses.or(d.static_addresses).unwrap_or(true),
     }
 }
 
