@@ -347,6 +347,14 @@ fn invalid_values() {
             "[nodes.a.services.x]\nservice_config.restart = \"always\"\n",
             "t.toml:4:16: invalid `[Service]` setting name `restart` in service `x` of node `a`",
         ),
+        (
+            "[nodes.a.sockets.\"web@\"]\n",
+            "t.toml:3:18: invalid socket name `web@` in node `a`",
+        ),
+        (
+            "[nodes.a.sockets.web]\nsocket_config.backlog = 8\n",
+            "t.toml:4:15: invalid `[Socket]` setting name `backlog` in socket `web` of node `a`",
+        ),
     ];
     for (rest, expected) in cases {
         check(&with_head(rest), ErrorKind::Invalid, expected);
