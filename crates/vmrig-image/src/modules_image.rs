@@ -87,7 +87,7 @@ mod tests {
     #[test]
     fn image_holds_the_modules_tree() {
         if tools::find_program("mke2fs").is_none() || tools::find_program("debugfs").is_none() {
-            eprintln!("skipped: no mke2fs/debugfs");
+            vmrig_testkit::cannot_run("no mke2fs/debugfs (Debian package e2fsprogs)");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -46,15 +46,7 @@ fn qemu_with(netdev: &str, mac: &str) -> Option<Qemu> {
 }
 
 fn have_qemu() -> bool {
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("qemu-system-x86_64 not found: skipped");
-        return false;
-    }
-    true
+    vmrig_testkit::require_program("qemu-system-x86_64")
 }
 
 /// Whether this QEMU was built with `-netdev vde` (it needs libvdeplug).
@@ -68,7 +60,9 @@ fn have_qemu_vde() -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     if !out.lines().any(|l| l.trim() == "vde") {
-        eprintln!("qemu-system-x86_64 has no vde netdev (built without libvdeplug): skipped");
+        vmrig_testkit::cannot_run(
+            "qemu-system-x86_64 has no vde netdev (built without libvdeplug)",
+        );
         return false;
     }
     true

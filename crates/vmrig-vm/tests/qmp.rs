@@ -507,14 +507,7 @@ impl Drop for QemuGuard {
 #[test]
 fn real_qemu_status_version_and_quit() {
     let qemu = "qemu-system-x86_64";
-    if Command::new(qemu)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_err()
-    {
-        eprintln!("note: {qemu} not installed, skipping real_qemu_status_version_and_quit");
+    if !vmrig_testkit::require_program(qemu) {
         return;
     }
     let nanos = std::time::SystemTime::now()

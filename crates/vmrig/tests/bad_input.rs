@@ -290,9 +290,12 @@ fn bad_input_qemu_that_is_not_qemu() {
 fn bad_input_accel_kvm_when_kvm_is_not_usable() {
     use vmrig_vm::accel::{decide, AccelChoice};
     let Err(why) = decide(AccelChoice::Kvm) else {
-        // The message itself is pinned by vmrig-vm's unit test
-        // `forced_kvm_that_cannot_be_opened_says_why_and_what_to_do`.
-        eprintln!("skipped: KVM is usable on this host, so `--accel kvm` does not fail here");
+        // Not a missing dependency but a host where the case does not arise (so not
+        // `cannot_run`, which would fail CI on KVM runners). The message itself is pinned by
+        // vmrig-vm's unit test `forced_kvm_that_cannot_be_opened_says_why_and_what_to_do`.
+        eprintln!(
+            "not applicable: KVM is usable on this host, so `--accel kvm` does not fail here"
+        );
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -327,7 +330,7 @@ fn bad_input_accel_kvm_when_kvm_is_not_usable() {
 fn bad_input_store_on_a_full_disk() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a full tmpfs needs root (the message is pinned by the unit tests in exit.rs and runner.rs)");
+        vmrig_testkit::cannot_run("mounting a full tmpfs needs root (the message is pinned by the unit tests in exit.rs and runner.rs)");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -358,9 +361,9 @@ fn bad_input_store_on_a_full_disk() {
         .output();
     match out {
         Ok(out) if out.status.code() == Some(99) || out.status.code().is_none() => {
-            eprintln!("skipped: cannot mount a tmpfs here: {}", stderr(&out));
+            vmrig_testkit::cannot_run(&format!("cannot mount a tmpfs here: {}", stderr(&out)));
         }
-        Err(e) => eprintln!("skipped: cannot run unshare: {e}"),
+        Err(e) => vmrig_testkit::cannot_run(&format!("cannot run unshare: {e}")),
         Ok(out) => {
             let err = stderr(&out);
             assert_eq!(out.status.code(), Some(4), "{err}");
