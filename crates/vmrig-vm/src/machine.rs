@@ -341,15 +341,11 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        // A state saved by an older vmrig may hold a shell that still has the console as
-        // its terminal; releasing it again costs one round trip.
-        let mut shell = Shell::new(stream);
-        shell
-            .release_terminal(deadline)
-            .map_err(|source| VmError::Shell {
-                machine: self.name.clone(),
-                source,
-            })?;
+        // No release of the console as the shell's terminal here: states are saved after
+        // the first connect released it, and a state of an older frame never loads (the
+        // snapshot key has the snapshot format). Every round trip right after a restore is
+        // slow under TCG (nothing translated yet): this saves one.
+        let shell = Shell::new(stream);
         self.shell = Some(shell);
         Ok(())
     }
