@@ -72,13 +72,7 @@ pub struct RunOutcome {
     pub images: BTreeMap<String, vmrig_image::NodeImage>,
 }
 
-/// Finds a program on PATH (or returns None).
-pub fn find_program(program: &Path) -> Option<PathBuf> {
-    if program.components().count() > 1 {
-        return program.exists().then(|| program.to_owned());
-    }
-    vmrig_image::tools::find_program(&program.to_string_lossy())
-}
+pub use vmrig_vm::process::find_program;
 
 /// The firmware to boot with: qboot when QEMU ships it (about 1.7 s faster than SeaBIOS).
 pub fn firmware() -> Option<PathBuf> {
@@ -394,18 +388,14 @@ pub fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
 }
 
 fn check_qemu_version(qemu: &Path) -> Result<String, RunError> {
-    let out = std::process::Command::new(qemu)
-        .arg("--version")
-        .output()
-        .map_err(|e| {
-            RunError::Infra(format!(
-                "cannot run `{} --version`: {e}; name an executable QEMU with `--qemu PATH` (or VMRIG_QEMU)",
-                qemu.display()
-            ))
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = crate::snapshot::qemu_version_line(qemu).map_err(|e| {
+        RunError::Infra(format!(
+            "cannot run `{} --version`: {e}; name an executable QEMU with `--qemu PATH` (or VMRIG_QEMU)",
+            qemu.display()
+        ))
+    })?;
     match parse_qemu_version(&text) {
-        Some(v) if v >= MIN_QEMU => Ok(text.lines().next().unwrap_or_default().to_owned()),
+        Some(v) if v >= MIN_QEMU => Ok(text),
         Some((major, minor)) => Err(RunError::Infra(format!(
             "{} is QEMU {major}.{minor}, too old: vmrig needs QEMU {}.{} or newer (for `-netdev stream`): install a newer qemu-system-x86 or name another with `--qemu PATH` (or VMRIG_QEMU)",
             qemu.display(), MIN_QEMU.0, MIN_QEMU.1

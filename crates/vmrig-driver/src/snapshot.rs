@@ -145,8 +145,15 @@ pub fn start_script_snapshot(
     })
 }
 
-/// `qemu --version`'s first line, asked once per program.
-fn qemu_version(qemu: &Path) -> Option<String> {
+/// `qemu --version`'s first line, asked once per program (the run's QEMU check and the
+/// snapshot keys both need it).
+pub fn qemu_version(qemu: &Path) -> Option<String> {
+    qemu_version_line(qemu).ok().filter(|v| !v.is_empty())
+}
+
+/// [`qemu_version`], or why `qemu --version` could not run (an empty line when it printed
+/// nothing or failed).
+pub fn qemu_version_line(qemu: &Path) -> std::io::Result<String> {
     use std::collections::HashMap;
     use std::sync::Mutex;
     static KNOWN: Mutex<Option<HashMap<std::path::PathBuf, String>>> = Mutex::new(None);
@@ -156,27 +163,23 @@ fn qemu_version(qemu: &Path) -> Option<String> {
         .get_or_insert_with(HashMap::new)
         .get(qemu)
     {
-        return Some(v.clone());
+        return Ok(v.clone());
     }
     let out = std::process::Command::new(qemu)
         .arg("--version")
         .stdin(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    let version = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()?
-        .trim()
-        .to_owned();
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let version = stdout.lines().next().unwrap_or_default().trim().to_owned();
     if !out.status.success() || version.is_empty() {
-        return None;
+        return Ok(String::new());
     }
     KNOWN
         .lock()
         .unwrap()
         .get_or_insert_with(HashMap::new)
         .insert(qemu.to_owned(), version.clone());
-    Some(version)
+    Ok(version)
 }
 
 /// Puts a restored machine's boot back at the start of its console: the lines saved with

@@ -464,9 +464,7 @@ pub fn firewall_rules(node: &NodeSpec) -> String {
     s
 }
 
-fn q(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
+use vmrig_vm::backdoor::shell_quote as q;
 
 /// Writes the layer as a cpio archive (entries under `vmrig/layer/`).
 pub fn write_cpio(layer: &NodeLayer, out: impl Write) -> std::io::Result<()> {

@@ -177,9 +177,7 @@ pub fn customize_script(inputs: &ImageInputs) -> String {
     s
 }
 
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
+use vmrig_vm::backdoor::shell_quote as sh_quote;
 
 /// Maps apt's "unable to locate package" to an error naming the package and the nodes.
 fn unknown_package(err: ImageError, nodes: &[String]) -> ImageError {

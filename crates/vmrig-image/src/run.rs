@@ -140,7 +140,7 @@ fn shell_words_join(words: &[String]) -> String {
             {
                 w.clone()
             } else {
-                format!("'{}'", w.replace('\'', r"'\''"))
+                vmrig_vm::backdoor::shell_quote(w)
             }
         })
         .collect::<Vec<_>>()

@@ -26,21 +26,7 @@ pub const BUILD_TOOLS: &[HostTool] = &[
     },
 ];
 
-/// Finds `program` on `PATH` (and in the sbin directories, which non-root PATHs lack).
-pub fn find_program(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(program))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &std::path::Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
+pub use vmrig_vm::process::find_program;
 
 /// The tools of `tools` that are missing, as `(program, package)`.
 pub fn missing(tools: &[HostTool]) -> Vec<HostTool> {
@@ -113,10 +99,7 @@ impl UsernsHost {
     fn find(&self, program: &str) -> Option<PathBuf> {
         match &self.path {
             None => find_program(program),
-            Some(dirs) => dirs
-                .iter()
-                .map(|d| d.join(program))
-                .find(|p| is_executable(p)),
+            Some(dirs) => vmrig_vm::process::find_program_in(program, dirs.iter().cloned()),
         }
     }
 }

@@ -18,22 +18,8 @@ impl MachineInfo {
     }
 }
 
-/// Upstream's `pythonize_name`: a leading character that cannot start an
-/// identifier, and every character that cannot be in one, becomes `_`
-/// (`my-node` -> `my_node`, `1st` -> `_st`).
-pub fn pythonize_name(name: &str) -> String {
-    name.chars()
-        .enumerate()
-        .map(|(i, c)| {
-            let ok = c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit());
-            if ok {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
+/// Upstream's `pythonize_name` (one function for test-file nodes and start scripts).
+pub use vmrig_spec::python_name as pythonize_name;
 
 #[cfg(test)]
 mod tests {

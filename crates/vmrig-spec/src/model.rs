@@ -270,9 +270,22 @@ impl NodeSpec {
     }
 }
 
-/// The Python identifier for a node name (`-` made `_`).
-pub fn python_name(node_name: &str) -> String {
-    node_name.replace('-', "_")
+/// The Python identifier for a machine name, by upstream's `pythonize_name`: a leading
+/// character that cannot start an identifier, and every character that cannot be in one,
+/// becomes `_` (`my-node` -> `my_node`, `1st` -> `_st`). For a node name (`[a-z][a-z0-9_-]*`)
+/// that is `-` made `_`.
+pub fn python_name(name: &str) -> String {
+    name.chars()
+        .enumerate()
+        .map(|(i, c)| {
+            let ok = c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit());
+            if ok {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The host name of a node: its name without `_` (which host names cannot hold), as NixOS

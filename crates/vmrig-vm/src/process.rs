@@ -6,6 +6,7 @@
 //! the driver therefore kills every QEMU; on normal exits `Drop` kills the group and reaps.
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Mutex, OnceLock};
@@ -162,6 +163,35 @@ pub fn kill_all_children() {
     for pid in groups {
         kill_group(pid);
     }
+}
+
+/// Whether `path` is a file someone may execute.
+pub fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// `program` itself when it names a path (it has a `/`), else the first executable
+/// `<dir>/<program>` of `dirs`.
+pub fn find_program_in(
+    program: impl AsRef<Path>,
+    dirs: impl IntoIterator<Item = PathBuf>,
+) -> Option<PathBuf> {
+    let program = program.as_ref();
+    if program.components().count() > 1 {
+        return is_executable(program).then(|| program.to_owned());
+    }
+    dirs.into_iter()
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+}
+
+/// [`find_program_in`] `$PATH`, then the sbin directories (which non-root PATHs lack, and
+/// where mke2fs and depmod live).
+pub fn find_program(program: impl AsRef<Path>) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path).chain(["/usr/sbin", "/sbin"].map(PathBuf::from));
+    find_program_in(program, dirs)
 }
 
 #[cfg(test)]

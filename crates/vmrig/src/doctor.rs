@@ -50,24 +50,13 @@ impl Host {
     }
 
     fn find(&self, program: &Path) -> Option<PathBuf> {
-        if program.components().count() > 1 {
-            return is_executable(program).then(|| program.to_owned());
-        }
-        self.path
-            .iter()
-            .map(|d| d.join(program))
-            .find(|p| is_executable(p))
+        vmrig_vm::process::find_program_in(program, self.path.iter().cloned())
     }
 
     fn install(&self, packages: &[&str]) -> String {
         let sudo = if self.root { "" } else { "sudo " };
         format!("{sudo}apt-get install {}", packages.join(" "))
     }
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,24 +12,12 @@ pub const INSTALL: &str = "sudo apt-get install tesseract-ocr tesseract-ocr-eng"
 
 /// The `tesseract` program on `path` (the value of `$PATH`), or why there is none.
 pub fn find_tesseract(path: Option<&OsStr>) -> Result<PathBuf, String> {
-    if let Some(path) = path {
-        for dir in std::env::split_paths(path) {
-            let candidate = dir.join("tesseract");
-            if is_executable(&candidate) {
-                return Ok(candidate);
-            }
-        }
-    }
-    Err(format!(
+    let dirs = path.map(std::env::split_paths).into_iter().flatten();
+    vmrig_vm::process::find_program_in("tesseract", dirs).ok_or_else(|| {
+        format!(
         "OCR needs `tesseract` on the host, and there is none on PATH; install it with `{INSTALL}`"
-    ))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    )
+    })
 }
 
 /// One image to read.
