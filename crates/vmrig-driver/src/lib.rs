@@ -13,6 +13,7 @@ pub mod logger;
 pub mod machine;
 pub mod nixos;
 pub mod reporters;
+pub mod request;
 pub mod rpc;
 pub mod run;
 pub mod screen;

@@ -12,6 +12,7 @@ use crate::api::{DEFAULT_WAIT, MONITOR_PROMPT};
 use crate::events::{BlockKind, Level};
 use crate::logger::Logger;
 use crate::machine::Machine;
+use crate::request::{DriverRequest, MachineRequest, Request};
 use crate::ApiError;
 
 /// Serves a test script: the machines, the VLAN switches, the log.
@@ -23,59 +24,6 @@ pub struct DriverHandler {
     pub serial_stdout: Arc<AtomicBool>,
     /// Makes machines from start commands (`create_machine`).
     pub creator: crate::nixos::MachineCreator,
-}
-
-/// Typed access to a request's params.
-pub(crate) struct Params<'a>(pub(crate) &'a Value);
-
-impl<'a> Params<'a> {
-    fn str(&self, key: &str) -> Result<&'a str, RpcError> {
-        self.0
-            .get(key)
-            .and_then(Value::as_str)
-            .ok_or_else(|| RpcError::internal(format!("missing string parameter `{key}`")))
-    }
-    /// A string, or a number given for it (`wait_until_tty_matches(1, ...)`: upstream
-    /// formats the tty into a command, so both work there).
-    fn str_or_number(&self, key: &str) -> Result<String, RpcError> {
-        match self.0.get(key) {
-            Some(Value::String(s)) => Ok(s.clone()),
-            Some(Value::Number(n)) => Ok(n.to_string()),
-            _ => Err(RpcError::assertion(format!(
-                "`{key}` must be a string or a number"
-            ))),
-        }
-    }
-    fn opt_str(&self, key: &str) -> Option<&'a str> {
-        self.0.get(key).and_then(Value::as_str)
-    }
-    fn opt_f64(&self, key: &str) -> Option<f64> {
-        self.0.get(key).and_then(Value::as_f64)
-    }
-    fn f64_or(&self, key: &str, default: f64) -> f64 {
-        self.opt_f64(key).unwrap_or(default)
-    }
-    fn bool_or(&self, key: &str, default: bool) -> bool {
-        self.0.get(key).and_then(Value::as_bool).unwrap_or(default)
-    }
-    fn u16(&self, key: &str) -> Result<u16, RpcError> {
-        self.0
-            .get(key)
-            .and_then(Value::as_u64)
-            .and_then(|p| u16::try_from(p).ok())
-            .ok_or_else(|| RpcError::assertion(format!("`{key}` must be a port number (0-65535)")))
-    }
-    fn strings(&self, key: &str) -> Vec<String> {
-        self.0
-            .get(key)
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
 }
 
 impl From<ApiError> for RpcError {
@@ -90,12 +38,30 @@ impl From<ApiError> for RpcError {
 
 impl Handler for DriverHandler {
     fn call(&self, method: &str, params: &Value) -> Result<Value, RpcError> {
-        let p = Params(params);
-        if let Some(m) = method.strip_prefix("machine.") {
-            return self.machine_call(m, &p);
+        match Request::parse(method, params)? {
+            Request::Machine { machine, call } => self.machine_call(&machine, call),
+            Request::Driver(call) => self.driver_call(call),
         }
-        match method {
-            "driver.start_all" => {
+    }
+}
+
+fn machine_err(e: impl std::fmt::Display) -> RpcError {
+    RpcError::machine(e.to_string())
+}
+
+fn net_error(e: vmrig_net::NetError) -> RpcError {
+    RpcError::machine(format!("switch: {e}"))
+}
+
+impl DriverHandler {
+    /// Every machine, in name order (a snapshot: the lock is not held while they work).
+    fn all_machines(&self) -> Vec<Arc<Mutex<Machine>>> {
+        self.machines.read().unwrap().values().cloned().collect()
+    }
+
+    fn driver_call(&self, call: DriverRequest) -> Result<Value, RpcError> {
+        match call {
+            DriverRequest::StartAll {} => {
                 let id = self.logger.begin(BlockKind::Nested, "start all VMs", None);
                 let mut result = Ok(Value::Null);
                 for machine in self.all_machines() {
@@ -110,7 +76,7 @@ impl Handler for DriverHandler {
                 );
                 result
             }
-            "driver.join_all" => {
+            DriverRequest::JoinAll {} => {
                 let id = self
                     .logger
                     .begin(BlockKind::Nested, "wait for all VMs to finish", None);
@@ -120,101 +86,91 @@ impl Handler for DriverHandler {
                 self.logger.end(id, None);
                 Ok(Value::Null)
             }
-            "block.begin" => {
-                let kind = if p.opt_str("kind") == Some("subtest") {
+            DriverRequest::CreateMachine {
+                start_command,
+                name,
+                keep_vm_state,
+            } => self.create_machine(&start_command, name.as_deref(), keep_vm_state),
+            DriverRequest::BlockBegin {
+                message,
+                kind,
+                attrs,
+            } => {
+                let kind = if kind.as_deref() == Some("subtest") {
                     BlockKind::Subtest
                 } else {
                     BlockKind::Nested
                 };
-                let machine = params
-                    .get("attrs")
-                    .and_then(|a| a.get("machine"))
-                    .and_then(Value::as_str);
-                Ok(json!({ "id": self.logger.begin(kind, p.str("message")?, machine) }))
+                let id = self.logger.begin(kind, &message, attrs.machine.as_deref());
+                Ok(json!({ "id": id }))
             }
-            "block.end" => {
-                let id = params.get("id").and_then(Value::as_u64).unwrap_or(0);
-                self.logger.end(id, p.opt_str("error").map(str::to_owned));
+            DriverRequest::BlockEnd { id, error } => {
+                self.logger.end(id, error);
                 Ok(Value::Null)
             }
-            "log.message" => {
-                let level = match p.opt_str("level") {
+            DriverRequest::LogMessage {
+                level,
+                message,
+                attrs,
+            } => {
+                let level = match level.as_deref() {
                     Some("warning") => Level::Warning,
                     Some("error") => Level::Error,
                     Some("debug") => Level::Debug,
                     _ => Level::Info,
                 };
-                let machine = params
-                    .get("attrs")
-                    .and_then(|a| a.get("machine"))
-                    .and_then(Value::as_str);
-                self.logger.log(level, p.str("message")?, machine);
+                self.logger.log(level, message, attrs.machine.as_deref());
                 Ok(Value::Null)
             }
-            "serial_stdout" => {
+            DriverRequest::SerialStdout { on } => {
                 self.serial_stdout
-                    .store(p.bool_or("on", true), Ordering::Relaxed);
+                    .store(on.unwrap_or(true), Ordering::Relaxed);
                 Ok(Value::Null)
             }
-            "vlan.set_loss" => {
-                let vlan = self.vlan(params)?;
-                vlan.set_loss(p.f64_or("percent", 0.0)).map_err(net_error)?;
+            DriverRequest::SetLoss { vlan, percent } => {
+                self.vlan(vlan)?
+                    .set_loss(percent.unwrap_or(0.0))
+                    .map_err(net_error)?;
                 Ok(Value::Null)
             }
-            "vlan.set_delay" => {
-                let vlan = self.vlan(params)?;
-                vlan.set_delay(Duration::from_secs_f64(
-                    p.f64_or("ms", 0.0).max(0.0) / 1000.0,
-                ))
-                .map_err(net_error)?;
+            DriverRequest::SetDelay { vlan, ms } => {
+                let delay = Duration::from_secs_f64(ms.unwrap_or(0.0).max(0.0) / 1000.0);
+                self.vlan(vlan)?.set_delay(delay).map_err(net_error)?;
                 Ok(Value::Null)
             }
-            "net.partition" => {
-                let (a, b) = (p.strings("group_a"), p.strings("group_b"));
-                for name in a.iter().chain(&b) {
+            DriverRequest::Partition { group_a, group_b } => {
+                for name in group_a.iter().chain(&group_b) {
                     if !self.machines.read().unwrap().contains_key(name) {
                         return Err(RpcError::assertion(format!(
                             "partition: no machine named `{name}`"
                         )));
                     }
                 }
-                self.logger.info(format!("partitioning {a:?} from {b:?}"));
+                self.logger
+                    .info(format!("partitioning {group_a:?} from {group_b:?}"));
                 for vlan in self.vlans.values() {
-                    vlan.partition(&a, &b).map_err(net_error)?;
+                    vlan.partition(&group_a, &group_b).map_err(net_error)?;
                 }
                 Ok(Value::Null)
             }
-            "driver.create_machine" => self.create_machine(&p),
-            "net.heal" => {
+            DriverRequest::Heal {} => {
                 self.logger.info("healing all partitions");
                 for vlan in self.vlans.values() {
                     vlan.heal().map_err(net_error)?;
                 }
                 Ok(Value::Null)
             }
-            other => Err(RpcError::unknown_method(other)),
         }
-    }
-}
-
-fn net_error(e: vmrig_net::NetError) -> RpcError {
-    RpcError::machine(format!("switch: {e}"))
-}
-
-impl DriverHandler {
-    /// Every machine, in name order (a snapshot: the lock is not held while they work).
-    fn all_machines(&self) -> Vec<Arc<Mutex<Machine>>> {
-        self.machines.read().unwrap().values().cloned().collect()
     }
 
     /// `create_machine(start_command, name=, keep_vm_state=)`.
-    fn create_machine(&self, p: &Params) -> Result<Value, RpcError> {
-        let command = p.str("start_command")?;
-        let machine = self.creator.create(
-            p.opt_str("name"),
-            command,
-            p.bool_or("keep_vm_state", false),
-        )?;
+    fn create_machine(
+        &self,
+        command: &str,
+        name: Option<&str>,
+        keep_vm_state: bool,
+    ) -> Result<Value, RpcError> {
+        let machine = self.creator.create(name, command, keep_vm_state)?;
         let name = machine.name.clone();
         let mut machines = self.machines.write().unwrap();
         if machines.contains_key(&name) {
@@ -228,16 +184,15 @@ impl DriverHandler {
         Ok(json!({ "name": name }))
     }
 
-    fn vlan(&self, params: &Value) -> Result<&vmrig_net::Vlan, RpcError> {
-        let nr = params.get("vlan").and_then(Value::as_u64).unwrap_or(0);
+    fn vlan(&self, nr: u64) -> Result<&vmrig_net::Vlan, RpcError> {
         u8::try_from(nr)
             .ok()
             .and_then(|n| self.vlans.get(&n).map(|v| &**v))
             .ok_or_else(|| RpcError::assertion(format!("no VLAN {nr} in this test")))
     }
 
-    fn machine_call(&self, method: &str, p: &Params) -> Result<Value, RpcError> {
-        let name = p.str("machine")?;
+    fn machine_call(&self, name: &str, call: MachineRequest) -> Result<Value, RpcError> {
+        use MachineRequest as R;
         let cell = self
             .machines
             .read()
@@ -247,24 +202,25 @@ impl DriverHandler {
             .ok_or_else(|| RpcError::internal(format!("no machine named `{name}`")))?;
         let mut m = cell.lock().unwrap();
         let ok = |_| Value::Null;
-        Ok(match method {
-            "start" => m.start(p.bool_or("allow_reboot", false)).map(ok)?,
-            "connect" => m.connect().map(ok)?,
-            "shutdown" => m.shutdown().map(ok)?,
-            "crash" => {
+        let wait = |t: Option<f64>| t.unwrap_or(DEFAULT_WAIT);
+        Ok(match call {
+            R::Start { allow_reboot } => m.start(allow_reboot).map(ok)?,
+            R::Connect {} => m.connect().map(ok)?,
+            R::Shutdown {} => m.shutdown().map(ok)?,
+            R::Crash {} => {
                 m.crash();
                 Value::Null
             }
-            "wait_for_shutdown" => m.wait_for_shutdown().map(ok)?,
-            "reboot" => {
+            R::WaitForShutdown {} => m.wait_for_shutdown().map(ok)?,
+            R::Reboot {} => {
                 // Upstream: press Ctrl+Alt+Delete; the next command waits for the new shell.
                 // Without allow_reboot QEMU exits instead, and the next command boots anew.
                 m.connect()?;
-                let vm = m.vm_mut()?;
-                vm.qmp()
-                    .map_err(|e| RpcError::machine(e.to_string()))?
+                m.vm_mut()?
+                    .qmp()
+                    .map_err(machine_err)?
                     .send_key(&["ctrl", "alt", "delete"], None)
-                    .map_err(|e| RpcError::machine(e.to_string()))?;
+                    .map_err(machine_err)?;
                 let message = if m.expect_reboot() {
                     "rebooting (ctrl-alt-delete)"
                 } else {
@@ -273,149 +229,157 @@ impl DriverHandler {
                 self.logger.log(Level::Info, message, Some(name));
                 Value::Null
             }
-            "send_console" => {
-                let chars = p.str("chars")?;
-                m.vm_mut()?
-                    .send_console(chars.as_bytes())
-                    .map_err(|e| RpcError::machine(e.to_string()))?;
-                Value::Null
-            }
-            "get_tty_text" => json!(m.get_tty_text(&p.str_or_number("tty")?)?),
-            "wait_until_tty_matches" => {
-                m.wait_until_tty_matches(
-                    &p.str_or_number("tty")?,
-                    p.str("regexp")?,
-                    p.f64_or("timeout", DEFAULT_WAIT),
-                )?;
-                Value::Null
-            }
-            "is_up" => json!(m.is_up()),
-            "state" => json!({ "booted": m.is_booted(), "connected": m.is_connected() }),
-            "execute" => {
-                let command = p.str("command")?;
-                let timeout = p.opt_f64("timeout");
-                if !p.bool_or("check_output", true) {
+            R::SwitchRoot {} => m.switch_root().map(ok)?,
+            R::IsUp {} => json!(m.is_up()),
+            R::State {} => json!({ "booted": m.is_booted(), "connected": m.is_connected() }),
+            R::Execute {
+                command,
+                timeout,
+                check_return,
+                check_output,
+            } => {
+                if !check_output.unwrap_or(true) {
                     // Upstream sends the command and returns at once (for commands that
                     // take the shell down); its reply is dropped before the next command's.
-                    m.execute_user_detached(command, timeout)?;
+                    m.execute_user_detached(&command, timeout)?;
                     return Ok(json!([-2, ""]));
                 }
-                let (status, output) = m.execute_user(command, timeout)?;
-                let status = if p.bool_or("check_return", true) {
+                let (status, output) = m.execute_user(&command, timeout)?;
+                let status = if check_return.unwrap_or(true) {
                     status
                 } else {
                     -1
                 };
                 json!([status, output])
             }
-            "succeed" => json!(m.succeed(&p.strings("commands"), p.opt_f64("timeout"))?),
-            "fail" => json!(m.fail(&p.strings("commands"), p.opt_f64("timeout"))?),
-            "wait_until_succeeds" => json!(m.wait_until_succeeds(
-                p.str("command")?,
-                p.f64_or("timeout", DEFAULT_WAIT),
-                p.opt_f64("attempt_timeout"),
-            )?),
-            "wait_until_fails" => json!(m.wait_until_fails(
-                p.str("command")?,
-                p.f64_or("timeout", DEFAULT_WAIT),
-                p.opt_f64("attempt_timeout"),
-            )?),
-            "sleep" => {
-                let secs = p.f64_or("secs", 0.0);
-                m.succeed(&[format!("sleep {secs}")], None)?;
+            R::Succeed { commands, timeout } => json!(m.succeed(&commands, timeout)?),
+            R::Fail { commands, timeout } => json!(m.fail(&commands, timeout)?),
+            R::WaitUntilSucceeds {
+                command,
+                timeout,
+                attempt_timeout,
+            } => json!(m.wait_until_succeeds(&command, wait(timeout), attempt_timeout)?),
+            R::WaitUntilFails {
+                command,
+                timeout,
+                attempt_timeout,
+            } => json!(m.wait_until_fails(&command, wait(timeout), attempt_timeout)?),
+            R::Sleep { secs } => {
+                m.succeed(&[format!("sleep {}", secs.unwrap_or(0.0))], None)?;
                 Value::Null
             }
-            "systemctl" => json!(m.systemctl(p.str("q")?, p.opt_str("user"))?),
-            "start_job" => {
-                json!(m.systemctl(&format!("start {}", p.str("jobname")?), p.opt_str("user"))?)
+            R::Systemctl { q, user } => json!(m.systemctl(&q, user.as_deref())?),
+            R::StartJob { jobname, user } => {
+                json!(m.systemctl(&format!("start {jobname}"), user.as_deref())?)
             }
-            "stop_job" => {
-                json!(m.systemctl(&format!("stop {}", p.str("jobname")?), p.opt_str("user"))?)
+            R::StopJob { jobname, user } => {
+                json!(m.systemctl(&format!("stop {jobname}"), user.as_deref())?)
             }
-            "get_unit_info" => json!(m.get_unit_info(p.str("unit")?, p.opt_str("user"))?),
-            "get_unit_property" => {
-                json!(m.get_unit_property(p.str("unit")?, p.str("property")?, p.opt_str("user"))?)
+            R::GetUnitInfo { unit, user } => json!(m.get_unit_info(&unit, user.as_deref())?),
+            R::GetUnitProperty {
+                unit,
+                property,
+                user,
+            } => json!(m.get_unit_property(&unit, &property, user.as_deref())?),
+            R::WaitForUnit {
+                unit,
+                user,
+                timeout,
+            } => m
+                .wait_for_unit(&unit, user.as_deref(), wait(timeout))
+                .map(ok)?,
+            R::WaitForUnitActiveState {
+                unit,
+                state,
+                user,
+                timeout,
+            } => m
+                .wait_for_unit_active_state(&unit, &state, user.as_deref(), wait(timeout))
+                .map(ok)?,
+            R::RequireUnitState {
+                unit,
+                require_state,
+            } => m
+                .require_unit_state(&unit, require_state.as_deref().unwrap_or("active"))
+                .map(ok)?,
+            R::WaitForFile { filename, timeout } => {
+                m.wait_for_file(&filename, wait(timeout)).map(ok)?
             }
-            "wait_for_unit" => m
-                .wait_for_unit(
-                    p.str("unit")?,
-                    p.opt_str("user"),
-                    p.f64_or("timeout", DEFAULT_WAIT),
-                )
-                .map(ok)?,
-            "wait_for_unit_active_state" => m
-                .wait_for_unit_active_state(
-                    p.str("unit")?,
-                    p.str("state")?,
-                    p.opt_str("user"),
-                    p.f64_or("timeout", DEFAULT_WAIT),
-                )
-                .map(ok)?,
-            "switch_root" => m.switch_root().map(ok)?,
-            "require_unit_state" => m
-                .require_unit_state(
-                    p.str("unit")?,
-                    p.opt_str("require_state").unwrap_or("active"),
-                )
-                .map(ok)?,
-            "wait_for_file" => m
-                .wait_for_file(p.str("filename")?, p.f64_or("timeout", DEFAULT_WAIT))
-                .map(ok)?,
-            "wait_for_open_port" | "wait_for_closed_port" => {
-                let addr = p.opt_str("addr").unwrap_or("localhost");
-                m.wait_for_port(
-                    p.u16("port")?,
-                    addr,
-                    method == "wait_for_open_port",
-                    p.f64_or("timeout", DEFAULT_WAIT),
-                )
-                .map(ok)?
+            R::WaitForOpenPort {
+                port,
+                addr,
+                timeout,
+            } => {
+                let addr = addr.as_deref().unwrap_or("localhost");
+                m.wait_for_port(port, addr, true, wait(timeout)).map(ok)?
             }
-            "wait_for_open_unix_socket" => m
-                .wait_for_open_unix_socket(
-                    p.str("addr")?,
-                    p.bool_or("is_datagram", false),
-                    p.f64_or("timeout", DEFAULT_WAIT),
-                )
+            R::WaitForClosedPort {
+                port,
+                addr,
+                timeout,
+            } => {
+                let addr = addr.as_deref().unwrap_or("localhost");
+                m.wait_for_port(port, addr, false, wait(timeout)).map(ok)?
+            }
+            R::WaitForOpenUnixSocket {
+                addr,
+                is_datagram,
+                timeout,
+            } => m
+                .wait_for_open_unix_socket(&addr, is_datagram.unwrap_or(false), wait(timeout))
                 .map(ok)?,
-            "wait_for_console_text" => m
-                .wait_for_console_text(p.str("regex")?, p.opt_f64("timeout"))
-                .map(ok)?,
-            "get_console_log" => json!(m.console().text()),
-            "send_monitor_command" => {
-                let command = p.str("command")?;
-                let vm = m.vm_mut()?;
-                let out = vm
-                    .qmp()
-                    .map_err(|e| RpcError::machine(e.to_string()))?
-                    .human_monitor_command(command)
+            R::WaitForConsoleText { regex, timeout } => {
+                m.wait_for_console_text(&regex, timeout).map(ok)?
+            }
+            R::GetConsoleLog {} => json!(m.console().text()),
+            R::SendConsole { chars } => {
+                m.vm_mut()?
+                    .send_console(chars.as_bytes())
                     .map_err(|e| RpcError::machine(e.to_string()))?;
+                Value::Null
+            }
+            R::SendMonitorCommand { command } => {
+                let out = m
+                    .vm_mut()?
+                    .qmp()
+                    .map_err(machine_err)?
+                    .human_monitor_command(&command)
+                    .map_err(machine_err)?;
                 // Upstream reads its monitor socket up to the next prompt, so its reply ends
                 // with one (and tests look for it); QMP's reply has none.
                 json!(format!("{out}{MONITOR_PROMPT}"))
             }
-            "next_qmp_event" => {
-                let timeout = Duration::from_secs_f64(p.f64_or("timeout", 0.0).clamp(0.0, 3600.0));
-                let vm = m.vm_mut()?;
-                match vm
+            R::NextQmpEvent { timeout } => {
+                let timeout = Duration::from_secs_f64(timeout.unwrap_or(0.0).clamp(0.0, 3600.0));
+                let event = m
+                    .vm_mut()?
                     .qmp()
-                    .map_err(|e| RpcError::machine(e.to_string()))?
+                    .map_err(machine_err)?
                     .next_event(timeout)
-                    .map_err(|e| RpcError::machine(e.to_string()))?
-                {
+                    .map_err(machine_err)?;
+                match event {
                     Some(ev) => {
                         json!({ "event": ev.name, "data": ev.data, "timestamp": { "seconds": ev.timestamp.0, "microseconds": ev.timestamp.1 } })
                     }
                     None => Value::Null,
                 }
             }
-            "screenshot" => {
-                let file = screenshot_path(m.out_dir(), p.str("filename")?);
-                let vm = m.vm_mut()?;
-                vm.qmp()
-                    .map_err(|e| RpcError::machine(e.to_string()))?
+            R::GetTtyText { tty } => json!(m.get_tty_text(&tty.to_string())?),
+            R::WaitUntilTtyMatches {
+                tty,
+                regexp,
+                timeout,
+            } => {
+                m.wait_until_tty_matches(&tty.to_string(), &regexp, wait(timeout))?;
+                Value::Null
+            }
+            R::Screenshot { filename } => {
+                let file = screenshot_path(m.out_dir(), &filename);
+                m.vm_mut()?
+                    .qmp()
+                    .map_err(machine_err)?
                     .screendump(&file, true)
-                    .map_err(|e| RpcError::machine(e.to_string()))?;
+                    .map_err(machine_err)?;
                 self.logger.log(
                     Level::Info,
                     format!("screenshot saved to {}", file.display()),
@@ -423,79 +387,73 @@ impl DriverHandler {
                 );
                 Value::Null
             }
-            "forward_port" => {
-                let (host, guest) = (p.u16("host_port")?, p.u16("guest_port")?);
+            R::ForwardPort {
+                host_port,
+                guest_port,
+            } => {
                 if m.is_booted() {
-                    let vm = m.vm_mut()?;
-                    let out = vm
+                    let out = m
+                        .vm_mut()?
                         .qmp()
-                        .map_err(|e| RpcError::machine(e.to_string()))?
+                        .map_err(machine_err)?
                         .human_monitor_command(&format!(
-                            "hostfwd_add user0 tcp:127.0.0.1:{host}-:{guest}"
+                            "hostfwd_add user0 tcp:127.0.0.1:{host_port}-:{guest_port}"
                         ))
-                        .map_err(|e| RpcError::machine(e.to_string()))?;
+                        .map_err(machine_err)?;
                     if !out.trim().is_empty() {
                         return Err(RpcError::machine(format!("forward_port: {}", out.trim())));
                     }
                 } else {
-                    m.add_forward(host, guest);
+                    m.add_forward(host_port, guest_port);
                 }
                 Value::Null
             }
-            "block" | "unblock" => {
-                let up = method == "unblock";
-                let from_command = m.is_start_command();
-                for nr in m.vlan_numbers() {
-                    if let Some(vlan) = self.vlans.get(&nr) {
-                        match vlan.set_link(name, up) {
-                            // A start command's VM may not have joined this VLAN.
-                            Err(vmrig_net::NetError::UnknownPort { .. }) if from_command => {}
-                            other => other.map_err(net_error)?,
-                        }
-                    }
-                    if m.is_booted() {
-                        let vm = m.vm_mut()?;
-                        let set = vm
-                            .qmp()
-                            .map_err(|e| RpcError::machine(e.to_string()))?
-                            .set_link(&vmrig_vm::cmdline::vlan_netdev_id(nr), up);
-                        match set {
-                            Err(_) if from_command => {}
-                            other => other.map_err(|e| RpcError::machine(e.to_string()))?,
-                        }
-                    }
-                }
-                self.logger.log(
-                    Level::Info,
-                    format!(
-                        "{} all VLAN links",
-                        if up { "unblocked" } else { "blocked" }
-                    ),
-                    Some(name),
-                );
+            R::Block {} => self.set_links(&mut m, name, false)?,
+            R::Unblock {} => self.set_links(&mut m, name, true)?,
+            R::CopyFromHost { source, target } | R::CopyFromHostViaShell { source, target } => {
+                crate::copy::from_host(&mut m, &source, &target)?;
                 Value::Null
             }
-            "copy_from_host" | "copy_from_host_via_shell" => {
-                crate::copy::from_host(&mut m, p.str("source")?, p.str("target")?)?;
+            R::CopyFromMachine { source, target_dir } => {
+                crate::copy::from_machine(&mut m, &source, target_dir.as_deref().unwrap_or(""))?;
                 Value::Null
             }
-            "copy_from_machine" => {
-                crate::copy::from_machine(
-                    &mut m,
-                    p.str("source")?,
-                    p.opt_str("target_dir").unwrap_or(""),
-                )?;
-                Value::Null
-            }
-            other if crate::screen::handles(other) => {
-                crate::screen::call(&mut m, other, p.0, &self.logger)?
-            }
-            other => {
-                return Err(RpcError::machine(format!(
-                    "`{other}` is not implemented by vmrig yet (see the README's API table)"
-                )))
-            }
+            screen => crate::screen::call(&mut m, screen)?,
         })
+    }
+
+    /// `block()` / `unblock()`: the machine's links on all its VLANs, down or up.
+    fn set_links(&self, m: &mut Machine, name: &str, up: bool) -> Result<Value, RpcError> {
+        let from_command = m.is_start_command();
+        for nr in m.vlan_numbers() {
+            if let Some(vlan) = self.vlans.get(&nr) {
+                match vlan.set_link(name, up) {
+                    // A start command's VM may not have joined this VLAN.
+                    Err(vmrig_net::NetError::UnknownPort { .. }) if from_command => {}
+                    other => other.map_err(net_error)?,
+                }
+            }
+            if m.is_booted() {
+                let set = m
+                    .vm_mut()?
+                    .qmp()
+                    .map_err(|e| RpcError::machine(e.to_string()))?
+                    .set_link(&vmrig_vm::cmdline::vlan_netdev_id(nr), up);
+                match set {
+                    Err(_) if from_command => {}
+                    other => other.map_err(|e| RpcError::machine(e.to_string()))?,
+                }
+            }
+        }
+        self.logger.log(
+            Level::Info,
+            format!(
+                "{} all VLAN links",
+                if up { "unblocked" } else { "blocked" }
+            ),
+            Some(name),
+        );
+        Ok(Value::Null)
     }
 }
 

@@ -1,5 +1,5 @@
 //! The screen: keys, screenshots' text (OCR), X11 windows, image matching.
-//! (Dispatched from `rpc.rs`; methods listed in [`METHODS`]. `screenshot` itself is in
+//! (Dispatched from `rpc.rs` with the typed [`MachineRequest`]; `screenshot` itself is in
 //! `rpc.rs`.)
 //!
 //! NixOS semantics (nixos/lib/test-driver, machine/__init__.py and ocr.py), with these
@@ -34,23 +34,9 @@ use vmrig_python::RpcError;
 
 use crate::api::DEFAULT_WAIT;
 use crate::events::Level;
-use crate::logger::Logger;
 use crate::machine::Machine;
+use crate::request::MachineRequest;
 use crate::ApiError;
-
-/// The machine methods this module answers.
-pub const METHODS: &[&str] = &[
-    "send_key",
-    "send_chars",
-    "get_screen_text",
-    "get_screen_text_variants",
-    "wait_for_text",
-    "wait_for_x",
-    "get_window_names",
-    "wait_for_window",
-    "wait_for_image",
-    "screen_matches",
-];
 
 /// Default threshold of `wait_for_image` and `screen_matches`.
 pub const DEFAULT_THRESHOLD: f64 = 0.95;
@@ -58,81 +44,65 @@ pub const DEFAULT_THRESHOLD: f64 = 0.95;
 /// Longest a single QMP command of this module may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn handles(method: &str) -> bool {
-    METHODS.contains(&method)
-}
-
-pub fn call(
-    m: &mut Machine,
-    method: &str,
-    params: &Value,
-    _logger: &Logger,
-) -> Result<Value, RpcError> {
-    let p = P(params);
-    Ok(match method {
-        "send_key" => {
-            send_key(
-                m,
-                p.str("key")?,
-                p.opt_f64("delay"),
-                p.0.get("log").and_then(Value::as_bool).unwrap_or(true),
-            )?;
+/// The screen's calls (rpc.rs passes every other request elsewhere).
+pub fn call(m: &mut Machine, call: MachineRequest) -> Result<Value, RpcError> {
+    use MachineRequest as R;
+    let timeout = |t: Option<f64>| t.unwrap_or(DEFAULT_WAIT);
+    Ok(match call {
+        R::SendKey { key, delay, log } => {
+            send_key(m, &key, delay, log.unwrap_or(true))?;
             Value::Null
         }
-        "send_chars" => {
-            send_chars(m, p.str("chars")?, p.opt_f64("delay"))?;
+        R::SendChars { chars, delay } => {
+            send_chars(m, &chars, delay)?;
             Value::Null
         }
-        "get_screen_text" => json!(get_screen_text(m)?),
-        "get_screen_text_variants" => json!(get_screen_text_variants(m)?),
-        "wait_for_text" => {
-            wait_for_text(m, p.str("regex")?, p.timeout())?;
+        R::GetScreenText {} => json!(get_screen_text(m)?),
+        R::GetScreenTextVariants {} => json!(get_screen_text_variants(m)?),
+        R::WaitForText { regex, timeout: t } => {
+            wait_for_text(m, &regex, timeout(t))?;
             Value::Null
         }
-        "wait_for_x" => {
-            wait_for_x(m, p.timeout())?;
+        R::WaitForX { timeout: t } => {
+            wait_for_x(m, timeout(t))?;
             Value::Null
         }
-        "get_window_names" => json!(get_window_names(m)?),
-        "wait_for_window" => {
-            wait_for_window(m, p.str("regexp")?, p.timeout())?;
+        R::GetWindowNames {} => json!(get_window_names(m)?),
+        R::WaitForWindow { regexp, timeout: t } => {
+            wait_for_window(m, &regexp, timeout(t))?;
             Value::Null
         }
-        "wait_for_image" => {
-            wait_for_image(m, p.str("path")?, p.threshold()?, p.timeout())?;
+        R::WaitForImage {
+            path,
+            threshold: th,
+            timeout: t,
+        } => {
+            wait_for_image(m, &path, threshold(th)?, timeout(t))?;
             Value::Null
         }
-        "screen_matches" => json!(screen_matches(m, p.str("path")?, p.threshold()?)?),
-        other => return Err(RpcError::unknown_method(other)),
+        R::ScreenMatches {
+            path,
+            threshold: th,
+        } => {
+            json!(screen_matches(m, &path, threshold(th)?)?)
+        }
+        other => {
+            return Err(RpcError::internal(format!(
+                "vmrig driver: {other:?} is not a screen call"
+            )))
+        }
     })
 }
 
-/// Typed access to the params.
-struct P<'a>(&'a Value);
-
-impl<'a> P<'a> {
-    fn str(&self, key: &str) -> Result<&'a str, RpcError> {
-        self.0
-            .get(key)
-            .and_then(Value::as_str)
-            .ok_or_else(|| RpcError::internal(format!("missing string parameter `{key}`")))
-    }
-    fn opt_f64(&self, key: &str) -> Option<f64> {
-        self.0.get(key).and_then(Value::as_f64)
-    }
-    /// `timeout` in seconds; null or absent: upstream's 900 s (bounded by the global timeout).
-    fn timeout(&self) -> f64 {
-        self.opt_f64("timeout").unwrap_or(DEFAULT_WAIT)
-    }
-    fn threshold(&self) -> Result<f64, RpcError> {
-        let t = self.opt_f64("threshold").unwrap_or(DEFAULT_THRESHOLD);
-        if t > 0.0 && t <= 1.0 {
-            Ok(t)
-        } else {
-            Err(RpcError::assertion(format!(
-                "threshold must be in (0, 1], not {t}"
-            )))
-        }
+/// A matching threshold: in (0, 1], default [`DEFAULT_THRESHOLD`].
+fn threshold(given: Option<f64>) -> Result<f64, RpcError> {
+    let t = given.unwrap_or(DEFAULT_THRESHOLD);
+    if t > 0.0 && t <= 1.0 {
+        Ok(t)
+    } else {
+        Err(RpcError::assertion(format!(
+            "threshold must be in (0, 1], not {t}"
+        )))
     }
 }
 
@@ -663,12 +633,10 @@ xwininfo: Window id: 0x4ec (the root window) (has no name)
     }
 
     #[test]
-    fn params_are_checked() {
-        let v = json!({"threshold": 1.5});
-        assert!(P(&v).threshold().is_err());
-        let v = json!({});
-        assert_eq!(P(&v).threshold().unwrap(), DEFAULT_THRESHOLD);
-        assert_eq!(P(&v).timeout(), DEFAULT_WAIT);
-        assert!(handles("wait_for_image") && !handles("screenshot"));
+    fn thresholds_are_checked() {
+        assert!(threshold(Some(1.5)).is_err());
+        assert!(threshold(Some(0.0)).is_err());
+        assert_eq!(threshold(None).unwrap(), DEFAULT_THRESHOLD);
+        assert_eq!(threshold(Some(1.0)).unwrap(), 1.0);
     }
 }

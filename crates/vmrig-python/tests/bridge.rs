@@ -1166,15 +1166,6 @@ unblock()
 shell_interact(address=None)
 console_interact()
 wait_for_qmp_event(event_filter, timeout=600)"#;
-    let names: Vec<&str> = golden
-        .lines()
-        .map(|l| l.split('(').next().unwrap())
-        .collect();
-    assert_eq!(
-        names,
-        vmrig_python::MACHINE_METHODS,
-        "golden list and MACHINE_METHODS differ"
-    );
     let script = format!(
         "import inspect\ngolden = {golden:?}.splitlines()\nfor line in golden:\n    name = line.split('(')[0]\n    fn = getattr(Machine, name)\n    sig = str(inspect.signature(fn)).replace('(self, ', '(').replace('(self)', '()')\n    t.assertEqual(name + sig, line)\n"
     );
