@@ -2,7 +2,7 @@
 //! backdoor's base64 framing), so no shared directory has to be mounted.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use base64::Engine;
 use vmrig_vm::backdoor::shell_quote;
@@ -24,7 +24,7 @@ pub fn from_host(m: &mut Machine, source: &str, target: &str) -> Result<(), ApiE
     let base = src
         .file_name()
         .ok_or_else(|| ApiError::Assertion(format!("copy_from_host: {source} has no file name")))?;
-    let out = Command::new("tar")
+    let out = vmrig_vm::process::command("tar")
         .arg("-C")
         .arg(parent)
         .arg("-cz")
@@ -103,7 +103,7 @@ pub fn from_machine(m: &mut Machine, source: &str, target_dir: &str) -> Result<(
             let tar = base64::engine::general_purpose::STANDARD
                 .decode(output.trim())
                 .map_err(|e| ApiError::Machine(format!("copy_from_machine: garbled data: {e}")))?;
-            let mut child = Command::new("tar")
+            let mut child = vmrig_vm::process::command("tar")
                 .arg("-C")
                 .arg(&dest)
                 .arg("-x")

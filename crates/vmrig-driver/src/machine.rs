@@ -4,7 +4,6 @@
 //! backdoor shell (`connect`). `start_all()` therefore boots every machine in parallel.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -831,7 +830,7 @@ fn create_overlay(
     backing: (&std::path::Path, &str),
     disk: &std::path::Path,
 ) -> Result<(), ApiError> {
-    let out = Command::new(qemu_img)
+    let out = vmrig_vm::process::command(qemu_img)
         .args(["create", "-q", "-f", "qcow2", "-F", backing.1, "-b"])
         .arg(backing.0)
         .arg(disk)
@@ -899,7 +898,7 @@ const BASH_SYNTAX_STATUS: i32 = 2;
 /// test, never a failure a test waits for. Asked only after a status of 2, so a command
 /// that works costs nothing; no message when the host has no bash.
 fn syntax_error(command: &str) -> Option<String> {
-    let out = Command::new("bash")
+    let out = vmrig_vm::process::command("bash")
         .args(["-n", "-c", command])
         .stdin(std::process::Stdio::null())
         .output()

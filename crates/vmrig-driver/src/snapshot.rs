@@ -165,7 +165,7 @@ pub fn qemu_version_line(qemu: &Path) -> std::io::Result<String> {
     {
         return Ok(v.clone());
     }
-    let out = std::process::Command::new(qemu)
+    let out = vmrig_vm::process::command(qemu)
         .arg("--version")
         .stdin(std::process::Stdio::null())
         .output()?;

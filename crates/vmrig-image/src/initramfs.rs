@@ -91,7 +91,7 @@ pub fn uncompressed(rel: &str, data: Vec<u8>) -> std::io::Result<(String, Vec<u8
     let Some((suffix, argv)) = tools.iter().find(|(suffix, _)| rel.ends_with(suffix)) else {
         return Ok((rel.to_owned(), data));
     };
-    let mut child = std::process::Command::new(argv[0])
+    let mut child = vmrig_vm::process::command(argv[0])
         .args(&argv[1..])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

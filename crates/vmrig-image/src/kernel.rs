@@ -103,7 +103,7 @@ fn unpack_vmlinux(bzimage: &Path, out: &Path) -> Result<(), ImageError> {
         return Ok(());
     }
     // Without xz (xz-utils) the kernel still boots, compressed.
-    let Ok(mut child) = Command::new("xz")
+    let Ok(mut child) = vmrig_vm::process::command("xz")
         .args(["-dc", "--single-stream"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

@@ -67,7 +67,6 @@ pub fn run_tool(
 /// mount namespaces, which the kernel tears down (every process killed, every mount gone,
 /// e.g. mmdebstrap's /proc, /sys and /dev/pts in the chroot) once `unshare` dies.
 fn guarded(cmd: &Command) -> Command {
-    use std::os::unix::process::CommandExt;
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let mut out = if root && crate::tools::find_program("unshare").is_some() {
@@ -96,21 +95,7 @@ fn guarded(cmd: &Command) -> Command {
     if let Some(dir) = cmd.get_current_dir() {
         out.current_dir(dir);
     }
-    let parent = std::process::id();
-    // SAFETY: only async-signal-safe calls (setpgid, prctl, getppid, _exit).
-    unsafe {
-        out.pre_exec(move || {
-            libc::setpgid(0, 0);
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The driver may have died before prctl took effect.
-            if libc::getppid() as u32 != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
+    vmrig_vm::process::die_with_parent(&mut out, true);
     out
 }
 
@@ -267,7 +252,7 @@ fn searchable_by_others(dir: &Path) -> bool {
 pub fn move_path(from: &Path, to: &Path) -> Result<(), ImageError> {
     match std::fs::rename(from, to) {
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            let status = Command::new("cp")
+            let status = vmrig_vm::process::command("cp")
                 .args(["-a", "--sparse=always", "--reflink=auto"])
                 .arg(from)
                 .arg(to)

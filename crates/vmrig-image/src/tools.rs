@@ -228,7 +228,7 @@ pub fn userns_problems_on(host: &UsernsHost) -> Vec<UsernsProblem> {
 /// Tries a namespace with the subordinate ids, as the builders make them.
 fn probe() -> Option<String> {
     let unshare = find_program("unshare")?;
-    let output = std::process::Command::new(unshare)
+    let output = vmrig_vm::process::command(unshare)
         .args(["--map-auto", "--setuid", "0", "--setgid", "0", "true"])
         .stdin(std::process::Stdio::null())
         .output();

@@ -217,7 +217,6 @@ impl ScriptChild {
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| BridgeError::io("creating the script socket", e))?;
         let child_fd = theirs.as_raw_fd();
-        let parent_pid = std::process::id();
 
         let mut cmd = Command::new(python);
         cmd.arg("-B")
@@ -231,19 +230,10 @@ impl ScriptChild {
                 Mode::Script => Stdio::null(),
                 Mode::Interactive => Stdio::inherit(),
             });
-        if mode == Mode::Script {
-            cmd.process_group(0);
-        }
-        // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, _exit).
+        vmrig_vm::process::die_with_parent(&mut cmd, mode == Mode::Script);
+        // SAFETY: only async-signal-safe calls (fcntl).
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The parent may have died before prctl took effect.
-                if libc::getppid() as u32 != parent_pid {
-                    libc::_exit(1);
-                }
                 let flags = libc::fcntl(child_fd, libc::F_GETFD);
                 if flags < 0 || libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
                 {

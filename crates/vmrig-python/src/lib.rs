@@ -114,4 +114,3 @@ pub const MODULE_FILE_NAME: &str = "vmrig_driver.py";
 
 /// The oldest CPython the embedded module supports.
 pub const MIN_PYTHON: PythonVersion = PythonVersion { major: 3, minor: 9 };
-

@@ -1,9 +1,14 @@
-//! Child processes that never outlive the driver.
+//! Child processes that never outlive the driver: every child vmrig starts on the host is
+//! set up here ([`command`], [`die_with_parent`], [`spawn_guarded`]).
 //!
-//! Every child is started in its own process group with `PR_SET_PDEATHSIG(SIGKILL)`. The
-//! death signal fires when the *thread* that forked the child exits, so all children are
-//! forked by one long-lived spawner thread that lives as long as the process. A SIGKILL of
-//! the driver therefore kills every QEMU; on normal exits `Drop` kills the group and reaps.
+//! Every child is started with `PR_SET_PDEATHSIG(SIGKILL)`, in its own process group (but
+//! for the interactive REPL's Python, which reads the terminal). The death signal fires when
+//! the *thread* that forked the child exits: a child the calling thread waits for (a tool,
+//! `qemu-img`, `tar`, `tesseract`, the script's Python) is forked by that thread; children
+//! that outlive the call (QEMU) are forked by one long-lived spawner thread. A SIGKILL of the
+//! driver therefore kills every child; on normal exits `Drop` kills QEMU's group and reaps.
+//! (The run directory's watcher in `vmrig_driver::cleanup` is the one exception: it must
+//! outlive a SIGKILLed driver to remove the directory.)
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -29,14 +34,28 @@ fn spawner() -> &'static Mutex<Sender<Request>> {
     })
 }
 
-/// Spawns `cmd` in a new process group, killed if this process dies.
-pub fn spawn_guarded(mut cmd: Command) -> io::Result<Child> {
+/// `program` as a command that dies with this process: every child vmrig starts on the
+/// host is made here (or passed through [`die_with_parent`]). Its own process group, and
+/// SIGKILL when the forking *thread* ends: right for a child that the calling thread waits
+/// for (a tool, `qemu-img`, `tar`, `tesseract`); a child that outlives the call goes through
+/// [`spawn_guarded`] (QEMU).
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    die_with_parent(&mut cmd, true);
+    cmd
+}
+
+/// Makes `cmd` die with this process: `PR_SET_PDEATHSIG(SIGKILL)` (checked against a parent
+/// that died before the `prctl`), and with `own_group` its own process group (so a
+/// terminal's Ctrl-C reaches only the driver, which decides; the interactive REPL's Python
+/// stays in the terminal's group to read it).
+pub fn die_with_parent(cmd: &mut Command, own_group: bool) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id();
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setpgid(0, 0) != 0 {
+            if own_group && libc::setpgid(0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
             if libc::prctl(
@@ -58,6 +77,12 @@ pub fn spawn_guarded(mut cmd: Command) -> io::Result<Child> {
             Ok(())
         });
     }
+}
+
+/// Spawns `cmd` in a new process group, killed if this process dies, from the long-lived
+/// spawner thread (so the death signal waits for the process, not the calling thread).
+pub fn spawn_guarded(mut cmd: Command) -> io::Result<Child> {
+    die_with_parent(&mut cmd, true);
     let (tx, rx) = channel();
     spawner()
         .lock()

@@ -4,7 +4,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 /// How to get tesseract on Debian and Ubuntu.
@@ -116,7 +116,7 @@ fn spawn(tesseract: &Path, job: Job) -> Result<Running, String> {
     let out = job.image.with_extension("txt");
     let err = job.image.with_extension("err");
     let create = |p: &Path| File::create(p).map_err(|e| format!("creating {}: {e}", p.display()));
-    let child = Command::new(tesseract)
+    let child = vmrig_vm::process::command(tesseract)
         .arg(&job.image)
         .args(["-", "--psm", "11", "-c", "debug_file=/dev/null"])
         // Several processes may run at once next to the VMs: one thread each.
