@@ -13,11 +13,6 @@ use vmrig_vm::backdoor::shell_quote;
 use crate::machine::Machine;
 use crate::ApiError;
 
-/// Default budget of upstream's waits.
-pub const DEFAULT_WAIT: f64 = 900.0;
-
-/// The HMP prompt that ends every reply of upstream's `send_monitor_command`.
-pub const MONITOR_PROMPT: &str = "(qemu) ";
 /// The least time one attempt of a polling wait gets, even at the end of the wait: a quick
 /// command cut off by the wait's deadline would keep running and leave the machine's shell
 /// busy (every next command failing with `MachineError`) until its late reply came.

@@ -21,6 +21,12 @@ pub mod snapshot;
 
 pub use run::{run_test, RunOptions, RunOutcome};
 
+/// Default budget of upstream's waits, in seconds.
+pub const DEFAULT_WAIT: f64 = 900.0;
+
+/// The HMP prompt that ends every reply of upstream's `send_monitor_command`.
+pub const MONITOR_PROMPT: &str = "(qemu) ";
+
 /// Why a machine call failed; becomes the script's exception.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {

@@ -729,10 +729,10 @@ impl Machine {
     /// `testing.initrdBackdoor` with a systemd initrd): isolates `initrd-switch-root.target`
     /// and waits for the new shell.
     pub fn switch_root(&mut self) -> Result<(), ApiError> {
-        self.wait_for_unit("initrd.target", None, crate::api::DEFAULT_WAIT)?;
+        self.wait_for_unit("initrd.target", None, crate::DEFAULT_WAIT)?;
         self.execute_user_detached(
             "systemctl isolate --no-block initrd-switch-root.target 2>/dev/null >/dev/null",
-            Some(crate::api::DEFAULT_WAIT),
+            Some(crate::DEFAULT_WAIT),
         )?;
         self.connected = false;
         if let Some(vm) = self.vm.as_mut() {

@@ -8,12 +8,12 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use vmrig_python::{Handler, RpcError};
 
-use crate::api::{DEFAULT_WAIT, MONITOR_PROMPT};
 use crate::events::{BlockKind, Level};
 use crate::logger::Logger;
 use crate::machine::Machine;
 use crate::request::{DriverRequest, MachineRequest, Request};
 use crate::ApiError;
+use crate::{DEFAULT_WAIT, MONITOR_PROMPT};
 
 /// Serves a test script: the machines, the VLAN switches, the log.
 pub struct DriverHandler {

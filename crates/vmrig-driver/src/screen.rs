@@ -32,11 +32,11 @@ use regex::Regex;
 use serde_json::{json, Value};
 use vmrig_python::RpcError;
 
-use crate::api::DEFAULT_WAIT;
 use crate::events::Level;
 use crate::machine::Machine;
 use crate::request::MachineRequest;
 use crate::ApiError;
+use crate::DEFAULT_WAIT;
 
 /// Default threshold of `wait_for_image` and `screen_matches`.
 pub const DEFAULT_THRESHOLD: f64 = 0.95;

@@ -91,11 +91,13 @@
 //! returns them as a [`ScriptOutcome`].
 
 mod child;
+mod error;
+pub use error::BridgeError;
 mod names;
 mod rpc;
 mod syntax;
 
-pub use child::{BridgeError, Mode, ScriptChild, ScriptContext, ScriptKiller, ScriptOutcome};
+pub use child::{Mode, ScriptChild, ScriptContext, ScriptKiller, ScriptOutcome};
 pub use names::{pythonize_name, MachineInfo};
 pub use rpc::{Handler, RpcError, RpcErrorKind};
 pub use syntax::{

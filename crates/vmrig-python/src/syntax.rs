@@ -1,7 +1,7 @@
 //! The script's source, the interpreter probe and the syntax check that runs
 //! before any VM boots.
 
-use crate::child::BridgeError;
+use crate::error::BridgeError;
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
