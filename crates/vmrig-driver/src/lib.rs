@@ -7,6 +7,8 @@ pub mod api;
 pub mod cache;
 pub mod cleanup;
 mod copy;
+pub mod creator;
+pub mod driver;
 pub mod events;
 pub mod junit;
 pub mod logger;

@@ -1,136 +1,19 @@
-//! Machines from NixOS start commands, and the NixOS-compatible driver run
-//! (`vmrig nixos-driver`, or vmrig invoked as `nixos-test-driver`).
-//!
-//! As the upstream driver: each machine has a state directory `vm-state-<name>` (its
-//! `TMPDIR`, working directory and socket home), `SHARED_DIR` names `shared-xchg` next to
-//! it, `QEMU_VDE_SOCKET_<n>` names VLAN `n`'s switch (vmrig's switch speaks VDE), and the
-//! driver's options are appended to the command ([`vmrig_vm::cmdline::nixos_driver_args`]).
+//! The NixOS-compatible driver run (`vmrig nixos-driver`, or vmrig invoked as
+//! `nixos-test-driver`): the [`Driver`] with one machine per start command
+//! (`creator.rs` makes them as upstream does), and the start scripts
+//! `vmrig build --start-scripts` writes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmrig_python::{MachineInfo, Mode, ScriptContext};
-use vmrig_vm::machine::StartCommand;
+use vmrig_python::Mode;
 
-use crate::cleanup::{self, RunDir};
+use crate::cleanup;
+use crate::driver::{Driver, DriverSetup, MachineSource};
 use crate::events::{Event, Reporter};
-use crate::machine::{Machine, RunContext};
-use crate::rpc::DriverHandler;
-use crate::{ApiError, RunError};
-
-/// The machine name of a start command, as upstream takes it: `run-<name>-vm` at its end,
-/// else `machine`.
-pub fn machine_name_from_command(command: &str) -> String {
-    let command = command.trim_end();
-    command
-        .strip_suffix("-vm")
-        .and_then(|rest| rest.rfind("run-").map(|i| &rest[i + 4..]))
-        .filter(|name| !name.is_empty() && !name.contains('/') && !name.contains(' '))
-        .unwrap_or("machine")
-        .to_owned()
-}
-
-/// Makes machines from start commands for a run (`create_machine`, `nixos-driver`).
-/// Nothing is prepared until a machine is made: most runs never make one.
-pub struct MachineCreator {
-    ctx: Arc<RunContext>,
-    /// Where `vm-state-<name>` directories (and `shared-xchg`) go when their state is kept
-    /// (`-K`, or `keep_vm_state=True`); otherwise they live in the run directory and go
-    /// with it.
-    keep_dir: PathBuf,
-    vlans: BTreeMap<u8, Arc<vmrig_net::Vlan>>,
-    /// `-K` for the whole run.
-    keep_all: bool,
-}
-
-impl MachineCreator {
-    pub fn new(
-        ctx: Arc<RunContext>,
-        keep_dir: PathBuf,
-        vlans: &BTreeMap<u8, Arc<vmrig_net::Vlan>>,
-        keep_all: bool,
-    ) -> MachineCreator {
-        MachineCreator {
-            ctx,
-            keep_dir,
-            vlans: vlans.clone(),
-            keep_all,
-        }
-    }
-
-    /// The environment start commands get besides `TMPDIR` and `USE_TMPDIR`: `SHARED_DIR`
-    /// (made here) and `QEMU_VDE_SOCKET_<n>` for every VLAN (its switch starts listening
-    /// for VDE clients on the first call).
-    pub fn env(&self) -> Result<Vec<(String, String)>, ApiError> {
-        let base = if self.keep_all {
-            &self.keep_dir
-        } else {
-            &self.ctx.run_dir
-        };
-        let shared_dir = base.join("shared-xchg");
-        std::fs::create_dir_all(&shared_dir)
-            .map_err(|e| ApiError::Machine(format!("creating {}: {e}", shared_dir.display())))?;
-        let mut env = vec![(
-            "SHARED_DIR".to_owned(),
-            shared_dir.to_string_lossy().into_owned(),
-        )];
-        for (nr, vlan) in &self.vlans {
-            let dir = vlan
-                .vde_dir()
-                .map_err(|e| ApiError::Machine(format!("the VDE socket of VLAN {nr}: {e}")))?;
-            env.push((
-                format!("QEMU_VDE_SOCKET_{nr}"),
-                dir.to_string_lossy().into_owned(),
-            ));
-        }
-        Ok(env)
-    }
-
-    /// A machine for `command` (named `name`, else from the command). Without kept state,
-    /// a fresh state directory; with it, the one a previous run left.
-    pub fn create(
-        &self,
-        name: Option<&str>,
-        command: &str,
-        keep_state: bool,
-    ) -> Result<Machine, ApiError> {
-        let name = name
-            .map(str::to_owned)
-            .unwrap_or_else(|| machine_name_from_command(command));
-        if name.is_empty() || name.contains('/') {
-            return Err(ApiError::Machine(format!(
-                "`{name}` cannot name a machine (it names its state directory)"
-            )));
-        }
-        let keep = keep_state || self.keep_all;
-        let base = if keep {
-            &self.keep_dir
-        } else {
-            &self.ctx.run_dir
-        };
-        let state_dir = base.join(format!("vm-state-{name}"));
-        if !keep && state_dir.exists() {
-            std::fs::remove_dir_all(&state_dir)
-                .map_err(|e| ApiError::Machine(format!("removing {}: {e}", state_dir.display())))?;
-        }
-        let command = StartCommand {
-            name: name.clone(),
-            command: command.to_owned(),
-            state_dir,
-            env: self.env()?,
-            allow_reboot: false,
-        };
-        let vlans = self.vlans.iter().map(|(nr, v)| (*nr, v.clone())).collect();
-        Ok(Machine::from_start_command(
-            self.ctx.clone(),
-            command,
-            vlans,
-        ))
-    }
-}
+use crate::RunError;
 
 /// A NixOS driver run, as the upstream command line describes it.
 #[derive(Clone)]
@@ -176,7 +59,7 @@ pub struct NixosOutcome {
 pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
     let started = Instant::now();
     cleanup::install_signal_handlers();
-    let python = crate::run::find_program(&run.python).ok_or_else(|| {
+    let python = vmrig_vm::process::find_program(&run.python).ok_or_else(|| {
         RunError::Python(vmrig_python::BridgeError::PythonNotFound {
             python: run.python.clone(),
         })
@@ -193,7 +76,7 @@ pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
         first_line: 1,
     };
     vmrig_python::check_syntax(&python, &script).map_err(RunError::Script)?;
-    let logger = crate::run::run_logger(
+    let logger = crate::driver::run_logger(
         &run.out_dir,
         true,
         &run.reporters,
@@ -205,85 +88,45 @@ pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
     if !run.keep_vm_state {
         logger.info("Machine state will be reset. To keep it, pass --keep-vm-state");
     }
-    let run_dir = RunDir::create(false)
-        .map_err(|e| RunError::Infra(format!("creating a run directory: {e}")))?;
-    let deadline = Instant::now() + run.global_timeout;
-    let serial_stdout = Arc::new(AtomicBool::new(true));
     let decision = vmrig_vm::accel::decide(vmrig_vm::accel::AccelChoice::Auto)
         .map_err(|e| RunError::Infra(e.to_string()))?;
     let store = vmrig_store::Store::open_default()
         .map_err(|e| RunError::Infra(format!("opening the store: {e}")))?;
-    let ctx = Arc::new(RunContext {
+    let setup = DriverSetup {
+        logger: logger.clone(),
+        out_dir: run.out_dir.clone(),
+        deadline: Instant::now() + run.global_timeout,
+        keep_run_dir: false,
+        vlans: run.vlans.clone(),
+        capture: false,
         // Start commands bring their own QEMU; these are for nodes, which this run has not.
         qemu: "qemu-system-x86_64".into(),
         qemu_img: "qemu-img".into(),
+        qemu_version: String::new(),
         accel: decision.accel,
         firmware: None,
-        logger: logger.clone(),
-        out_dir: run.out_dir.clone(),
-        run_dir: run_dir.path().to_owned(),
-        serial_stdout: serial_stdout.clone(),
-        deadline,
         store,
         // Only start scripts vmrig wrote: they say what they boot (`snapshot.rs`).
         snapshots: run.snapshots,
-        qemu_version: String::new(),
         keep_state_in: None,
-    });
-    let mut vlans = BTreeMap::new();
-    for &nr in &run.vlans {
-        let vlan = vmrig_net::Vlan::start(nr, run_dir.path())
-            .map_err(|e| RunError::Infra(format!("starting the switch of VLAN {nr}: {e}")))?;
-        vlans.insert(nr, Arc::new(vlan));
-    }
-    let keep_dir = std::env::temp_dir();
-    let creator = MachineCreator::new(ctx.clone(), keep_dir, &vlans, run.keep_vm_state);
-    let mut machines = BTreeMap::new();
-    let mut infos = Vec::new();
-    for (name, command) in &run.machines {
-        let machine = creator
-            .create(name.as_deref(), command, false)
-            .map_err(|e| RunError::Infra(e.to_string()))?;
-        infos.push(MachineInfo::new(machine.name.clone()));
-        if machines
-            .insert(machine.name.clone(), Arc::new(Mutex::new(machine)))
-            .is_some()
-        {
-            return Err(RunError::Infra(format!(
-                "two machines are named `{}`: name them with --vm-names",
-                infos.last().expect("pushed").name
-            )));
-        }
-    }
-    let handler = DriverHandler {
-        machines: RwLock::new(machines),
-        vlans,
-        logger: logger.clone(),
-        serial_stdout,
-        creator,
+        start_command_state: (std::env::temp_dir(), run.keep_vm_state),
     };
-    let script_ctx = ScriptContext {
-        machines: infos,
-        vlans: run.vlans.clone(),
-        out_dir: run.out_dir.clone(),
-        work_dir: run_dir.path().to_owned(),
-    };
+    let sources: Vec<MachineSource> = run
+        .machines
+        .iter()
+        .map(|(name, command)| MachineSource::StartCommand {
+            name: name.clone(),
+            command: command.clone(),
+        })
+        .collect();
+    let driver = Driver::new(setup, &sources)?;
     let mode = if run.interactive {
         Mode::Interactive
     } else {
         Mode::Script
     };
-    let secs = run.global_timeout.as_secs();
-    let served = crate::run::serve_script(
-        &handler,
-        &python,
-        &script,
-        &script_ctx,
-        mode,
-        (deadline, secs),
-    )?;
-    drop(handler);
-    drop(run_dir);
+    let served = driver.run_script(&python, &script, mode, run.global_timeout.as_secs())?;
+    driver.finish();
     let elapsed = started.elapsed();
     let (failure, timed_out) = served;
     let summary = match &failure {
@@ -318,9 +161,8 @@ pub fn write_start_scripts(
     };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let dir = dir.canonicalize().map_err(|e| io(dir, e))?;
-    let program = |name: &str| {
-        crate::run::find_program(Path::new(name)).unwrap_or_else(|| PathBuf::from(name))
-    };
+    let program =
+        |name: &str| vmrig_vm::process::find_program(name).unwrap_or_else(|| PathBuf::from(name));
     let (qemu, qemu_img) = (program("qemu-system-x86_64"), program("qemu-img"));
     let mut scripts = Vec::new();
     for (name, node) in &spec.nodes {
@@ -339,7 +181,7 @@ pub fn write_start_scripts(
             })
             .collect();
         let mut cfg = crate::machine::node_vm_config(node, image, &initrd, nics, accel);
-        cfg.firmware = crate::run::firmware();
+        cfg.firmware = crate::driver::firmware();
         let origin = format!("`vmrig build --start-scripts` from {}", spec.path.display());
         let text = vmrig_vm::start_script::render(&vmrig_vm::start_script::StartScript {
             cfg: &cfg,
@@ -355,77 +197,4 @@ pub fn write_start_scripts(
         scripts.push(script);
     }
     Ok(scripts)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::logger::Logger;
-
-    #[test]
-    fn machine_names_come_from_run_name_vm() {
-        assert_eq!(
-            machine_name_from_command("/nix/store/abc-nixos-vm/bin/run-server-vm"),
-            "server"
-        );
-        assert_eq!(machine_name_from_command("./run-my-node-vm"), "my-node");
-        assert_eq!(
-            machine_name_from_command("qemu-system-x86_64 -m 512"),
-            "machine"
-        );
-        assert_eq!(machine_name_from_command("/x/run--vm"), "machine");
-    }
-
-    /// What makes start scripts' `-netdev vde,sock=$QEMU_VDE_SOCKET_<n>` hermetic (see
-    /// `vmrig_vm::cmdline`'s `guests_are_hermetic_in_start_scripts_too`): the driver names
-    /// vmrig's own switch of VLAN `n` there, in the run directory, and nothing else.
-    #[test]
-    fn guests_are_hermetic_start_scripts_get_vmrigs_switch_as_vde_socket() {
-        let tmp = tempfile::tempdir().unwrap();
-        let run_dir = tmp.path().join("run");
-        std::fs::create_dir(&run_dir).unwrap();
-        let ctx = Arc::new(RunContext {
-            qemu: "qemu-system-x86_64".into(),
-            qemu_img: "qemu-img".into(),
-            accel: vmrig_vm::accel::Accel::Tcg,
-            firmware: None,
-            logger: Logger::new(Vec::new()),
-            out_dir: tmp.path().join("out"),
-            run_dir: run_dir.clone(),
-            serial_stdout: Arc::new(AtomicBool::new(false)),
-            deadline: Instant::now() + Duration::from_secs(60),
-            store: vmrig_store::Store::open(tmp.path().join("store")).unwrap(),
-            snapshots: false,
-            qemu_version: String::new(),
-            keep_state_in: None,
-        });
-        let vlans: BTreeMap<u8, Arc<vmrig_net::Vlan>> = [1, 5]
-            .into_iter()
-            .map(|nr| (nr, Arc::new(vmrig_net::Vlan::start(nr, &run_dir).unwrap())))
-            .collect();
-        let creator = MachineCreator::new(ctx, tmp.path().join("keep"), &vlans, false);
-        let env = creator.env().unwrap();
-        let vde: Vec<(&str, &str)> = env
-            .iter()
-            .filter(|(k, _)| k.starts_with("QEMU"))
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let expected: Vec<(String, String)> = vlans
-            .iter()
-            .map(|(nr, vlan)| {
-                let dir = vlan.vde_dir().unwrap();
-                assert!(dir.starts_with(&run_dir), "{}", dir.display());
-                assert!(dir.join("ctl").exists(), "the switch listens there");
-                (
-                    format!("QEMU_VDE_SOCKET_{nr}"),
-                    dir.to_string_lossy().into_owned(),
-                )
-            })
-            .collect();
-        let expected: Vec<(&str, &str)> = expected
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        assert_eq!(vde, expected, "no QEMU_NET_OPTS or QEMU_OPTS either");
-    }
 }

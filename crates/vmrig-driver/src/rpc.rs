@@ -23,7 +23,7 @@ pub struct DriverHandler {
     pub logger: Logger,
     pub serial_stdout: Arc<AtomicBool>,
     /// Makes machines from start commands (`create_machine`).
-    pub creator: crate::nixos::MachineCreator,
+    pub creator: crate::creator::MachineCreator,
 }
 
 impl From<ApiError> for RpcError {

@@ -1,25 +1,20 @@
-//! One test run: images, networks, machines, the script, the outcome, cleanup.
+//! `vmrig run`'s test run: checks, images, then the [`Driver`] with the test file's nodes,
+//! the outcome.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmrig_image::{node_layer, BuildObserver, ImageBuilder};
-use vmrig_python::{MachineInfo, Mode, ScriptChild, ScriptContext, ScriptOutcome};
+use vmrig_image::{BuildObserver, ImageBuilder};
+use vmrig_python::Mode;
 use vmrig_spec::TestSpec;
 use vmrig_store::Store;
 use vmrig_vm::accel::{self, AccelChoice};
-use vmrig_vm::cmdline::VlanNic;
 
-use crate::cleanup::{self, RunDir};
+use crate::cleanup;
+use crate::driver::{firmware, run_logger, Driver, DriverSetup, MachineSource};
 use crate::events::{Event, Reporter};
-use crate::logger::Logger;
-use crate::machine::{Machine, RunContext};
-use crate::reporters::{JsonLines, Terminal};
-use crate::rpc::DriverHandler;
 use crate::RunError;
 
 /// How to run a test (resolved from the command line).
@@ -73,14 +68,6 @@ pub struct RunOutcome {
 }
 
 pub use vmrig_vm::process::find_program;
-
-/// The firmware to boot with: qboot when QEMU ships it (about 1.7 s faster than SeaBIOS).
-pub fn firmware() -> Option<PathBuf> {
-    ["/usr/share/qemu/qboot.rom", "/usr/share/qboot/bios.bin"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
 
 /// Runs `spec`: checks the script, builds images (progress to `observer`), boots, runs.
 pub fn run_test(
@@ -139,101 +126,32 @@ pub fn run_test(
     logger.emit(Event::Info {
         message: format!("accelerator: {} ({})", decision.accel, decision.reason),
     });
-
-    let run_dir = RunDir::create(opts.keep_vm_state)
-        .map_err(|e| RunError::Infra(format!("creating a run directory: {e}")))?;
-    if opts.keep_vm_state {
-        logger.emit(Event::Info {
-            message: format!("keeping VM state in {}", run_dir.path().display()),
-        });
-    }
-    let deadline = Instant::now() + Duration::from_secs(spec.global_timeout);
-    let serial_stdout = Arc::new(AtomicBool::new(true));
-    let ctx = Arc::new(RunContext {
+    let setup = DriverSetup {
+        logger: logger.clone(),
+        out_dir: out_dir.clone(),
+        deadline: Instant::now() + Duration::from_secs(spec.global_timeout),
+        keep_run_dir: opts.keep_vm_state,
+        vlans: Vec::new(),
+        capture: opts.capture,
         qemu,
         qemu_img,
+        qemu_version,
         accel: decision.accel,
         firmware: firmware(),
-        logger: logger.clone(),
-        out_dir: out_dir.clone(),
-        run_dir: run_dir.path().to_owned(),
-        serial_stdout: serial_stdout.clone(),
-        deadline,
         store: store.clone(),
         snapshots: opts.snapshots,
-        qemu_version,
         keep_state_in: opts.keep_vm_state.then(|| out_dir.clone()),
-    });
-
-    let mut vlans = BTreeMap::new();
-    for node in spec.nodes.values() {
-        for &nr in &node.vlans {
-            if let std::collections::btree_map::Entry::Vacant(e) = vlans.entry(nr) {
-                let vlan = vmrig_net::Vlan::start(nr, run_dir.path()).map_err(|e| {
-                    RunError::Infra(format!("starting the switch of VLAN {nr}: {e}"))
-                })?;
-                if opts.capture {
-                    let pcap = out_dir.join(format!("vlan{nr}.pcap"));
-                    vlan.capture(&pcap).map_err(|e| {
-                        RunError::Infra(format!("capturing VLAN {nr} to {}: {e}", pcap.display()))
-                    })?;
-                    logger.emit(Event::Info {
-                        message: format!("capturing VLAN {nr} to {}", pcap.display()),
-                    });
-                }
-                e.insert(Arc::new(vlan));
-            }
-        }
-    }
-    let mut machines = BTreeMap::new();
-    for (name, node) in &spec.nodes {
-        let addresses = node_layer::vlan_addresses(spec, node);
-        let mut nics = Vec::new();
-        for a in &addresses {
-            let socket = vlans[&a.vlan]
-                .add_port(name)
-                .map_err(|e| RunError::Infra(format!("adding `{name}` to VLAN {}: {e}", a.vlan)))?;
-            nics.push(VlanNic {
-                vlan: a.vlan,
-                mac: a.mac.clone(),
-                socket,
-            });
-        }
-        let layer = node_layer::node_layer(spec, node)
-            .map_err(|e| RunError::Infra(format!("node `{name}`: {e}")))?;
-        let machine = Machine::new(ctx.clone(), node.clone(), images[name].clone(), layer, nics);
-        machines.insert(name.clone(), Arc::new(Mutex::new(machine)));
-    }
-    let creator = crate::nixos::MachineCreator::new(ctx.clone(), out_dir.clone(), &vlans, false);
-    let handler = DriverHandler {
-        machines: std::sync::RwLock::new(machines),
-        vlans,
-        logger: logger.clone(),
-        serial_stdout,
-        creator,
+        start_command_state: (out_dir.clone(), false),
     };
-
-    let script_ctx = ScriptContext {
-        machines: spec
-            .nodes
-            .keys()
-            .map(|n| MachineInfo::new(n.clone()))
-            .collect(),
-        vlans: handler.vlans.keys().copied().collect(),
-        out_dir: out_dir.clone(),
-        work_dir: run_dir.path().to_owned(),
-    };
-    let (failure, _) = serve_script(
-        &handler,
-        &python,
-        &spec.script,
-        &script_ctx,
-        opts.mode,
-        (deadline, spec.global_timeout),
+    let driver = Driver::new(
+        setup,
+        &[MachineSource::Nodes {
+            spec,
+            images: &images,
+        }],
     )?;
-    // Machines die here (QEMU killed), then the switches, then the run directory.
-    drop(handler);
-    drop(run_dir);
+    let (failure, _) = driver.run_script(&python, &spec.script, opts.mode, spec.global_timeout)?;
+    driver.finish();
     drop(guards);
     let elapsed = started.elapsed();
     let passed = failure.is_none();
@@ -261,89 +179,6 @@ pub fn run_test(
         out_dir,
         images,
     })
-}
-
-/// Runs the test script against `handler` until it ends or the global timeout
-/// `(deadline, seconds)` passes: why it failed (also logged; `None` if it passed), and
-/// whether the global timeout ended it.
-pub(crate) fn serve_script(
-    handler: &DriverHandler,
-    python: &Path,
-    script: &vmrig_spec::ScriptSource,
-    script_ctx: &ScriptContext,
-    mode: Mode,
-    (deadline, global_timeout): (Instant, u64),
-) -> Result<(Option<String>, bool), RunError> {
-    let logger = &handler.logger;
-    if mode == Mode::Interactive {
-        cleanup::ignore_sigint(true);
-    }
-    let child = ScriptChild::spawn(python, script, script_ctx, mode).map_err(RunError::Python)?;
-    let killer = child.killer();
-    let script_id = cleanup::register_script(killer.clone());
-    let (stop_watchdog, watchdog) =
-        global_timeout_watchdog(deadline, killer, logger.clone(), global_timeout);
-    let served = child.serve(handler);
-    let _ = stop_watchdog.send(());
-    let fired = watchdog.join().unwrap_or(false);
-    cleanup::unregister_script(script_id);
-    cleanup::ignore_sigint(false);
-
-    let outcome = served.map_err(RunError::Python)?;
-    let timed_out = global_timeout_ended(fired, &outcome, deadline, Instant::now());
-    let failure = match outcome {
-        ScriptOutcome::Passed => None,
-        _ if timed_out => Some(format!("global timeout of {} s reached", global_timeout)),
-        ScriptOutcome::Failed {
-            exc_type,
-            message,
-            line,
-            traceback,
-        } => {
-            let file = script.filename.display().to_string();
-            let first = message.lines().next().unwrap_or_default().to_owned();
-            let place = line.map(|l| format!("{file}:{l}: ")).unwrap_or_default();
-            logger.emit(Event::ScriptFailed {
-                exc_type: exc_type.clone(),
-                message,
-                line,
-                file,
-                traceback,
-            });
-            Some(format!("{place}{exc_type}: {first}"))
-        }
-        ScriptOutcome::Killed => Some("the test script was killed".into()),
-        ScriptOutcome::ExitedWithoutReport(code) => Some(format!(
-            "the test script exited with status {code} without reporting"
-        )),
-    };
-    Ok((failure, timed_out))
-}
-
-/// The run's log: `events.jsonl` in `out_dir`, the terminal (if `terminal`), the caller's
-/// reporters; `started` is its first event.
-pub(crate) fn run_logger(
-    out_dir: &Path,
-    terminal: bool,
-    extra: &[Arc<dyn Reporter>],
-    started: Event,
-) -> Result<Logger, RunError> {
-    let events = JsonLines::create(&out_dir.join("events.jsonl")).map_err(|e| {
-        RunError::Infra(format!(
-            "cannot write to the output directory {}: {e}; choose another with `-o DIR`",
-            out_dir.display()
-        ))
-    })?;
-    let mut reporters: Vec<Box<dyn Reporter>> = vec![Box::new(events)];
-    if terminal {
-        reporters.push(Box::new(Terminal::stderr()));
-    }
-    for reporter in extra {
-        reporters.push(Box::new(Shared(reporter.clone())));
-    }
-    let logger = Logger::new(reporters);
-    logger.emit(started);
-    Ok(logger)
 }
 
 /// Builds (or finds) the test's images and marks every store path in use. A `store gc`
@@ -408,64 +243,6 @@ fn check_qemu_version(qemu: &Path) -> Result<String, RunError> {
     }
 }
 
-/// Kills the script and every VM when the global timeout passes. Returns a sender that
-/// stops the watchdog, and its handle (true if it fired).
-fn global_timeout_watchdog(
-    deadline: Instant,
-    killer: vmrig_python::ScriptKiller,
-    logger: Logger,
-    secs: u64,
-) -> (mpsc::Sender<()>, std::thread::JoinHandle<bool>) {
-    let (tx, rx) = mpsc::channel::<()>();
-    let handle = std::thread::spawn(move || {
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(wait) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                logger.log(
-                    crate::events::Level::Error,
-                    format!("global timeout of {secs} s reached: stopping the test"),
-                    None,
-                );
-                // Only this run's script: every wait of its machines is bounded by the
-                // same deadline, so the call in progress returns now too (other tests
-                // running in this process are left alone).
-                killer.kill();
-                true
-            }
-            _ => false,
-        }
-    });
-    (tx, handle)
-}
-
-/// How long before the global deadline a call's own wait may give up: a polling wait
-/// (`wait_for_unit`, `wait_until_succeeds`) does not start a pause of up to a second that
-/// would end past its deadline.
-const DEADLINE_SLACK: Duration = Duration::from_millis(1500);
-
-/// Whether the global timeout ended the script: the watchdog fired, or the script failed
-/// when the deadline had passed or was at most [`DEADLINE_SLACK`] away. Every wait of a
-/// call is bounded by the same deadline, so a call in progress (`wait_for_unit`, a
-/// command) returns its own timeout error before the watchdog wakes, and the script fails
-/// of the global timeout all the same (upstream exits 143 there too).
-fn global_timeout_ended(
-    fired: bool,
-    outcome: &ScriptOutcome,
-    deadline: Instant,
-    now: Instant,
-) -> bool {
-    fired || (!matches!(outcome, ScriptOutcome::Passed) && now + DEADLINE_SLACK >= deadline)
-}
-
-/// A reporter shared with the caller (who reads what it collected after the run).
-struct Shared(Arc<dyn Reporter>);
-
-impl Reporter for Shared {
-    fn report(&self, event: &crate::events::Stamped) {
-        self.0.report(event);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,35 +259,5 @@ mod tests {
         );
         assert_eq!(parse_qemu_version("garbage"), None);
         assert!((6, 2) < MIN_QEMU && (10, 0) >= MIN_QEMU);
-    }
-
-    #[test]
-    fn a_failure_after_the_deadline_is_the_global_timeout() {
-        let deadline = Instant::now();
-        let failed = ScriptOutcome::Failed {
-            exc_type: "RequestedAssertionFailed".into(),
-            message: "timed out".into(),
-            line: Some(3),
-            traceback: String::new(),
-        };
-        let after = deadline + Duration::from_millis(1);
-        assert!(global_timeout_ended(false, &failed, deadline, after));
-        // A poll that gave up a second early (its next pause would end past the deadline).
-        let poll_gave_up = deadline - Duration::from_millis(900);
-        assert!(global_timeout_ended(false, &failed, deadline, poll_gave_up));
-        let before = deadline - Duration::from_secs(3);
-        assert!(!global_timeout_ended(false, &failed, deadline, before));
-        assert!(!global_timeout_ended(
-            false,
-            &ScriptOutcome::Passed,
-            deadline,
-            after
-        ));
-        assert!(global_timeout_ended(
-            true,
-            &ScriptOutcome::Killed,
-            deadline,
-            before
-        ));
     }
 }

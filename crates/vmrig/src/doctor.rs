@@ -43,7 +43,7 @@ impl Host {
             qemu,
             python,
             store_dir: vmrig_store::default_store_dir().ok(),
-            firmware: vmrig_driver::run::firmware(),
+            firmware: vmrig_driver::driver::firmware(),
             root,
             userns,
         }

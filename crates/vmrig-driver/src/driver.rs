@@ -1,0 +1,441 @@
+//! The one [`Driver`]: a run's switches, machines and script, built from a list of machine
+//! sources, for every entry point (`vmrig run` in `run.rs`, `vmrig nixos-driver` in
+//! `nixos.rs`; `-I` is the same run with an interactive script; `create_machine` adds to a
+//! running driver through its [`MachineCreator`]). One setup, one cleanup
+//! ([`Driver::finish`], also on drop), as nixpkgs' `driver.py` has one `Driver`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use vmrig_image::{node_layer, NodeImage};
+use vmrig_python::{MachineInfo, Mode, ScriptChild, ScriptContext, ScriptOutcome};
+use vmrig_spec::{ScriptSource, TestSpec};
+use vmrig_vm::accel::Accel;
+use vmrig_vm::cmdline::VlanNic;
+
+use crate::cleanup::{self, RunDir};
+use crate::creator::MachineCreator;
+use crate::events::{Event, Reporter};
+use crate::logger::Logger;
+use crate::machine::{Machine, RunContext};
+use crate::reporters::{JsonLines, Terminal};
+use crate::rpc::DriverHandler;
+use crate::RunError;
+
+/// Where a run's machines come from.
+pub enum MachineSource<'a> {
+    /// Every node of a test file, booting its built images.
+    Nodes {
+        spec: &'a TestSpec,
+        images: &'a BTreeMap<String, NodeImage>,
+    },
+    /// A NixOS start command (`run-<name>-vm`), named `name` or after the command.
+    StartCommand {
+        name: Option<String>,
+        command: String,
+    },
+}
+
+/// What every run has, whatever its machines are.
+pub struct DriverSetup {
+    pub logger: Logger,
+    pub out_dir: PathBuf,
+    /// The global timeout.
+    pub deadline: Instant,
+    /// Keep the run directory (and so the machines' disks) after the run.
+    pub keep_run_dir: bool,
+    /// VLANs to start besides those the nodes are on (`nixos-driver --vlans`).
+    pub vlans: Vec<u8>,
+    /// One pcap file per VLAN in the output directory.
+    pub capture: bool,
+    /// QEMU for nodes (start commands bring their own).
+    pub qemu: PathBuf,
+    pub qemu_img: PathBuf,
+    pub qemu_version: String,
+    pub accel: Accel,
+    pub firmware: Option<PathBuf>,
+    pub store: vmrig_store::Store,
+    pub snapshots: bool,
+    /// `--keep-vm-state` of nodes: their disks live in this directory.
+    pub keep_state_in: Option<PathBuf>,
+    /// Where start commands keep state with `keep_vm_state`, and whether all of them do.
+    pub start_command_state: (PathBuf, bool),
+}
+
+/// A run's switches and machines, ready for its script.
+pub struct Driver {
+    handler: Option<DriverHandler>,
+    run_dir: Option<RunDir>,
+    machines: Vec<MachineInfo>,
+    deadline: Instant,
+    out_dir: PathBuf,
+}
+
+impl Driver {
+    /// Starts the switches and makes the machines of `sources` (none is started yet).
+    pub fn new(setup: DriverSetup, sources: &[MachineSource]) -> Result<Driver, RunError> {
+        let run_dir = RunDir::create(setup.keep_run_dir)
+            .map_err(|e| RunError::Infra(format!("creating a run directory: {e}")))?;
+        if setup.keep_run_dir {
+            setup.logger.emit(Event::Info {
+                message: format!("keeping VM state in {}", run_dir.path().display()),
+            });
+        }
+        let ctx = Arc::new(RunContext {
+            qemu: setup.qemu,
+            qemu_img: setup.qemu_img,
+            accel: setup.accel,
+            firmware: setup.firmware,
+            logger: setup.logger.clone(),
+            out_dir: setup.out_dir.clone(),
+            run_dir: run_dir.path().to_owned(),
+            serial_stdout: Arc::new(AtomicBool::new(true)),
+            deadline: setup.deadline,
+            store: setup.store,
+            snapshots: setup.snapshots,
+            qemu_version: setup.qemu_version,
+            keep_state_in: setup.keep_state_in,
+        });
+        let mut wanted: BTreeSet<u8> = setup.vlans.iter().copied().collect();
+        for source in sources {
+            if let MachineSource::Nodes { spec, .. } = source {
+                wanted.extend(spec.nodes.values().flat_map(|n| n.vlans.iter().copied()));
+            }
+        }
+        let vlans = start_vlans(&wanted, run_dir.path(), setup.capture, &ctx)?;
+        let (keep_dir, keep_all) = setup.start_command_state;
+        let creator = MachineCreator::new(ctx.clone(), keep_dir, &vlans, keep_all);
+
+        let mut machines: BTreeMap<String, Arc<Mutex<Machine>>> = BTreeMap::new();
+        let mut infos = Vec::new();
+        let mut add = |machine: Machine| -> Result<(), RunError> {
+            let name = machine.name.clone();
+            if machines.contains_key(&name) {
+                return Err(RunError::Infra(format!(
+                    "two machines are named `{name}`: name them with --vm-names"
+                )));
+            }
+            infos.push(MachineInfo::new(name.clone()));
+            machines.insert(name, Arc::new(Mutex::new(machine)));
+            Ok(())
+        };
+        for source in sources {
+            match source {
+                MachineSource::Nodes { spec, images } => {
+                    for (name, node) in &spec.nodes {
+                        let nics = node_nics(spec, node, &vlans)?;
+                        let layer = node_layer::node_layer(spec, node)
+                            .map_err(|e| RunError::Infra(format!("node `{name}`: {e}")))?;
+                        let image = images[name].clone();
+                        add(Machine::new(ctx.clone(), node.clone(), image, layer, nics))?;
+                    }
+                }
+                MachineSource::StartCommand { name, command } => {
+                    let machine = creator
+                        .create(name.as_deref(), command, false)
+                        .map_err(|e| RunError::Infra(e.to_string()))?;
+                    add(machine)?;
+                }
+            }
+        }
+        let handler = DriverHandler {
+            machines: RwLock::new(machines),
+            vlans,
+            logger: setup.logger,
+            serial_stdout: ctx.serial_stdout.clone(),
+            creator,
+        };
+        Ok(Driver {
+            handler: Some(handler),
+            run_dir: Some(run_dir),
+            machines: infos,
+            deadline: setup.deadline,
+            out_dir: setup.out_dir,
+        })
+    }
+
+    /// Runs the test script until it ends or the global timeout (`global_timeout` seconds,
+    /// ending at the setup's deadline) passes: why it failed (also logged; `None` if it
+    /// passed), and whether the global timeout ended it.
+    pub fn run_script(
+        &self,
+        python: &Path,
+        script: &ScriptSource,
+        mode: Mode,
+        global_timeout: u64,
+    ) -> Result<(Option<String>, bool), RunError> {
+        let handler = self
+            .handler
+            .as_ref()
+            .expect("a driver serves until finished");
+        let run_dir = self
+            .run_dir
+            .as_ref()
+            .expect("a driver serves until finished");
+        let script_ctx = ScriptContext {
+            machines: self.machines.clone(),
+            vlans: handler.vlans.keys().copied().collect(),
+            out_dir: self.out_dir.clone(),
+            work_dir: run_dir.path().to_owned(),
+        };
+        serve_script(
+            handler,
+            python,
+            script,
+            &script_ctx,
+            mode,
+            (self.deadline, global_timeout),
+        )
+    }
+
+    /// Stops everything, in order: the machines (QEMU killed), then the switches, then the
+    /// run directory.
+    pub fn finish(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        drop(self.handler.take());
+        drop(self.run_dir.take());
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The switches of `wanted`, capturing into the output directory when asked.
+fn start_vlans(
+    wanted: &BTreeSet<u8>,
+    run_dir: &Path,
+    capture: bool,
+    ctx: &RunContext,
+) -> Result<BTreeMap<u8, Arc<vmrig_net::Vlan>>, RunError> {
+    let mut vlans = BTreeMap::new();
+    for &nr in wanted {
+        let vlan = vmrig_net::Vlan::start(nr, run_dir)
+            .map_err(|e| RunError::Infra(format!("starting the switch of VLAN {nr}: {e}")))?;
+        if capture {
+            let pcap = ctx.out_dir.join(format!("vlan{nr}.pcap"));
+            vlan.capture(&pcap).map_err(|e| {
+                RunError::Infra(format!("capturing VLAN {nr} to {}: {e}", pcap.display()))
+            })?;
+            ctx.logger.emit(Event::Info {
+                message: format!("capturing VLAN {nr} to {}", pcap.display()),
+            });
+        }
+        vlans.insert(nr, Arc::new(vlan));
+    }
+    Ok(vlans)
+}
+
+/// A node's cards, each a port of its VLAN's switch.
+fn node_nics(
+    spec: &TestSpec,
+    node: &vmrig_spec::NodeSpec,
+    vlans: &BTreeMap<u8, Arc<vmrig_net::Vlan>>,
+) -> Result<Vec<VlanNic>, RunError> {
+    node_layer::vlan_addresses(spec, node)
+        .into_iter()
+        .map(|a| {
+            let socket = vlans[&a.vlan].add_port(&node.name).map_err(|e| {
+                RunError::Infra(format!("adding `{}` to VLAN {}: {e}", node.name, a.vlan))
+            })?;
+            Ok(VlanNic {
+                vlan: a.vlan,
+                mac: a.mac,
+                socket,
+            })
+        })
+        .collect()
+}
+
+/// Runs the test script against `handler` until it ends or the global timeout
+/// `(deadline, seconds)` passes: why it failed (also logged; `None` if it passed), and
+/// whether the global timeout ended it.
+fn serve_script(
+    handler: &DriverHandler,
+    python: &Path,
+    script: &vmrig_spec::ScriptSource,
+    script_ctx: &ScriptContext,
+    mode: Mode,
+    (deadline, global_timeout): (Instant, u64),
+) -> Result<(Option<String>, bool), RunError> {
+    let logger = &handler.logger;
+    if mode == Mode::Interactive {
+        cleanup::ignore_sigint(true);
+    }
+    let child = ScriptChild::spawn(python, script, script_ctx, mode).map_err(RunError::Python)?;
+    let killer = child.killer();
+    let script_id = cleanup::register_script(killer.clone());
+    let (stop_watchdog, watchdog) =
+        global_timeout_watchdog(deadline, killer, logger.clone(), global_timeout);
+    let served = child.serve(handler);
+    let _ = stop_watchdog.send(());
+    let fired = watchdog.join().unwrap_or(false);
+    cleanup::unregister_script(script_id);
+    cleanup::ignore_sigint(false);
+
+    let outcome = served.map_err(RunError::Python)?;
+    let timed_out = global_timeout_ended(fired, &outcome, deadline, Instant::now());
+    let failure = match outcome {
+        ScriptOutcome::Passed => None,
+        _ if timed_out => Some(format!("global timeout of {} s reached", global_timeout)),
+        ScriptOutcome::Failed {
+            exc_type,
+            message,
+            line,
+            traceback,
+        } => {
+            let file = script.filename.display().to_string();
+            let first = message.lines().next().unwrap_or_default().to_owned();
+            let place = line.map(|l| format!("{file}:{l}: ")).unwrap_or_default();
+            logger.emit(Event::ScriptFailed {
+                exc_type: exc_type.clone(),
+                message,
+                line,
+                file,
+                traceback,
+            });
+            Some(format!("{place}{exc_type}: {first}"))
+        }
+        ScriptOutcome::Killed => Some("the test script was killed".into()),
+        ScriptOutcome::ExitedWithoutReport(code) => Some(format!(
+            "the test script exited with status {code} without reporting"
+        )),
+    };
+    Ok((failure, timed_out))
+}
+
+/// Kills the script and every VM when the global timeout passes. Returns a sender that
+/// stops the watchdog, and its handle (true if it fired).
+fn global_timeout_watchdog(
+    deadline: Instant,
+    killer: vmrig_python::ScriptKiller,
+    logger: Logger,
+    secs: u64,
+) -> (mpsc::Sender<()>, std::thread::JoinHandle<bool>) {
+    let (tx, rx) = mpsc::channel::<()>();
+    let handle = std::thread::spawn(move || {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                logger.log(
+                    crate::events::Level::Error,
+                    format!("global timeout of {secs} s reached: stopping the test"),
+                    None,
+                );
+                // Only this run's script: every wait of its machines is bounded by the
+                // same deadline, so the call in progress returns now too (other tests
+                // running in this process are left alone).
+                killer.kill();
+                true
+            }
+            _ => false,
+        }
+    });
+    (tx, handle)
+}
+
+/// How long before the global deadline a call's own wait may give up: a polling wait
+/// (`wait_for_unit`, `wait_until_succeeds`) does not start a pause of up to a second that
+/// would end past its deadline.
+const DEADLINE_SLACK: Duration = Duration::from_millis(1500);
+
+/// Whether the global timeout ended the script: the watchdog fired, or the script failed
+/// when the deadline had passed or was at most [`DEADLINE_SLACK`] away. Every wait of a
+/// call is bounded by the same deadline, so a call in progress (`wait_for_unit`, a
+/// command) returns its own timeout error before the watchdog wakes, and the script fails
+/// of the global timeout all the same (upstream exits 143 there too).
+fn global_timeout_ended(
+    fired: bool,
+    outcome: &ScriptOutcome,
+    deadline: Instant,
+    now: Instant,
+) -> bool {
+    fired || (!matches!(outcome, ScriptOutcome::Passed) && now + DEADLINE_SLACK >= deadline)
+}
+
+/// The firmware to boot with: qboot when QEMU ships it (about 1.7 s faster than SeaBIOS).
+pub fn firmware() -> Option<PathBuf> {
+    ["/usr/share/qemu/qboot.rom", "/usr/share/qboot/bios.bin"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// The run's log: `events.jsonl` in `out_dir`, the terminal (if `terminal`), the caller's
+/// reporters; `started` is its first event.
+pub fn run_logger(
+    out_dir: &Path,
+    terminal: bool,
+    extra: &[Arc<dyn Reporter>],
+    started: Event,
+) -> Result<Logger, RunError> {
+    let events = JsonLines::create(&out_dir.join("events.jsonl")).map_err(|e| {
+        RunError::Infra(format!(
+            "cannot write to the output directory {}: {e}; choose another with `-o DIR`",
+            out_dir.display()
+        ))
+    })?;
+    let mut reporters: Vec<Box<dyn Reporter>> = vec![Box::new(events)];
+    if terminal {
+        reporters.push(Box::new(Terminal::stderr()));
+    }
+    for reporter in extra {
+        reporters.push(Box::new(Shared(reporter.clone())));
+    }
+    let logger = Logger::new(reporters);
+    logger.emit(started);
+    Ok(logger)
+}
+
+/// A reporter shared with the caller (who reads what it collected after the run).
+struct Shared(Arc<dyn Reporter>);
+
+impl Reporter for Shared {
+    fn report(&self, event: &crate::events::Stamped) {
+        self.0.report(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_after_the_deadline_is_the_global_timeout() {
+        let deadline = Instant::now();
+        let failed = ScriptOutcome::Failed {
+            exc_type: "RequestedAssertionFailed".into(),
+            message: "timed out".into(),
+            line: Some(3),
+            traceback: String::new(),
+        };
+        let after = deadline + Duration::from_millis(1);
+        assert!(global_timeout_ended(false, &failed, deadline, after));
+        // A poll that gave up a second early (its next pause would end past the deadline).
+        let poll_gave_up = deadline - Duration::from_millis(900);
+        assert!(global_timeout_ended(false, &failed, deadline, poll_gave_up));
+        let before = deadline - Duration::from_secs(3);
+        assert!(!global_timeout_ended(false, &failed, deadline, before));
+        assert!(!global_timeout_ended(
+            false,
+            &ScriptOutcome::Passed,
+            deadline,
+            after
+        ));
+        assert!(global_timeout_ended(
+            true,
+            &ScriptOutcome::Killed,
+            deadline,
+            before
+        ));
+    }
+}
