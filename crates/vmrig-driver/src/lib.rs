@@ -14,6 +14,7 @@ pub mod junit;
 pub mod logger;
 pub mod machine;
 pub mod nixos;
+pub mod phase;
 pub mod reporters;
 pub mod request;
 pub mod rpc;

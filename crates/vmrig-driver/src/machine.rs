@@ -19,6 +19,7 @@ use vmrig_vm::serial::Console;
 
 use crate::events::BlockKind;
 use crate::logger::Logger;
+use crate::phase::Phase;
 use crate::ApiError;
 
 /// The longest a boot may take before the machine counts as hung (TCG is slow; KVM boots
@@ -77,18 +78,6 @@ enum Source {
     },
 }
 
-/// Where a machine stands after `reboot()` (Ctrl+Alt+Delete).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reboot {
-    None,
-    /// Started with `allow_reboot`: the guest reboots inside the same QEMU; the next
-    /// command waits for its new shell.
-    InPlace,
-    /// Started without it (`-no-reboot`): QEMU exits once the guest is down; the next
-    /// command waits for that and boots the machine again (NixOS).
-    QemuExits,
-}
-
 /// One machine of the test.
 pub struct Machine {
     pub name: String,
@@ -99,7 +88,8 @@ pub struct Machine {
     /// First console line `wait_for_console_text` has not consumed yet.
     pub(crate) console_cursor: usize,
     vm: Option<Vm>,
-    connected: bool,
+    /// Where the machine stands (checked moves, see `phase.rs`).
+    phase: Phase,
     started_at: Option<Instant>,
     forwards: Vec<(u16, u16)>,
     snapshot: Snapshot,
@@ -107,7 +97,6 @@ pub struct Machine {
     snapshot_in_use: Option<vmrig_store::UseGuard>,
     /// The running QEMU's `allow_reboot`.
     allow_reboot: bool,
-    reboot: Reboot,
 }
 
 impl Machine {
@@ -149,13 +138,12 @@ impl Machine {
             console: Console::new(),
             console_cursor: 0,
             vm: None,
-            connected: false,
+            phase: Phase::Off,
             started_at: None,
             forwards: Vec::new(),
             snapshot: Snapshot::Off,
             snapshot_in_use: None,
             allow_reboot: false,
-            reboot: Reboot::None,
         }
     }
 
@@ -198,11 +186,28 @@ impl Machine {
     }
 
     pub fn is_up(&mut self) -> bool {
-        self.is_booted() && self.connected
+        self.is_booted() && self.phase.is_connected()
     }
 
     pub fn is_connected(&self) -> bool {
-        self.connected
+        self.phase.is_connected()
+    }
+
+    /// Where the machine stands.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Moves to `to`; a move `phase.rs` does not allow is a driver bug.
+    fn set_phase(&mut self, to: Phase) {
+        debug_assert!(
+            self.phase.may_become(to),
+            "machine `{}`: {:?} -> {:?} is not a move a machine makes",
+            self.name,
+            self.phase,
+            to
+        );
+        self.phase = to;
     }
 
     /// The global deadline, or `secs` from now if sooner.
@@ -220,7 +225,9 @@ impl Machine {
         if self.is_booted() {
             return Ok(());
         }
-        self.connected = false;
+        // Whatever the phase said, there is no QEMU.
+        self.vm = None;
+        self.set_phase(Phase::Off);
         // `get_console_log()` is per start, as upstream's (the serial log file keeps all).
         self.console.clear();
         let log = self.ctx.logger.clone();
@@ -230,7 +237,6 @@ impl Machine {
 
     fn launch(&mut self, allow_reboot: bool) -> Result<(), ApiError> {
         self.snapshot = Snapshot::Off;
-        self.reboot = Reboot::None;
         self.allow_reboot = allow_reboot;
         let vm = match &self.source {
             Source::Node { .. } => self.launch_node(allow_reboot)?,
@@ -247,6 +253,7 @@ impl Machine {
             Some(&self.name),
         );
         self.vm = Some(vm);
+        self.set_phase(Phase::Booting);
         self.started_at = Some(Instant::now());
         Ok(())
     }
@@ -444,18 +451,14 @@ impl Machine {
 
     /// Starts the machine if needed and waits for its shell.
     pub fn connect(&mut self) -> Result<(), ApiError> {
-        if self.connected && self.is_booted() {
+        if self.phase == Phase::Ready && self.is_booted() {
             return Ok(());
         }
         // A failed wait keeps the reboot pending, so the next command waits the same way.
-        let reboot = self.reboot;
-        match reboot {
-            Reboot::QemuExits => self.wait_for_exit_after_reboot()?,
-            Reboot::InPlace if self.is_booted() => {
-                self.reconnect_after_reboot()?;
-                self.reboot = Reboot::None;
-                return Ok(());
-            }
+        let booted = self.is_booted();
+        match self.phase {
+            Phase::RebootingToExit => self.wait_for_exit_after_reboot()?,
+            Phase::RebootingInPlace if booted => return self.reconnect_after_reboot(),
             _ => {}
         }
         self.start(false)?;
@@ -479,7 +482,7 @@ impl Machine {
             logger.end(id, Some(e.to_string()));
             return Err(e);
         }
-        self.connected = true;
+        self.set_phase(Phase::Ready);
         if restoring {
             // The guest's clock stopped when the snapshot was saved.
             let clock = crate::snapshot::set_clock_command(std::time::SystemTime::now());
@@ -541,8 +544,7 @@ impl Machine {
             Err(e) => Err(vm_error(e)),
         })?;
         self.vm = None;
-        self.connected = false;
-        self.reboot = Reboot::None;
+        self.set_phase(Phase::Off);
         Ok(())
     }
 
@@ -581,7 +583,7 @@ impl Machine {
                 ))),
             }
         })?;
-        self.connected = true;
+        self.set_phase(Phase::Ready);
         Ok(())
     }
 
@@ -714,7 +716,11 @@ impl Machine {
                 source: ShellError::Closed,
                 ..
             } => {
-                self.connected = false;
+                // The shell went away; QEMU may still run (the next command waits for a
+                // new shell) or not (it boots the machine again).
+                if self.phase == Phase::Ready {
+                    self.set_phase(Phase::Booting);
+                }
                 ApiError::Machine(format!(
                     "`{}`: the guest shell closed while running `{command}` (did the machine stop?); last console lines:\n{}",
                     self.name,
@@ -734,11 +740,10 @@ impl Machine {
             "systemctl isolate --no-block initrd-switch-root.target 2>/dev/null >/dev/null",
             Some(crate::DEFAULT_WAIT),
         )?;
-        self.connected = false;
         if let Some(vm) = self.vm.as_mut() {
             vm.expect_new_shell();
         }
-        self.reboot = Reboot::InPlace;
+        self.set_phase(Phase::RebootingInPlace);
         self.connect()
     }
 
@@ -747,7 +752,7 @@ impl Machine {
         if !self.is_booted() {
             return Ok(());
         }
-        if self.reboot == Reboot::QemuExits {
+        if self.phase == Phase::RebootingToExit {
             // reboot() without allow_reboot: the guest is going down already.
             return self.wait_for_shutdown();
         }
@@ -776,8 +781,7 @@ impl Machine {
             );
             vm.kill();
         }
-        self.connected = false;
-        self.reboot = Reboot::None;
+        self.set_phase(Phase::Off);
     }
 
     /// The running VM, for QMP and the switch.
@@ -793,15 +797,15 @@ impl Machine {
     /// without, QEMU exits and the next command boots the machine again (as NixOS). Returns
     /// whether the reboot stays inside the running QEMU.
     pub fn expect_reboot(&mut self) -> bool {
-        self.connected = false;
-        self.reboot = if self.allow_reboot {
+        let to = if self.allow_reboot {
             if let Some(vm) = self.vm.as_mut() {
                 vm.expect_new_shell();
             }
-            Reboot::InPlace
+            Phase::RebootingInPlace
         } else {
-            Reboot::QemuExits
+            Phase::RebootingToExit
         };
+        self.set_phase(to);
         self.allow_reboot
     }
 
