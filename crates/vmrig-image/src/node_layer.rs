@@ -164,12 +164,9 @@ pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io
                 unit_file(name, service).into_bytes(),
             );
             if service.enable {
-                for target in &service.wanted_by {
-                    layer.symlinks.push((
-                        format!("/etc/systemd/system/{target}.wants/{unit}"),
-                        format!("../{unit}"),
-                    ));
-                }
+                layer
+                    .symlinks
+                    .extend(wants_links(&unit, &service.wanted_by));
             }
         } else if service.enable {
             if let Some(conf) = drop_in(service) {
@@ -210,12 +207,7 @@ pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io
             socket_unit_file(name, socket).into_bytes(),
         );
         if socket.enable {
-            for target in &socket.wanted_by {
-                layer.symlinks.push((
-                    format!("/etc/systemd/system/{target}.wants/{unit}"),
-                    format!("../{unit}"),
-                ));
-            }
+            layer.symlinks.extend(wants_links(&unit, &socket.wanted_by));
         }
     }
 
@@ -360,6 +352,19 @@ pub fn unit_file(name: &str, service: &ServiceSpec) -> String {
     }
     service_settings(&mut s, service);
     s
+}
+
+/// The `<target>.wants/<unit>` links that enable a unit vmrig wrote in `targets`.
+fn wants_links<'a>(
+    unit: &'a str,
+    targets: &'a [String],
+) -> impl Iterator<Item = (String, String)> + 'a {
+    targets.iter().map(move |target| {
+        (
+            format!("/etc/systemd/system/{target}.wants/{unit}"),
+            format!("../{unit}"),
+        )
+    })
 }
 
 /// `<name>.socket` as NixOS writes `systemd.sockets.<name>`.

@@ -497,6 +497,15 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// [`Ctx::string_list`] without the places.
+    fn strings(&self, f: &Field, within: &str) -> Result<Vec<String>> {
+        Ok(self
+            .string_list(f, within)?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect())
+    }
+
     fn string_list(&self, f: &Field, within: &str) -> Result<Vec<(String, Span)>> {
         let arr = self.array(f, within, "strings")?;
         arr.iter()
@@ -892,13 +901,7 @@ impl<'a> Ctx<'a> {
         };
         let mut wanted_by = None;
         let mut first_cmd: Option<&str> = None;
-        let strings = |f: &Field| -> Result<Vec<String>> {
-            Ok(self
-                .string_list(f, within)?
-                .into_iter()
-                .map(|(s, _)| s)
-                .collect())
-        };
+        let strings = |f: &Field| self.strings(f, within);
         for f in self.entries(table, SERVICE_KEYS, within)? {
             match f.name {
                 "enable" => s.enable = self.boolean(&f, within)?,
@@ -1000,13 +1003,7 @@ impl Ctx<'_> {
             wanted_by: vec!["sockets.target".to_string()],
             socket_config: BTreeMap::new(),
         };
-        let strings = |f: &Field| -> Result<Vec<String>> {
-            Ok(self
-                .string_list(f, within)?
-                .into_iter()
-                .map(|(s, _)| s)
-                .collect())
-        };
+        let strings = |f: &Field| self.strings(f, within);
         for f in self.entries(table, SOCKET_KEYS, within)? {
             match f.name {
                 "enable" => s.enable = self.boolean(&f, within)?,
