@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{assert_no_leftovers, text};
 
+/// `vmrig ARGS`, never answered from the result cache: vm_examples runs the same examples
+/// with the same binary and store, and these tests are about what a real run shows.
 fn vmrig(args: &[&str], tmp: &Path) -> Output {
-    common::command(tmp).args(args).output().expect("run vmrig")
+    common::vmrig_rerun(args, tmp)
 }
 
 fn is_png(path: &Path) -> bool {
