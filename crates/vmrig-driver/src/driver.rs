@@ -362,6 +362,18 @@ fn global_timeout_ended(
     fired || (!matches!(outcome, ScriptOutcome::Passed) && now + DEADLINE_SLACK >= deadline)
 }
 
+/// The Python that runs `script` (found on PATH), once `script` passed its syntax check:
+/// every entry point checks before it builds or boots anything.
+pub fn checked_python(python: &Path, script: &ScriptSource) -> Result<PathBuf, RunError> {
+    let found = vmrig_vm::process::find_program(python).ok_or_else(|| {
+        RunError::Python(vmrig_python::BridgeError::PythonNotFound {
+            python: python.to_owned(),
+        })
+    })?;
+    vmrig_python::check_syntax(&found, script).map_err(RunError::Script)?;
+    Ok(found)
+}
+
 /// The firmware to boot with: qboot when QEMU ships it (about 1.7 s faster than SeaBIOS).
 pub fn firmware() -> Option<PathBuf> {
     ["/usr/share/qemu/qboot.rom", "/usr/share/qboot/bios.bin"]

@@ -193,11 +193,6 @@ impl Machine {
         self.phase.is_connected()
     }
 
-    /// Where the machine stands.
-    pub fn phase(&self) -> Phase {
-        self.phase
-    }
-
     /// Moves to `to`; a move `phase.rs` does not allow is a driver bug.
     fn set_phase(&mut self, to: Phase) {
         debug_assert!(

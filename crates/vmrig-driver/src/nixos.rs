@@ -59,11 +59,6 @@ pub struct NixosOutcome {
 pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
     let started = Instant::now();
     cleanup::install_signal_handlers();
-    let python = vmrig_vm::process::find_program(&run.python).ok_or_else(|| {
-        RunError::Python(vmrig_python::BridgeError::PythonNotFound {
-            python: run.python.clone(),
-        })
-    })?;
     let text = std::fs::read_to_string(&run.test_script).map_err(|e| {
         RunError::Infra(format!(
             "cannot read the test script {}: {e}",
@@ -75,7 +70,7 @@ pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
         filename: run.test_script.clone(),
         first_line: 1,
     };
-    vmrig_python::check_syntax(&python, &script).map_err(RunError::Script)?;
+    let python = crate::driver::checked_python(&run.python, &script)?;
     let logger = crate::driver::run_logger(
         &run.out_dir,
         true,

@@ -335,7 +335,7 @@ impl DriverHandler {
             R::SendConsole { chars } => {
                 m.vm_mut()?
                     .send_console(chars.as_bytes())
-                    .map_err(|e| RpcError::machine(e.to_string()))?;
+                    .map_err(machine_err)?;
                 Value::Null
             }
             R::SendMonitorCommand { command } => {
@@ -437,11 +437,11 @@ impl DriverHandler {
                 let set = m
                     .vm_mut()?
                     .qmp()
-                    .map_err(|e| RpcError::machine(e.to_string()))?
+                    .map_err(machine_err)?
                     .set_link(&vmrig_vm::cmdline::vlan_netdev_id(nr), up);
                 match set {
                     Err(_) if from_command => {}
-                    other => other.map_err(|e| RpcError::machine(e.to_string()))?,
+                    other => other.map_err(machine_err)?,
                 }
             }
         }

@@ -11,9 +11,10 @@ use vmrig_python::Mode;
 use vmrig_spec::TestSpec;
 use vmrig_store::Store;
 use vmrig_vm::accel::{self, AccelChoice};
+use vmrig_vm::process::find_program;
 
 use crate::cleanup;
-use crate::driver::{firmware, run_logger, Driver, DriverSetup, MachineSource};
+use crate::driver::{checked_python, firmware, run_logger, Driver, DriverSetup, MachineSource};
 use crate::events::{Event, Reporter};
 use crate::RunError;
 
@@ -67,8 +68,6 @@ pub struct RunOutcome {
     pub images: BTreeMap<String, vmrig_image::NodeImage>,
 }
 
-pub use vmrig_vm::process::find_program;
-
 /// Runs `spec`: checks the script, builds images (progress to `observer`), boots, runs.
 pub fn run_test(
     spec: &TestSpec,
@@ -77,12 +76,7 @@ pub fn run_test(
 ) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
     cleanup::install_signal_handlers();
-    let python = find_program(&opts.python).ok_or_else(|| {
-        RunError::Python(vmrig_python::BridgeError::PythonNotFound {
-            python: opts.python.clone(),
-        })
-    })?;
-    vmrig_python::check_syntax(&python, &spec.script).map_err(RunError::Script)?;
+    let python = checked_python(&opts.python, &spec.script)?;
     let qemu = find_program(&opts.qemu).ok_or_else(|| {
         RunError::Infra(format!(
             "`{}` not found: install QEMU (`sudo apt-get install qemu-system-x86 qemu-utils`) \

@@ -728,14 +728,7 @@ impl<'a> Ctx<'a> {
                         }
                         let sw = format!("service `{}` of {within}", e.name);
                         let st = self.table(&e, &format!("services.{}", e.name), within)?;
-                        let mut spec = self.service(st, &e, &sw)?;
-                        // A template (`web@`) runs as instances (of a socket with `accept`,
-                        // or named elsewhere): enabling the template itself is an error.
-                        if ServiceSpec::unit_name(e.name).contains("@.")
-                            && spec.wanted_by == [DEFAULT_WANTED_BY]
-                        {
-                            spec.wanted_by.clear();
-                        }
+                        let spec = self.service(st, &e, &sw)?;
                         n.services.insert(e.name.to_string(), spec);
                     }
                 }
@@ -886,7 +879,7 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn service(&self, table: &dyn TableLike, _entry: &Field, within: &str) -> Result<ServiceSpec> {
+    fn service(&self, table: &dyn TableLike, entry: &Field, within: &str) -> Result<ServiceSpec> {
         let mut s = ServiceSpec {
             enable: true,
             script: None,
@@ -984,9 +977,12 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
+        // A template (`web@`) runs as instances (of a socket with `accept`, or named
+        // elsewhere): it is not enabled itself unless `wanted_by` says so.
+        let template = ServiceSpec::unit_name(entry.name).contains("@.");
         s.wanted_by = match wanted_by {
             Some(w) => w,
-            None if s.is_new() => vec![DEFAULT_WANTED_BY.to_string()],
+            None if s.is_new() && !template => vec![DEFAULT_WANTED_BY.to_string()],
             None => Vec::new(),
         };
         Ok(s)
