@@ -11,6 +11,8 @@ use crate::machine::Machine;
 use crate::ApiError;
 
 const COPY_TIMEOUT: f64 = 600.0;
+/// The status of the guest's copy command when the path does not exist.
+const MISSING: i32 = 66;
 
 /// `copy_from_host(source, target)`: a file or directory of the host to `target` in the guest.
 pub fn from_host(m: &mut Machine, source: &str, target: &str) -> Result<(), ApiError> {
@@ -83,10 +85,13 @@ pub fn from_machine(m: &mut Machine, source: &str, target_dir: &str) -> Result<(
         .file_name()
         .map(|b| b.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // pipefail: a tar that cannot read the path fails the command (without it, the empty
+    // output of base64 succeeded and nothing was copied).
     let command = format!(
-        "tar -C {} -c {} | base64 -w 0",
+        "set -o pipefail; cd {} || exit 3; [ -e {base_q} ] || [ -L {base_q} ] || exit {MISSING}; \
+         tar -c {base_q} | base64 -w 0",
         shell_quote(&parent),
-        shell_quote(&base)
+        base_q = shell_quote(&base)
     );
     let logger = m.logger().clone();
     let name_m = m.name.clone();
@@ -95,9 +100,14 @@ pub fn from_machine(m: &mut Machine, source: &str, target_dir: &str) -> Result<(
         Some(&name_m),
         || {
             let (status, output) = m.execute(&command, Some(COPY_TIMEOUT))?;
+            if status == MISSING {
+                return Err(ApiError::Assertion(format!(
+                    "copy_from_machine: {source} does not exist in the guest"
+                )));
+            }
             if status != 0 {
                 return Err(ApiError::Assertion(format!(
-                    "copy_from_machine: cannot read {source} in the guest"
+                    "copy_from_machine: cannot read {source} in the guest (exit code {status}; tar's message is on the console)"
                 )));
             }
             let tar = base64::engine::general_purpose::STANDARD

@@ -284,9 +284,9 @@ fn serve_script(
 
     let outcome = served.map_err(RunError::Python)?;
     let timed_out = global_timeout_ended(fired, &outcome, deadline, Instant::now());
+    let global = format!("global timeout of {global_timeout} s reached");
     let failure = match outcome {
         ScriptOutcome::Passed => None,
-        _ if timed_out => Some(format!("global timeout of {} s reached", global_timeout)),
         ScriptOutcome::Failed {
             exc_type,
             message,
@@ -296,6 +296,8 @@ fn serve_script(
             let file = script.filename.display().to_string();
             let first = message.lines().next().unwrap_or_default().to_owned();
             let place = line.map(|l| format!("{file}:{l}: ")).unwrap_or_default();
+            // Logged with its traceback and console lines even when the global timeout
+            // ended the call: it says which step was running.
             logger.emit(Event::ScriptFailed {
                 exc_type: exc_type.clone(),
                 message,
@@ -303,14 +305,46 @@ fn serve_script(
                 file,
                 traceback,
             });
-            Some(format!("{place}{exc_type}: {first}"))
+            let why = format!("{place}{exc_type}: {first}");
+            Some(if timed_out {
+                format!("{global} ({why})")
+            } else {
+                why
+            })
         }
+        _ if timed_out => Some(global),
         ScriptOutcome::Killed => Some("the test script was killed".into()),
         ScriptOutcome::ExitedWithoutReport(code) => Some(format!(
             "the test script exited with status {code} without reporting"
         )),
     };
+    if timed_out {
+        log_unfinished_boots(handler);
+    }
     Ok((failure, timed_out))
+}
+
+/// After the global timeout: the last console lines of every machine still booting (where
+/// a boot that never reached its shell stopped).
+fn log_unfinished_boots(handler: &DriverHandler) {
+    let machines = handler.machines.read().unwrap();
+    for machine in machines.values() {
+        // The call that was waiting has returned (its wait had the same deadline).
+        let Ok(mut m) = machine.try_lock() else {
+            continue;
+        };
+        if m.is_booted() && !m.is_connected() {
+            handler.logger.log(
+                crate::events::Level::Error,
+                format!(
+                    "`{}` had not finished booting; last console lines:\n{}",
+                    m.name,
+                    vmrig_vm::machine::console_tail(m.console())
+                ),
+                Some(&m.name),
+            );
+        }
+    }
 }
 
 /// Kills the script and every VM when the global timeout passes. Returns a sender that

@@ -94,7 +94,7 @@ pub struct Vm {
     disk: Option<PathBuf>,
     qemu: GuardedChild,
     console: Arc<Console>,
-    stderr: Arc<Mutex<String>>,
+    stderr: StderrTail,
     /// The serial console's input (QEMU's stdin), for `send_console`.
     stdin: Option<std::process::ChildStdin>,
     shell: Option<Shell<UnixStream>>,
@@ -208,11 +208,7 @@ impl Vm {
 
     fn new(
         name: String,
-        (qemu, stdin, stderr): (
-            GuardedChild,
-            Option<std::process::ChildStdin>,
-            Arc<Mutex<String>>,
-        ),
+        (qemu, stdin, stderr): (GuardedChild, Option<std::process::ChildStdin>, StderrTail),
         shell_listener: UnixListener,
         qmp_endpoint: QmpEndpoint,
     ) -> Vm {
@@ -333,7 +329,7 @@ impl Vm {
                     .qmp()?
                     .execute("query-migrate", None, Duration::from_secs(5))
                     .unwrap_or_default();
-                let stderr = self.stderr.lock().unwrap().trim().to_owned();
+                let stderr = self.stderr.text();
                 return Err(VmError::RestoreFailed {
                     machine: name,
                     detail: format!("the saved state did not load in time (QEMU is {status:?}; migration {migration}; stderr: {stderr:?})"),
@@ -474,10 +470,25 @@ impl Vm {
                 .map_err(io_err("monitor socket"))?;
             *stream = listener.accept().ok().map(|(s, _)| s);
         }
-        let qmp = Qmp::handshake(qmp, CONNECT_TIMEOUT).map_err(|source| VmError::Qmp {
-            machine: self.name.clone(),
-            source,
-        })?;
+        let qmp = match Qmp::handshake(qmp, CONNECT_TIMEOUT) {
+            Ok(qmp) => qmp,
+            // QEMU that exits while the driver connects (a guest that panics at once) is a
+            // failed boot, shown with its console, not a protocol error.
+            Err(_)
+                if matches!(
+                    self.qemu.wait_timeout(Duration::from_millis(500)),
+                    Ok(Some(_))
+                ) =>
+            {
+                return Err(self.died_booting())
+            }
+            Err(source) => {
+                return Err(VmError::Qmp {
+                    machine: self.name.clone(),
+                    source,
+                })
+            }
+        };
         self.qmp = Some(qmp);
         Ok(())
     }
@@ -530,11 +541,10 @@ impl Vm {
                 return Ok(stream);
             }
             if let Ok(Some(status)) = self.qemu.try_wait() {
-                std::thread::sleep(Duration::from_millis(50)); // let the stderr thread catch up
                 return Err(VmError::EarlyExit {
                     machine: self.name.clone(),
                     status: status.to_string(),
-                    stderr: self.stderr.lock().unwrap().trim().to_owned(),
+                    stderr: self.stderr.settled(),
                 });
             }
             if Instant::now() >= deadline {
@@ -765,14 +775,7 @@ pub fn console_tail(console: &Console) -> String {
 fn spawn_qemu(
     mut cmd: Command,
     program: String,
-) -> Result<
-    (
-        GuardedChild,
-        Option<std::process::ChildStdin>,
-        Arc<Mutex<String>>,
-    ),
-    VmError,
-> {
+) -> Result<(GuardedChild, Option<std::process::ChildStdin>, StderrTail), VmError> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -780,21 +783,45 @@ fn spawn_qemu(
         GuardedChild::spawn(cmd).map_err(|source| VmError::Spawn { program, source })?;
     let stdin = child.child_mut().stdin.take();
     let mut stderr_pipe = child.child_mut().stderr.take().expect("piped");
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let stderr_buf = stderr.clone();
-    std::thread::spawn(move || {
+    let text = Arc::new(Mutex::new(String::new()));
+    let buf_text = text.clone();
+    let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = stderr_pipe.read(&mut buf) {
             if n == 0 {
                 break;
             }
-            let mut s = stderr_buf.lock().unwrap();
+            let mut s = buf_text.lock().unwrap();
             if s.len() < 64 * 1024 {
                 s.push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         }
     });
-    Ok((child, stdin, stderr))
+    Ok((child, stdin, StderrTail { text, reader }))
+}
+
+/// What QEMU wrote to stderr (the first 64 KiB), read by a thread of its own.
+struct StderrTail {
+    text: Arc<Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl StderrTail {
+    /// What was read so far.
+    fn text(&self) -> String {
+        self.text.lock().unwrap().trim().to_owned()
+    }
+
+    /// Once QEMU has exited: all it wrote, when the reader reaches the end within a second
+    /// (a loaded host may take a while to schedule it; a child of QEMU that keeps the pipe
+    /// open must not hold the error back).
+    fn settled(&self) -> String {
+        let until = Instant::now() + Duration::from_secs(1);
+        while !self.reader.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.text()
+    }
 }
 
 /// A unix socket path must fit `sun_path` (107 bytes and a NUL).
