@@ -85,11 +85,10 @@ pub fn from_machine(m: &mut Machine, source: &str, target_dir: &str) -> Result<(
         .file_name()
         .map(|b| b.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // pipefail: a tar that cannot read the path fails the command (without it, the empty
-    // output of base64 succeeded and nothing was copied).
+    // The archive comes back through the exact framing (base64 in the guest); the status
+    // is tar's own, so a path it cannot read fails the copy.
     let command = format!(
-        "set -o pipefail; cd {} || exit 3; [ -e {base_q} ] || [ -L {base_q} ] || exit {MISSING}; \
-         tar -c {base_q} | base64 -w 0",
+        "cd {} || exit 3; [ -e {base_q} ] || [ -L {base_q} ] || exit {MISSING}; tar -c {base_q}",
         shell_quote(&parent),
         base_q = shell_quote(&base)
     );
@@ -99,7 +98,7 @@ pub fn from_machine(m: &mut Machine, source: &str, target_dir: &str) -> Result<(
         format!("copying {source} from the guest to {}", dest.display()),
         Some(&name_m),
         || {
-            let (status, output) = m.execute(&command, Some(COPY_TIMEOUT))?;
+            let (status, tar) = m.execute_exact(&command, Some(COPY_TIMEOUT))?;
             if status == MISSING {
                 return Err(ApiError::Assertion(format!(
                     "copy_from_machine: {source} does not exist in the guest"
@@ -110,9 +109,6 @@ pub fn from_machine(m: &mut Machine, source: &str, target_dir: &str) -> Result<(
                     "copy_from_machine: cannot read {source} in the guest (exit code {status}; tar's message is on the console)"
                 )));
             }
-            let tar = base64::engine::general_purpose::STANDARD
-                .decode(output.trim())
-                .map_err(|e| ApiError::Machine(format!("copy_from_machine: garbled data: {e}")))?;
             let mut child = vmrig_vm::process::command("tar")
                 .arg("-C")
                 .arg(&dest)

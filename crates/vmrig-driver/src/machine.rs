@@ -692,6 +692,21 @@ impl Machine {
         }
     }
 
+    /// Runs `command` in the guest for its binary stdout: `(status, every byte)`.
+    pub fn execute_exact(
+        &mut self,
+        command: &str,
+        timeout: Option<f64>,
+    ) -> Result<(i32, Vec<u8>), ApiError> {
+        self.connect()?;
+        let deadline = self.deadline_in(timeout);
+        let vm = self.vm.as_mut().expect("connected");
+        match vm.execute_exact(command, Some(deadline)) {
+            Ok(out) => Ok((out.status, out.stdout)),
+            Err(e) => Err(self.command_error(command, e)),
+        }
+    }
+
     /// The error for a command that got no reply.
     fn command_error(&mut self, command: &str, e: VmError) -> ApiError {
         match e {

@@ -10,8 +10,8 @@
 //! # use std::path::Path;
 //! let vlan = vmrig_net::Vlan::start(1, Path::new("/tmp/run"))?;
 //! let sock = vlan.add_port("client")?;
-//! let netdev = vmrig_net::qemu_netdev_arg("vlan1", &sock);
-//! // qemu-system-x86_64 ... -netdev <netdev> -device virtio-net-pci,netdev=vlan1,mac=...
+//! // qemu-system-x86_64 ... -netdev stream,id=vlan1,server=off,addr.type=unix,addr.path=<sock>
+//! //     -device virtio-net-pci,netdev=vlan1,mac=...   (vmrig-vm's `cmdline::stream_netdev`)
 //! # Ok::<(), vmrig_net::NetError>(())
 //! ```
 //!
@@ -27,7 +27,7 @@
 //! # use std::path::Path;
 //! let vlan = vmrig_net::Vlan::start(1, Path::new("/tmp/run"))?;
 //! let dir = vlan.vde_dir()?;
-//! // QEMU_VDE_SOCKET_1=<dir> run-client-vm, or -netdev <qemu_vde_netdev_arg("vlan1", &dir)>;
+//! // QEMU_VDE_SOCKET_1=<dir> run-client-vm, or -netdev vde,id=vlan1,sock=<dir>;
 //! // then, with the child's pid: vlan.name_vde_client(pid, "client")?;
 //! # Ok::<(), vmrig_net::NetError>(())
 //! ```
@@ -142,25 +142,6 @@ pub struct Vlan {
     cmds: Sender<Cmd>,
     wake: UnixStream,
     thread: Option<JoinHandle<()>>,
-}
-
-/// The `-netdev` value that connects a QEMU NIC backend with id `netdev_id` to a port socket:
-/// `stream,id=<id>,server=off,addr.type=unix,addr.path=<sock>` (commas in the path doubled, as
-/// QEMU's option syntax wants).
-pub fn qemu_netdev_arg(netdev_id: &str, sock: &Path) -> String {
-    format!(
-        "stream,id={netdev_id},server=off,addr.type=unix,addr.path={}",
-        sock.to_string_lossy().replace(',', ",,")
-    )
-}
-
-/// The `-netdev` value that connects a QEMU NIC backend with id `netdev_id` to the VDE switch
-/// directory `dir` ([`Vlan::vde_dir`]): `vde,id=<id>,sock=<dir>` (commas in the path doubled).
-pub fn qemu_vde_netdev_arg(netdev_id: &str, dir: &Path) -> String {
-    format!(
-        "vde,id={netdev_id},sock={}",
-        dir.to_string_lossy().replace(',', ",,")
-    )
 }
 
 fn valid_name(name: &str) -> bool {
@@ -283,7 +264,7 @@ impl Vlan {
     }
 
     /// The VLAN's VDE switch directory, `<run_dir>/vlan<nr>/vde`, for QEMU's
-    /// `-netdev vde,sock=<dir>` ([`qemu_vde_netdev_arg`]) or a NixOS start script's
+    /// `-netdev vde,sock=<dir>` (vmrig-vm's `cmdline::vde_netdev`) or a NixOS start script's
     /// `QEMU_VDE_SOCKET_<n>`. The first call creates it and its `ctl` socket, listening before
     /// this returns; later calls return the same path.
     ///
@@ -428,22 +409,6 @@ impl Drop for Vlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn netdev_arg_escapes_commas() {
-        assert_eq!(
-            qemu_netdev_arg("vlan1", Path::new("/run/a,b/x.sock")),
-            "stream,id=vlan1,server=off,addr.type=unix,addr.path=/run/a,,b/x.sock"
-        );
-    }
-
-    #[test]
-    fn vde_netdev_arg_escapes_commas() {
-        assert_eq!(
-            qemu_vde_netdev_arg("vlan2", Path::new("/run/a,b/vde")),
-            "vde,id=vlan2,sock=/run/a,,b/vde"
-        );
-    }
 
     #[test]
     fn names() {

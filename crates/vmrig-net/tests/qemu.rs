@@ -7,7 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmrig_net::pcap::read_pcap;
-use vmrig_net::{qemu_netdev_arg, qemu_vde_netdev_arg, Vlan};
+use vmrig_net::Vlan;
+use vmrig_vm::cmdline::{stream_netdev, vde_netdev};
 
 struct Qemu(Child);
 
@@ -19,7 +20,7 @@ impl Drop for Qemu {
 }
 
 fn qemu(sock: &Path, mac: &str) -> Option<Qemu> {
-    qemu_with(&qemu_netdev_arg("vlan1", sock), mac)
+    qemu_with(&stream_netdev("vlan1", sock), mac)
 }
 
 fn qemu_with(netdev: &str, mac: &str) -> Option<Qemu> {
@@ -132,7 +133,7 @@ fn qemu_over_vde_and_qemu_over_stream_exchange_frames() {
     let vde = vlan.vde_dir().unwrap();
     let sb = vlan.add_port("b").unwrap();
     let t0 = Instant::now();
-    let a = qemu_with(&qemu_vde_netdev_arg("vlan1", &vde), "52:54:00:12:01:01").expect("spawn");
+    let a = qemu_with(&vde_netdev("vlan1", &vde), "52:54:00:12:01:01").expect("spawn");
     vlan.name_vde_client(a.0.id(), "a").unwrap();
     let _b = qemu(&sb, "52:54:00:12:01:02").expect("spawn qemu");
     assert!(
@@ -192,7 +193,7 @@ fn qemu_vde_with_a_port_number_joins() {
     let dir = tempfile::tempdir().unwrap();
     let vlan = Vlan::start(1, dir.path()).unwrap();
     let vde = vlan.vde_dir().unwrap();
-    let netdev = format!("{},port=3", qemu_vde_netdev_arg("vlan1", &vde));
+    let netdev = format!("{},port=3", vde_netdev("vlan1", &vde));
     let _q = qemu_with(&netdev, "52:54:00:12:01:03").expect("spawn qemu");
     assert!(
         vlan.wait_connected("vde1", 1, Duration::from_secs(20)),

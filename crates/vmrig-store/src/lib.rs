@@ -713,30 +713,6 @@ impl Store {
         Ok(sp)
     }
 
-    /// [`Store::lookup`] or [`Store::build`], then [`Store::use_path`], retrying
-    /// if a concurrent gc removes the path in between (which can only happen
-    /// with a gc of `older_than` zero). The builder may be called more than
-    /// once in that case.
-    pub fn get_or_build<F, E>(
-        &self,
-        key: &StoreKey,
-        mut builder: F,
-    ) -> Result<(StorePath, UseGuard), StoreError>
-    where
-        F: FnMut(&Path) -> Result<(), E>,
-        E: Into<BoxError>,
-    {
-        let mut attempts = 0;
-        loop {
-            let sp = self.build(key, &mut builder)?;
-            match self.use_path(&sp) {
-                Ok(guard) => return Ok((sp, guard)),
-                Err(StoreError::Gone { .. }) if attempts < 20 => attempts += 1,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
     /// Marks `path` as in use until the guard is dropped, so gc leaves it
     /// alone, and records the time of use. Waits while the path is being
     /// collected; returns [`StoreError::Gone`] if it was.

@@ -545,12 +545,7 @@ fn gc_racing_builds_and_uses() {
             let (store, key) = (store.clone(), key.clone());
             std::thread::spawn(move || {
                 for _ in 0..50 {
-                    let (_sp, guard) = store
-                        .get_or_build(&key, |out| {
-                            fs::write(out.join("a"), b"1")?;
-                            fs::write(out.join("b"), b"2")
-                        })
-                        .unwrap();
+                    let guard = build_and_use(&store, &key);
                     assert_eq!(fs::read(guard.path().join("a")).unwrap(), b"1");
                     assert_eq!(fs::read(guard.path().join("b")).unwrap(), b"2");
                 }
@@ -624,4 +619,23 @@ fn gc_with_a_name_prefix_removes_only_those_paths() {
     assert_eq!(report.removed[0].name, "snapshot-server");
     assert!(!snap.path().exists());
     assert!(image.path().exists());
+}
+
+/// Builds (or finds) `key` and marks it in use, again when a gc removed it in between
+/// (possible only with a gc of `older_than` zero), as the driver's image step does.
+fn build_and_use(store: &Store, key: &StoreKey) -> vmrig_store::UseGuard {
+    for _ in 0..20 {
+        let sp = store
+            .build(key, |out| {
+                fs::write(out.join("a"), b"1")?;
+                fs::write(out.join("b"), b"2")
+            })
+            .unwrap();
+        match store.use_path(&sp) {
+            Ok(guard) => return guard,
+            Err(vmrig_store::StoreError::Gone { .. }) => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("a gc removed the path 20 times in a row")
 }

@@ -102,11 +102,7 @@ pub fn qemu_escape(path: &std::path::Path) -> String {
 pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     let mut a = machine_args(cfg);
     for (i, nic) in cfg.vlans.iter().enumerate() {
-        let netdev = format!(
-            "stream,id={},server=off,addr.type=unix,addr.path={}",
-            vlan_netdev_id(nic.vlan),
-            qemu_escape(&nic.socket)
-        );
+        let netdev = stream_netdev(&vlan_netdev_id(nic.vlan), &nic.socket);
         a.extend(vlan_nic_args(nic, i, netdev));
     }
     a.extend(driver_args(cfg));
@@ -189,6 +185,21 @@ pub fn machine_args(cfg: &VmConfig) -> Vec<String> {
 
 /// eth0's backend: user networking with `restrict=on` (the guest reaches nothing outside).
 pub const USER_NETDEV: &str = "user,id=user0,restrict=on";
+
+/// The `-netdev` value that connects the NIC backend `id` to a port socket of vmrig's
+/// switch: `stream,id=<id>,server=off,addr.type=unix,addr.path=<sock>`.
+pub fn stream_netdev(id: &str, sock: &std::path::Path) -> String {
+    format!(
+        "stream,id={id},server=off,addr.type=unix,addr.path={}",
+        qemu_escape(sock)
+    )
+}
+
+/// The `-netdev` value that connects the NIC backend `id` to the switch's VDE directory
+/// `dir` (how NixOS start scripts join a VLAN): `vde,id=<id>,sock=<dir>`.
+pub fn vde_netdev(id: &str, dir: &std::path::Path) -> String {
+    format!("vde,id={id},sock={}", qemu_escape(dir))
+}
 
 /// The netdev id of VLAN `vlan`'s NIC.
 pub fn vlan_netdev_id(vlan: u8) -> String {
@@ -297,6 +308,19 @@ pub fn nixos_driver_args(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn netdev_values_escape_commas() {
+        assert_eq!(
+            stream_netdev("vlan1", Path::new("/run/a,b/x.sock")),
+            "stream,id=vlan1,server=off,addr.type=unix,addr.path=/run/a,,b/x.sock"
+        );
+        assert_eq!(
+            vde_netdev("vlan2", Path::new("/run/a,b/vde")),
+            "vde,id=vlan2,sock=/run/a,,b/vde"
+        );
+    }
 
     fn config() -> VmConfig {
         VmConfig {

@@ -205,19 +205,6 @@ impl<S: TimeoutStream> Qmp<S> {
         ))
     }
 
-    /// Timeout used by the convenience helpers.
-    pub fn default_timeout(&self) -> Duration {
-        self.default_timeout
-    }
-
-    pub fn set_default_timeout(&mut self, timeout: Duration) {
-        self.default_timeout = timeout;
-    }
-
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
     /// Give back the transport. Buffered bytes and queued events are lost.
     pub fn into_inner(self) -> S {
         self.stream

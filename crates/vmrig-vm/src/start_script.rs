@@ -79,10 +79,10 @@ pub fn render(s: &StartScript) -> String {
         }
     }
     for (i, nic) in cfg.vlans.iter().enumerate() {
-        let netdev = format!(
-            "vde,id={},sock={}",
-            vlan_netdev_id(nic.vlan),
-            vde_socket(nic.vlan)
+        let placeholder = vde_socket(nic.vlan);
+        let netdev = crate::cmdline::vde_netdev(
+            &vlan_netdev_id(nic.vlan),
+            std::path::Path::new(&placeholder),
         );
         args.extend(vlan_nic_args(nic, i, netdev));
     }
