@@ -389,6 +389,10 @@ impl Machine {
         cfg.firmware = self.ctx.firmware.clone();
         cfg.allow_reboot = allow_reboot;
         cfg.forwards = self.forwards.clone();
+        let transfer = self.dir.join("xfer");
+        std::fs::create_dir_all(&transfer)
+            .map_err(|e| ApiError::Machine(format!("creating {}: {e}", transfer.display())))?;
+        cfg.transfer_dir = Some(transfer);
         // A snapshot only stands in for a first boot: a restart keeps the disk as the
         // test left it, as NixOS does.
         let mut backing = (image.root_image(), "raw");
@@ -692,21 +696,6 @@ impl Machine {
         }
     }
 
-    /// Runs `command` in the guest for its binary stdout: `(status, every byte)`.
-    pub fn execute_exact(
-        &mut self,
-        command: &str,
-        timeout: Option<f64>,
-    ) -> Result<(i32, Vec<u8>), ApiError> {
-        self.connect()?;
-        let deadline = self.deadline_in(timeout);
-        let vm = self.vm.as_mut().expect("connected");
-        match vm.execute_exact(command, Some(deadline)) {
-            Ok(out) => Ok((out.status, out.stdout)),
-            Err(e) => Err(self.command_error(command, e)),
-        }
-    }
-
     /// The error for a command that got no reply.
     fn command_error(&mut self, command: &str, e: VmError) -> ApiError {
         match e {
@@ -823,6 +812,14 @@ impl Machine {
         self.forwards.push((host, guest));
     }
 
+    /// The host side of the VM's 9p transfer directory (`copy.rs`); start commands have none.
+    pub fn transfer_dir(&self) -> Option<PathBuf> {
+        match self.source {
+            Source::Node { .. } => Some(self.dir.join("xfer")),
+            Source::Command { .. } => None,
+        }
+    }
+
     /// The machine's own directory under the run directory (made when it starts; removed
     /// with the run directory). The screen code keeps its screenshots there.
     pub fn state_dir(&self) -> &std::path::Path {
@@ -891,6 +888,7 @@ pub fn node_vm_config(
         allow_reboot: false,
         forwards: Vec::new(),
         incoming: None,
+        transfer_dir: None,
     }
 }
 

@@ -410,8 +410,12 @@ impl DriverHandler {
             }
             R::Block {} => self.set_links(&mut m, name, false)?,
             R::Unblock {} => self.set_links(&mut m, name, true)?,
-            R::CopyFromHost { source, target } | R::CopyFromHostViaShell { source, target } => {
+            R::CopyFromHost { source, target } => {
                 crate::copy::from_host(&mut m, &source, &target)?;
+                Value::Null
+            }
+            R::CopyFromHostViaShell { source, target } => {
+                crate::copy::from_host_via_shell(&mut m, &source, &target)?;
                 Value::Null
             }
             R::CopyFromMachine { source, target_dir } => {

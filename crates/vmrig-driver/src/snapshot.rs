@@ -257,6 +257,7 @@ mod tests {
             allow_reboot: false,
             forwards: vec![],
             incoming: None,
+            transfer_dir: None,
         }
     }
 

@@ -382,6 +382,45 @@ fn copies_go_both_ways_and_keep_the_content() {
 }
 
 #[test]
+fn directories_are_copied_with_modes_and_links_both_ways() {
+    use std::os::unix::fs::PermissionsExt;
+    let rig = Rig::new(ONE);
+    let tree = rig.dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::write(tree.join("bin/tool"), "#!/bin/sh\necho tool\n").unwrap();
+    std::fs::set_permissions(
+        tree.join("bin/tool"),
+        std::fs::Permissions::from_mode(0o751),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("bin/tool", tree.join("link")).unwrap();
+    let inside = rig.guest.join("opt/tree");
+    let out = rig.run(&format!(
+        "machine.copy_from_host('{tree}', '{inside}')\n\
+         assert machine.succeed('{inside}/link') == 'tool\\n'\n\
+         assert machine.succeed('stat -c %a {inside}/bin/tool') == '751\\n'\n\
+         machine.copy_from_machine('{inside}', 'back')\n\
+         machine.copy_from_host_via_shell('{tree}/bin/tool', '{inside}/via-shell')\n\
+         assert machine.succeed('cat {inside}/via-shell') == '#!/bin/sh\\necho tool\\n'\n",
+        tree = tree.display(),
+        inside = inside.display(),
+    ));
+    out.passed();
+    let back = out.out_dir.join("back/tree");
+    let mode = std::fs::metadata(back.join("bin/tool"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o751);
+    assert_eq!(
+        std::fs::read_link(back.join("link")).unwrap(),
+        std::path::Path::new("bin/tool")
+    );
+    // Nothing is left in the transfer directory, and the share is not left mounted.
+    assert!(!rig.guest.join("xfer-mount").exists());
+}
+
+#[test]
 fn copy_from_machine_of_a_missing_path_raises() {
     let rig = Rig::new(ONE);
     let missing = rig.guest.join("no-such-file");

@@ -46,7 +46,14 @@ pub struct VmConfig {
     pub forwards: Vec<(u16, u16)>,
     /// Start from a saved state (a migration stream file) instead of booting.
     pub incoming: Option<PathBuf>,
+    /// A host directory the guest can mount over 9p (tag [`TRANSFER_TAG`]): copies between
+    /// host and guest go through it. Mounted only while copying (QEMU refuses to save a VM
+    /// while a 9p export is mounted), so boot snapshots are unaffected.
+    pub transfer_dir: Option<PathBuf>,
 }
+
+/// The 9p mount tag of [`VmConfig::transfer_dir`].
+pub const TRANSFER_TAG: &str = "vmrig-xfer";
 
 /// The kernel command line every vmrig guest gets before the node's own parameters.
 pub const BASE_KERNEL_PARAMS: &[&str] = &[
@@ -248,6 +255,19 @@ pub fn driver_args(cfg: &VmConfig) -> Vec<String> {
         "-device".into(),
         "virtio-rng-pci".into(),
     ]);
+    if let Some(dir) = &cfg.transfer_dir {
+        // security_model=none: files keep their modes, and whatever the guest writes
+        // belongs to the user running QEMU on the host.
+        a.extend([
+            "-fsdev".into(),
+            format!(
+                "local,id=xfer,path={},security_model=none",
+                qemu_escape(dir)
+            ),
+            "-device".into(),
+            format!("virtio-9p-pci,fsdev=xfer,mount_tag={TRANSFER_TAG}"),
+        ]);
+    }
     if let Some(state) = &cfg.incoming {
         // QEMU runs the exec: URI through /bin/sh.
         a.extend([
@@ -345,6 +365,7 @@ mod tests {
             allow_reboot: false,
             forwards: vec![(8080, 80)],
             incoming: None,
+            transfer_dir: None,
         }
     }
 

@@ -596,17 +596,6 @@ impl Vm {
             .map(|out| out.expect("a reply"))
     }
 
-    /// Runs a command whose stdout is binary (NUL bytes and trailing newlines kept): it
-    /// travels through `base64` in the guest ([`crate::backdoor::Framing::Exact`]).
-    pub fn execute_exact(
-        &mut self,
-        command: &str,
-        deadline: Option<Instant>,
-    ) -> Result<CommandOutput, VmError> {
-        self.run_command(Run::Exact, command, deadline)
-            .map(|out| out.expect("a reply"))
-    }
-
     /// Sends a command and returns at once; its reply is read (and dropped) before the
     /// next command's (NixOS's `execute(check_output=False)`).
     pub fn execute_detached(
@@ -646,9 +635,6 @@ impl Vm {
             Run::Wait { input: None, limit } => {
                 shell.run_limited(command, limit, deadline).map(Some)
             }
-            Run::Exact => shell
-                .run_framed(command, crate::backdoor::Framing::Exact, deadline)
-                .map(Some),
             Run::Detached { limit } => {
                 let deadline =
                     deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(600));
@@ -865,6 +851,4 @@ enum Run<'a> {
     },
     /// Returns once the command is sent.
     Detached { limit: Option<Duration> },
-    /// Waits for the reply, every byte of it ([`Framing::Exact`]).
-    Exact,
 }

@@ -213,6 +213,7 @@ mod tests {
             allow_reboot: true,
             forwards: vec![],
             incoming: None,
+            transfer_dir: None,
         }
     }
 

@@ -10,7 +10,9 @@ reboots), set_link, human-monitor-command, screendump, stop/cont, migrate/query-
 (a boot snapshot's state file) and quit. `-incoming` restores: no banner, the shell is up.
 
 The guest's PATH starts with stubs: `poweroff` and `reboot` signal this process,
-`systemctl` answers `is-system-running` and `show UNIT` from files in $FAKE_GUEST/units.
+`systemctl` answers `is-system-running` and `show UNIT` from files in $FAKE_GUEST/units,
+`mount`/`umount` of the 9p transfer directory link and unlink the `-fsdev` directory,
+`date` records what it was asked.
 
 Behaviour for one test comes from FAKE_QEMU_* variables, set by the wrapper script each test
 writes (tests share one process, so never through the test's environment):
@@ -108,6 +110,12 @@ class Guest:
         env = dict(os.environ)
         env["PATH"] = STUBS + ":" + env.get("PATH", "/usr/bin:/bin")
         env["FAKE_QEMU_PID"] = str(os.getpid())
+        # The 9p transfer directory: the guest's `mount` stub links it where the copy
+        # command mounts it (inside the test's directory, never /run on the host).
+        for spec in values("-fsdev"):
+            opts = dict(o.split("=", 1) for o in split_opts(spec) if "=" in o)
+            env["FAKE_XFER"] = opts["path"]
+            env["VMRIG_XFER"] = os.path.join(GUEST, "xfer-mount")
         env.pop("BASH_ENV", None)
         if banner:
             self.sock.sendall(BANNER)
