@@ -78,8 +78,10 @@ pub struct Driver {
 impl Driver {
     /// Starts the switches and makes the machines of `sources` (none is started yet).
     pub fn new(setup: DriverSetup, sources: &[MachineSource]) -> Result<Driver, RunError> {
-        let run_dir = RunDir::create(setup.keep_run_dir)
-            .map_err(|e| RunError::Infra(format!("creating a run directory: {e}")))?;
+        let run_dir = RunDir::create(setup.keep_run_dir).map_err(|source| RunError::RunDir {
+            dir: std::env::temp_dir(),
+            source,
+        })?;
         if setup.keep_run_dir {
             setup.logger.emit(Event::Info {
                 message: format!("keeping VM state in {}", run_dir.path().display()),
@@ -115,9 +117,7 @@ impl Driver {
         let mut add = |machine: Machine| -> Result<(), RunError> {
             let name = machine.name.clone();
             if machines.contains_key(&name) {
-                return Err(RunError::Infra(format!(
-                    "two machines are named `{name}`: name them with --vm-names"
-                )));
+                return Err(RunError::DuplicateMachine { name });
             }
             infos.push(MachineInfo::new(name.clone()));
             machines.insert(name, Arc::new(Mutex::new(machine)));
@@ -128,8 +128,12 @@ impl Driver {
                 MachineSource::Nodes { spec, images } => {
                     for (name, node) in &spec.nodes {
                         let nics = node_nics(spec, node, &vlans)?;
-                        let layer = node_layer::node_layer(spec, node)
-                            .map_err(|e| RunError::Infra(format!("node `{name}`: {e}")))?;
+                        let layer = node_layer::node_layer(spec, node).map_err(|source| {
+                            RunError::NodeLayer {
+                                node: name.clone(),
+                                source,
+                            }
+                        })?;
                         let image = images[name].clone();
                         add(Machine::new(ctx.clone(), node.clone(), image, layer, nics))?;
                     }
@@ -137,7 +141,7 @@ impl Driver {
                 MachineSource::StartCommand { name, command } => {
                     let machine = creator
                         .create(name.as_deref(), command, false)
-                        .map_err(|e| RunError::Infra(e.to_string()))?;
+                        .map_err(RunError::CreateMachine)?;
                     add(machine)?;
                 }
             }
@@ -220,11 +224,13 @@ fn start_vlans(
     let mut vlans = BTreeMap::new();
     for &nr in wanted {
         let vlan = vmrig_net::Vlan::start(nr, run_dir)
-            .map_err(|e| RunError::Infra(format!("starting the switch of VLAN {nr}: {e}")))?;
+            .map_err(|source| RunError::Switch { vlan: nr, source })?;
         if capture {
             let pcap = ctx.out_dir.join(format!("vlan{nr}.pcap"));
-            vlan.capture(&pcap).map_err(|e| {
-                RunError::Infra(format!("capturing VLAN {nr} to {}: {e}", pcap.display()))
+            vlan.capture(&pcap).map_err(|source| RunError::Capture {
+                vlan: nr,
+                path: pcap.clone(),
+                source,
             })?;
             ctx.logger.emit(Event::Info {
                 message: format!("capturing VLAN {nr} to {}", pcap.display()),
@@ -244,9 +250,14 @@ fn node_nics(
     node_layer::vlan_addresses(spec, node)
         .into_iter()
         .map(|a| {
-            let socket = vlans[&a.vlan].add_port(&node.name).map_err(|e| {
-                RunError::Infra(format!("adding `{}` to VLAN {}: {e}", node.name, a.vlan))
-            })?;
+            let socket =
+                vlans[&a.vlan]
+                    .add_port(&node.name)
+                    .map_err(|source| RunError::AddPort {
+                        node: node.name.clone(),
+                        vlan: a.vlan,
+                        source,
+                    })?;
             Ok(VlanNic {
                 vlan: a.vlan,
                 mac: a.mac,
@@ -424,11 +435,11 @@ pub fn run_logger(
     extra: &[Arc<dyn Reporter>],
     started: Event,
 ) -> Result<Logger, RunError> {
-    let events = JsonLines::create(&out_dir.join("events.jsonl")).map_err(|e| {
-        RunError::Infra(format!(
-            "cannot write to the output directory {}: {e}; choose another with `-o DIR`",
-            out_dir.display()
-        ))
+    let events = JsonLines::create(&out_dir.join("events.jsonl")).map_err(|source| {
+        RunError::OutputDirWrite {
+            dir: out_dir.to_owned(),
+            source,
+        }
     })?;
     let mut reporters: Vec<Box<dyn Reporter>> = vec![Box::new(events)];
     if terminal {

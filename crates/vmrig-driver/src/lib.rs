@@ -9,6 +9,7 @@ pub mod cleanup;
 mod copy;
 pub mod creator;
 pub mod driver;
+mod error;
 pub mod events;
 pub mod junit;
 pub mod logger;
@@ -22,6 +23,7 @@ pub mod run;
 pub mod screen;
 pub mod snapshot;
 
+pub use error::{kind_of, ErrorKind, RunError};
 pub use run::{run_test, RunOptions, RunOutcome};
 
 /// Default budget of upstream's waits, in seconds.
@@ -42,17 +44,4 @@ pub enum ApiError {
     /// A wait ran out of time.
     #[error("{0}")]
     Timeout(String),
-}
-
-/// Why a run could not take place (as opposed to a test that ran and failed).
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("{0}")]
-    Script(vmrig_python::ScriptError),
-    #[error("{0}")]
-    Python(vmrig_python::BridgeError),
-    #[error(transparent)]
-    Image(vmrig_image::ImageError),
-    #[error("{0}")]
-    Infra(String),
 }

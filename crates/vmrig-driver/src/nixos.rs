@@ -59,12 +59,11 @@ pub struct NixosOutcome {
 pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
     let started = Instant::now();
     cleanup::install_signal_handlers();
-    let text = std::fs::read_to_string(&run.test_script).map_err(|e| {
-        RunError::Infra(format!(
-            "cannot read the test script {}: {e}",
-            run.test_script.display()
-        ))
-    })?;
+    let text =
+        std::fs::read_to_string(&run.test_script).map_err(|source| RunError::ReadScript {
+            path: run.test_script.clone(),
+            source,
+        })?;
     let script = vmrig_spec::ScriptSource {
         text,
         filename: run.test_script.clone(),
@@ -83,10 +82,8 @@ pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
     if !run.keep_vm_state {
         logger.info("Machine state will be reset. To keep it, pass --keep-vm-state");
     }
-    let decision = vmrig_vm::accel::decide(vmrig_vm::accel::AccelChoice::Auto)
-        .map_err(|e| RunError::Infra(e.to_string()))?;
-    let store = vmrig_store::Store::open_default()
-        .map_err(|e| RunError::Infra(format!("opening the store: {e}")))?;
+    let decision = vmrig_vm::accel::decide(vmrig_vm::accel::AccelChoice::Auto)?;
+    let store = vmrig_store::Store::open_default().map_err(RunError::StoreOpen)?;
     let setup = DriverSetup {
         logger: logger.clone(),
         out_dir: run.out_dir.clone(),
@@ -151,8 +148,9 @@ pub fn write_start_scripts(
     accel: vmrig_vm::accel::Accel,
 ) -> Result<Vec<PathBuf>, RunError> {
     use std::os::unix::fs::PermissionsExt;
-    let io = |what: &Path, e: std::io::Error| {
-        RunError::Infra(format!("writing {}: {e}", what.display()))
+    let io = |what: &Path, source: std::io::Error| RunError::WriteStartScript {
+        path: what.to_owned(),
+        source,
     };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let dir = dir.canonicalize().map_err(|e| io(dir, e))?;
@@ -162,8 +160,12 @@ pub fn write_start_scripts(
     let mut scripts = Vec::new();
     for (name, node) in &spec.nodes {
         let image = &images[name];
-        let layer = vmrig_image::node_layer::node_layer(spec, node)
-            .map_err(|e| RunError::Infra(format!("node `{name}`: {e}")))?;
+        let layer = vmrig_image::node_layer::node_layer(spec, node).map_err(|source| {
+            RunError::NodeLayer {
+                node: name.clone(),
+                source,
+            }
+        })?;
         let initrd = dir.join(format!("{name}-initrd"));
         vmrig_image::node_layer::write_initrd(&image.initrd_file(), &layer, &initrd)
             .map_err(|e| io(&initrd, e))?;

@@ -77,23 +77,14 @@ pub fn run_test(
     let started = Instant::now();
     cleanup::install_signal_handlers();
     let python = checked_python(&opts.python, &spec.script)?;
-    let qemu = find_program(&opts.qemu).ok_or_else(|| {
-        RunError::Infra(format!(
-            "`{}` not found: install QEMU (`sudo apt-get install qemu-system-x86 qemu-utils`) \
-             or name another with `--qemu PATH` (or VMRIG_QEMU)",
-            opts.qemu.display()
-        ))
+    let qemu = find_program(&opts.qemu).ok_or_else(|| RunError::QemuNotFound {
+        qemu: opts.qemu.clone(),
     })?;
-    let qemu_img = find_program(Path::new("qemu-img")).ok_or_else(|| {
-        RunError::Infra(
-            "`qemu-img` not found; install it with `sudo apt-get install qemu-utils`".into(),
-        )
-    })?;
+    let qemu_img = find_program(Path::new("qemu-img")).ok_or(RunError::QemuImgNotFound)?;
     let qemu_version = check_qemu_version(&qemu)?;
-    let decision = accel::decide(opts.accel).map_err(|e| RunError::Infra(e.to_string()))?;
+    let decision = accel::decide(opts.accel)?;
 
-    let store =
-        Store::open_default().map_err(|e| RunError::Infra(format!("opening the store: {e}")))?;
+    let store = Store::open_default().map_err(RunError::StoreOpen)?;
     let builder = ImageBuilder::new(&store, observer);
     builder.check_tools().map_err(RunError::Image)?;
     let (images, guards) = build_and_hold(&store, &builder, spec)?;
@@ -102,11 +93,9 @@ pub fn run_test(
         .out_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("vmrig-out").join(&spec.name));
-    std::fs::create_dir_all(&out_dir).map_err(|e| {
-        RunError::Infra(format!(
-            "cannot create the output directory {}: {e}; choose another with `-o DIR`",
-            out_dir.display()
-        ))
+    std::fs::create_dir_all(&out_dir).map_err(|source| RunError::OutputDirCreate {
+        dir: out_dir.clone(),
+        source,
     })?;
     let logger = run_logger(
         &out_dir,
@@ -198,7 +187,7 @@ fn build_and_hold(
                 match store.use_path(path) {
                     Ok(guard) => guards.push(guard),
                     Err(vmrig_store::StoreError::Gone { .. }) if attempt < 5 => continue 'build,
-                    Err(e) => return Err(RunError::Infra(e.to_string())),
+                    Err(e) => return Err(RunError::HoldImage(e)),
                 }
             }
         }
@@ -217,23 +206,22 @@ pub fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
 }
 
 fn check_qemu_version(qemu: &Path) -> Result<String, RunError> {
-    let text = crate::snapshot::qemu_version_line(qemu).map_err(|e| {
-        RunError::Infra(format!(
-            "cannot run `{} --version`: {e}; name an executable QEMU with `--qemu PATH` (or VMRIG_QEMU)",
-            qemu.display()
-        ))
-    })?;
+    let text =
+        crate::snapshot::qemu_version_line(qemu).map_err(|source| RunError::QemuUnrunnable {
+            qemu: qemu.to_owned(),
+            source,
+        })?;
     match parse_qemu_version(&text) {
         Some(v) if v >= MIN_QEMU => Ok(text),
-        Some((major, minor)) => Err(RunError::Infra(format!(
-            "{} is QEMU {major}.{minor}, too old: vmrig needs QEMU {}.{} or newer (for `-netdev stream`): install a newer qemu-system-x86 or name another with `--qemu PATH` (or VMRIG_QEMU)",
-            qemu.display(), MIN_QEMU.0, MIN_QEMU.1
-        ))),
-        None => Err(RunError::Infra(format!(
-            "`{} --version` did not print a QEMU version (it printed {:?}): name the QEMU system emulator with `--qemu PATH` (or VMRIG_QEMU)",
-            qemu.display(),
-            text.trim()
-        ))),
+        Some(found) => Err(RunError::QemuTooOld {
+            qemu: qemu.to_owned(),
+            found,
+            needed: MIN_QEMU,
+        }),
+        None => Err(RunError::NotQemu {
+            qemu: qemu.to_owned(),
+            printed: text.trim().to_owned(),
+        }),
     }
 }
 

@@ -1,4 +1,6 @@
-use vmrig_store::StoreError;
+use std::path::PathBuf;
+
+use vmrig_store::{DiskFull, StoreError};
 
 /// Why an image could not be built. Messages read well after "failed to build image: ".
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +24,26 @@ pub enum ImageError {
         output: String,
         lines: Vec<String>,
     },
-    #[error("unknown Debian package `{package}` (asked for by node {nodes}); check its name with `apt-cache search <name>` or `apt-cache policy <name>`")]
-    UnknownPackage { package: String, nodes: String },
+    /// A build tool failed for want of disk space: its output said so (the one place that
+    /// reads a tool's output for that is `run::run_tool`). Shown as [`ImageError::Tool`].
+    #[error("`{command}` failed ({status}):\n{output}")]
+    ToolDiskFull {
+        command: String,
+        status: String,
+        output: String,
+        /// The first absolute path named by the line that said so, if any.
+        path: Option<PathBuf>,
+    },
+    #[error(
+        "unknown Debian package `{package}` (asked for by node {}); check its name with \
+         `apt-cache search <name>` or `apt-cache policy <name>`",
+        .nodes.join(", ")
+    )]
+    UnknownPackage {
+        package: String,
+        /// The nodes whose image asked for it.
+        nodes: Vec<String>,
+    },
     #[error("the kernel package has no {what} (looked in {dir})")]
     KernelLayout { what: &'static str, dir: String },
     #[error(transparent)]
@@ -42,5 +62,19 @@ impl ImageError {
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
         let context = context.into();
         move |source| ImageError::Io { context, source }
+    }
+
+    /// The full disk that made the build fail, if that is why (decided from the errors'
+    /// kinds, and from a tool's output in `run::run_tool`). A path is known for a tool
+    /// whose output names one, and for the store's own errors.
+    pub fn disk_full(&self) -> Option<DiskFull> {
+        match self {
+            ImageError::ToolDiskFull { path, .. } => Some(DiskFull { path: path.clone() }),
+            ImageError::Io { source, .. } | ImageError::Spawn { source, .. } => {
+                vmrig_store::is_disk_full(source).then(DiskFull::default)
+            }
+            ImageError::Store(e) => e.disk_full(),
+            _ => None,
+        }
     }
 }

@@ -186,7 +186,7 @@ fn unknown_package(err: ImageError, nodes: &[String]) -> ImageError {
             if let Some(package) = unknown_package_in(line) {
                 return ImageError::UnknownPackage {
                     package,
-                    nodes: nodes.join(", "),
+                    nodes: nodes.to_vec(),
                 };
             }
         }

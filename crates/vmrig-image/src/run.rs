@@ -51,13 +51,41 @@ pub fn run_tool(
     if status.success() {
         Ok(tail)
     } else {
-        Err(ImageError::Tool {
-            command: rendered,
-            status: status.to_string(),
-            output: tail.join("\n"),
-            lines: tail,
-        })
+        Err(tool_error(rendered, status.to_string(), tail))
     }
+}
+
+/// A failed tool's error: [`ImageError::ToolDiskFull`] when its output says that a disk (or
+/// a quota) was full, else [`ImageError::Tool`]. A child's `ENOSPC` reaches vmrig only as
+/// text, so this is the one place that reads it from text.
+fn tool_error(command: String, status: String, lines: Vec<String>) -> ImageError {
+    let output = lines.join("\n");
+    let full = lines
+        .iter()
+        .find(|l| l.contains("No space left on device") || l.contains("Disk quota exceeded"));
+    match full {
+        Some(line) => ImageError::ToolDiskFull {
+            command,
+            status,
+            output,
+            path: first_absolute_path(line),
+        },
+        None => ImageError::Tool {
+            command,
+            status,
+            output,
+            lines,
+        },
+    }
+}
+
+/// The first absolute path in a tool's message (`cp: error writing '/x/y': ...`), without
+/// the quotes or colon around it.
+fn first_absolute_path(line: &str) -> Option<PathBuf> {
+    line.split_whitespace()
+        .map(|w| w.trim_matches(|c| matches!(c, '\'' | '"' | '`' | ':' | ',' | '(' | ')')))
+        .find(|w| w.starts_with('/') && w.len() > 1)
+        .map(PathBuf::from)
 }
 
 /// `cmd`, made to die with this process, with everything it started and everything it
@@ -272,5 +300,69 @@ pub fn move_path(from: &Path, to: &Path) -> Result<(), ImageError> {
             from.display(),
             to.display()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tool_that_ran_out_of_space_is_its_own_kind() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo 'I: extracting'; echo \"gpg: error writing to '/x/y': No space left on device\" >&2; exit 25",
+        ]);
+        let err = run_tool(&mut cmd, "test", &crate::Quiet).unwrap_err();
+        // Shown as any failed tool.
+        assert!(
+            err.to_string().starts_with("`sh -c ")
+                && err.to_string().contains("(exit status: 25):\n"),
+            "{err}"
+        );
+        match &err {
+            ImageError::ToolDiskFull { path, .. } => {
+                assert_eq!(path.as_deref(), Some(Path::new("/x/y")))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            err.disk_full(),
+            Some(vmrig_store::DiskFull::at(Path::new("/x/y")))
+        );
+
+        let quota = tool_error(
+            "mke2fs".into(),
+            "exit status: 1".into(),
+            vec!["mke2fs: Disk quota exceeded while writing".into()],
+        );
+        assert_eq!(quota.disk_full(), Some(vmrig_store::DiskFull::default()));
+
+        let other = tool_error(
+            "apt".into(),
+            "exit status: 100".into(),
+            vec!["E: Unable to locate package nosuchpkg".into()],
+        );
+        assert!(matches!(other, ImageError::Tool { .. }), "{other:?}");
+        assert_eq!(other.disk_full(), None);
+    }
+
+    #[test]
+    fn an_io_error_of_a_full_disk_is_one_by_its_kind() {
+        let full =
+            ImageError::io("writing the initrd")(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(full.disk_full(), Some(vmrig_store::DiskFull::default()));
+        let denied =
+            ImageError::io("writing the initrd")(std::io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(denied.disk_full(), None);
+        let store = ImageError::Store(vmrig_store::StoreError::Sync {
+            path: "/s/.tmp/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        });
+        assert_eq!(
+            store.disk_full(),
+            Some(vmrig_store::DiskFull::at(Path::new("/s/.tmp/x")))
+        );
     }
 }

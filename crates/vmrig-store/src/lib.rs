@@ -27,9 +27,11 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
+mod full;
 mod lock;
 mod room;
 
+pub use full::{disk_full_in, is_disk_full, DiskFull};
 pub use room::{describe_room, free_bytes, parse_size, FreeSpace, MIN_FREE_ENV, TARGET_FREE_ENV};
 
 use lock::Mode;

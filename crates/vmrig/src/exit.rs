@@ -3,8 +3,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use vmrig_image::ImageError;
+use vmrig_driver::ErrorKind;
 use vmrig_spec::SpecError;
+use vmrig_store::DiskFull;
 
 /// Everything succeeded.
 pub const OK: i32 = 0;
@@ -64,24 +65,36 @@ impl fmt::Debug for Fancy<'_> {
     }
 }
 
-/// The exit code for `err`, by what is in its chain.
+/// The exit code of a failure of `kind`.
+pub fn exit_code(kind: &ErrorKind) -> i32 {
+    match kind {
+        ErrorKind::TestInput => USAGE,
+        ErrorKind::Image => IMAGE,
+        ErrorKind::DiskFull(_) | ErrorKind::Host => INFRA,
+    }
+}
+
+/// What kind of failure `err` is: by the CLI's own typed errors in its chain, else the
+/// library's ([`vmrig_driver::kind_of`]); never by its text.
+pub fn kind_of(err: &anyhow::Error) -> ErrorKind {
+    err.chain()
+        .find_map(|e| {
+            if e.is::<crate::select::NoTests>() {
+                Some(ErrorKind::TestInput)
+            } else {
+                e.downcast_ref::<crate::run_cmd::OutputDirError>()
+                    .map(crate::run_cmd::OutputDirError::kind)
+            }
+        })
+        .unwrap_or_else(|| vmrig_driver::kind_of(&**err))
+}
+
+/// The exit code for `err`: the one already reported, else that of its kind.
 pub fn code_of(err: &anyhow::Error) -> i32 {
     if let Some(Reported(code)) = err.downcast_ref::<Reported>() {
         return *code;
     }
-    if is_disk_full(&format!("{err:#}")) {
-        return INFRA;
-    }
-    if err
-        .chain()
-        .any(|e| e.is::<SpecError>() || e.is::<crate::select::NoTests>())
-    {
-        USAGE
-    } else if err.chain().any(|e| e.is::<ImageError>()) {
-        IMAGE
-    } else {
-        INFRA
-    }
+    exit_code(&kind_of(err))
 }
 
 /// Shows the error of a command, if any, and returns the process exit code.
@@ -101,9 +114,9 @@ pub fn finish(result: anyhow::Result<i32>) -> i32 {
         }
         show_spec_error(spec);
     } else {
-        let text = chain_text(&err);
-        if is_disk_full(&text) {
-            eprintln!("error: {}", disk_full_message(&text, None));
+        let text = chain_text(&*err);
+        if let ErrorKind::DiskFull(full) = kind_of(&err) {
+            eprintln!("error: {}", disk_full_message(&full, None));
             eprintln!("  cause: {text}");
         } else {
             eprintln!("error: {text}");
@@ -112,15 +125,16 @@ pub fn finish(result: anyhow::Result<i32>) -> i32 {
     code
 }
 
-/// `err` and its causes on one line, `a: b: c` (as `{:#}`), without repeating a cause that
-/// an error's own message already ends with (`ImageError::Io` shows its source itself).
-pub fn chain_text(err: &anyhow::Error) -> String {
+/// `err` and its causes on one line, `a: b: c` (as anyhow's `{:#}`), without repeating a
+/// cause that an error's own message already holds (`ImageError::Io` shows its source
+/// itself, `RunError::OutputDirCreate` in the middle of its text).
+pub fn chain_text(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = String::new();
-    for e in err.chain() {
+    for e in std::iter::successors(Some(err), |&e| e.source()) {
         let msg = e.to_string();
         if text.is_empty() {
             text = msg;
-        } else if !text.ends_with(&msg) {
+        } else if !text.contains(&msg) {
             text.push_str(": ");
             text.push_str(&msg);
         }
@@ -128,15 +142,10 @@ pub fn chain_text(err: &anyhow::Error) -> String {
     text
 }
 
-/// Whether an error's text says that a disk (or a disk quota) is full: `ENOSPC`/`EDQUOT`
-/// from vmrig itself (`... (os error 28)`) or in a build tool's output.
-pub fn is_disk_full(text: &str) -> bool {
-    text.contains("No space left on device") || text.contains("Disk quota exceeded")
-}
-
-/// One line for a full disk: which of vmrig's places it is (the one the error names, else
-/// the store), how much is free there now, and what makes room.
-pub fn disk_full_message(text: &str, out_dir: Option<&Path>) -> String {
+/// One line for a full disk: which of vmrig's places it is (the most specific one that
+/// holds the path the error names, else the store), how much is free there now, and what
+/// makes room.
+pub fn disk_full_message(full: &DiskFull, out_dir: Option<&Path>) -> String {
     let mut places: Vec<(PathBuf, &str, &str)> = Vec::new();
     if let Ok(store) = vmrig_store::default_store_dir() {
         places.push((
@@ -158,11 +167,12 @@ pub fn disk_full_message(text: &str, out_dir: Option<&Path>) -> String {
         "the temporary directory",
         "free space on that disk or set TMPDIR to a directory on a bigger disk",
     ));
-    // The most specific place the error names; the store when it names none.
-    let named = places
-        .iter()
-        .filter(|(p, ..)| text.contains(&*p.to_string_lossy()))
-        .max_by_key(|(p, ..)| p.as_os_str().len());
+    let named = full.path.as_deref().and_then(|path| {
+        places
+            .iter()
+            .filter(|(p, ..)| path.starts_with(p))
+            .max_by_key(|(p, ..)| p.as_os_str().len())
+    });
     let (path, what, fix) = named.unwrap_or(&places[0]);
     let free = path
         .ancestors()
@@ -179,10 +189,26 @@ pub fn disk_full_message(text: &str, out_dir: Option<&Path>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
+    use vmrig_driver::RunError;
+    use vmrig_image::ImageError;
+
+    fn enospc() -> io::Error {
+        io::Error::from_raw_os_error(libc::ENOSPC)
+    }
 
     #[test]
-    fn codes_by_chain() {
-        let spec = vmrig_spec::parse("nme = 1", std::path::Path::new("t.toml")).unwrap_err();
+    fn every_kind_has_its_exit_code() {
+        assert_eq!(exit_code(&ErrorKind::TestInput), USAGE);
+        assert_eq!(exit_code(&ErrorKind::Image), IMAGE);
+        assert_eq!(exit_code(&ErrorKind::DiskFull(DiskFull::default())), INFRA);
+        assert_eq!(exit_code(&ErrorKind::Host), INFRA);
+        assert_eq!((OK, TEST_FAILED, USAGE, IMAGE, INFRA), (0, 1, 2, 3, 4));
+    }
+
+    #[test]
+    fn codes_by_the_typed_errors_in_the_chain() {
+        let spec = vmrig_spec::parse("nme = 1", Path::new("t.toml")).unwrap_err();
         assert_eq!(code_of(&anyhow::Error::new(spec).context("loading")), USAGE);
         let image = ImageError::MissingTools("missing host tools: x".into());
         assert_eq!(
@@ -194,25 +220,78 @@ mod tests {
             code_of(&anyhow::Error::new(Reported(TEST_FAILED))),
             TEST_FAILED
         );
-        assert_eq!(OK, 0);
-        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
-        let err = anyhow::Error::new(full).context("writing /x/y");
-        assert_eq!(code_of(&err), INFRA);
         let empty = crate::select::NoTests("tests".into());
         assert_eq!(code_of(&anyhow::Error::new(empty)), USAGE);
+        let qemu = RunError::QemuNotFound {
+            qemu: "/nope".into(),
+        };
+        assert_eq!(code_of(&anyhow::Error::new(qemu)), INFRA);
+        let unknown = RunError::Image(ImageError::UnknownPackage {
+            package: "nosuchpkg".into(),
+            nodes: vec!["a".into()],
+        });
+        assert_eq!(code_of(&anyhow::Error::new(unknown)), IMAGE);
+    }
+
+    #[test]
+    fn a_full_disk_is_told_by_its_error_kind_not_by_its_text() {
+        // An image build that ran out of space is the host's problem, not the image's.
+        let full = ImageError::Io {
+            context: "writing the initrd".into(),
+            source: enospc(),
+        };
+        let err = anyhow::Error::new(full).context("building");
+        assert_eq!(kind_of(&err), ErrorKind::DiskFull(DiskFull::default()));
+        assert_eq!(code_of(&err), INFRA);
+        // The store's error names the path.
+        let store = vmrig_store::StoreError::CreateDir {
+            path: "/s/.locks".into(),
+            source: enospc(),
+        };
+        let err = anyhow::Error::new(store).context("failed to open the image store");
+        assert_eq!(
+            kind_of(&err),
+            ErrorKind::DiskFull(DiskFull::at(Path::new("/s/.locks")))
+        );
+        // A bare io::Error under context.
+        let err = anyhow::Error::new(enospc()).context("writing /x/y");
+        assert_eq!(code_of(&err), INFRA);
+        assert!(matches!(kind_of(&err), ErrorKind::DiskFull(_)));
+        // The words alone do not make a full disk.
+        let words = anyhow::anyhow!("No space left on device");
+        assert_eq!(kind_of(&words), ErrorKind::Host);
+        let words = ImageError::MissingTools("No space left on device".into());
+        assert_eq!(kind_of(&anyhow::Error::new(words)), ErrorKind::Image);
+    }
+
+    #[test]
+    fn the_chain_is_one_line_without_repeats() {
+        let err = RunError::OutputDirCreate {
+            dir: "out".into(),
+            source: io::Error::from_raw_os_error(libc::EACCES),
+        };
+        assert_eq!(
+            chain_text(&err),
+            "cannot create the output directory out: Permission denied (os error 13); choose another with `-o DIR`"
+        );
+        let err = anyhow::Error::new(vmrig_store::StoreError::CreateDir {
+            path: "/s/.locks".into(),
+            source: enospc(),
+        })
+        .context("failed to open the image store");
+        assert_eq!(
+            chain_text(&*err),
+            "failed to open the image store: create directory /s/.locks: No space left on device (os error 28)"
+        );
     }
 
     #[test]
     fn a_full_disk_is_named_with_its_fix() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        // A build tool's output that names the output directory.
-        let text = format!(
-            "`mmdebstrap ...` failed (exit status: 25):\ngpg: error writing to '{}/x': No space left on device",
-            out.display()
-        );
-        assert!(is_disk_full(&text));
-        let msg = disk_full_message(&text, Some(&out));
+        // A path in the output directory (as a build tool's output named it).
+        let full = DiskFull::at(&out.join("x"));
+        let msg = disk_full_message(&full, Some(&out));
         let want = format!(
             "no space left on the disk of {} (the output directory, ",
             out.display()
@@ -224,13 +303,18 @@ mod tests {
             ),
             "{msg}"
         );
-        // Naming no known place: the store, with `vmrig store gc`.
-        let msg = disk_full_message("write failed: No space left on device (os error 28)", None);
-        assert!(msg.contains("(the image store"), "{msg}");
-        assert!(
-            msg.contains("`vmrig store gc`") && msg.contains("VMRIG_STORE"),
-            "{msg}"
-        );
-        assert!(!is_disk_full("Permission denied (os error 13)"));
+        // In the temporary directory (the run directory, the script's files).
+        let msg = disk_full_message(&DiskFull::at(&std::env::temp_dir()), None);
+        assert!(msg.contains("(the temporary directory"), "{msg}");
+        assert!(msg.contains("set TMPDIR"), "{msg}");
+        // No known place, or no path: the store, with `vmrig store gc`.
+        for full in [DiskFull::default(), DiskFull::at(Path::new("/nowhere/x"))] {
+            let msg = disk_full_message(&full, None);
+            assert!(msg.contains("(the image store"), "{msg}");
+            assert!(
+                msg.contains("`vmrig store gc`") && msg.contains("VMRIG_STORE"),
+                "{msg}"
+            );
+        }
     }
 }

@@ -149,13 +149,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 /// Fails when `dir` cannot be created or written: a part of it is a file, or no directory
 /// can be made in the nearest existing one (read-only file system, permissions, `/proc`).
 /// Leaves nothing behind.
-fn check_output_dir(dir: &Path) -> anyhow::Result<()> {
-    let fail = |why: String| {
-        anyhow::anyhow!(
-            "cannot create the output directory {}: {why}; choose another with `-o DIR`",
-            dir.display()
-        )
-    };
+fn check_output_dir(dir: &Path) -> Result<(), OutputDirError> {
     let Some(existing) = dir
         .ancestors()
         .find(|p| p.as_os_str().is_empty() || p.exists())
@@ -167,8 +161,13 @@ fn check_output_dir(dir: &Path) -> anyhow::Result<()> {
     } else {
         existing
     };
+    let fail = |cause| OutputDirError {
+        dir: dir.to_owned(),
+        existing: existing.to_owned(),
+        cause,
+    };
     if !existing.is_dir() {
-        return Err(fail(format!("{} is not a directory", existing.display())));
+        return Err(fail(None));
     }
     // A probe of our own (not the directory itself, which a concurrent run may be making):
     // catches read-only file systems and the like even for root, who passes `access(2)`.
@@ -178,14 +177,57 @@ fn check_output_dir(dir: &Path) -> anyhow::Result<()> {
             let _ = std::fs::remove_dir(&probe);
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => {
-            return Err(fail(format!(
-                "cannot make a directory in {} ({e})",
-                existing.display()
-            )))
-        }
+        Err(e) => return Err(fail(Some(e))),
     }
     Ok(())
+}
+
+/// An output directory that cannot be made: `existing`, the nearest part of it that
+/// exists, is not a directory (`cause` is `None`), or no directory can be made in it.
+#[derive(Debug)]
+pub struct OutputDirError {
+    dir: PathBuf,
+    existing: PathBuf,
+    cause: Option<std::io::Error>,
+}
+
+impl OutputDirError {
+    /// A full disk (where the output directory would be), else the host's problem.
+    pub fn kind(&self) -> vmrig_driver::ErrorKind {
+        match &self.cause {
+            Some(e) if vmrig_store::is_disk_full(e) => {
+                vmrig_driver::ErrorKind::DiskFull(vmrig_store::DiskFull::at(&self.dir))
+            }
+            _ => vmrig_driver::ErrorKind::Host,
+        }
+    }
+}
+
+impl std::fmt::Display for OutputDirError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot create the output directory {}: ",
+            self.dir.display()
+        )?;
+        match &self.cause {
+            None => write!(f, "{} is not a directory", self.existing.display())?,
+            Some(e) => write!(
+                f,
+                "cannot make a directory in {} ({e})",
+                self.existing.display()
+            )?,
+        }
+        write!(f, "; choose another with `-o DIR`")
+    }
+}
+
+impl std::error::Error for OutputDirError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 /// `vmrig interactive FILE`: the same as `vmrig run -I FILE`.

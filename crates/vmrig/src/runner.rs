@@ -173,7 +173,9 @@ fn run_one(
             }
         }
         Err(err) => {
-            let (code, message) = describe(spec, err, opts.out_dir.as_deref());
+            // The output directory, as `run_test` makes it: `-o DIR` or `vmrig-out`.
+            let out_dir = opts.out_dir.as_deref().unwrap_or(Path::new("vmrig-out"));
+            let (code, message) = describe(spec, err, Some(out_dir));
             match &line {
                 Some(line) => line.say(&format!("error: {message}")),
                 None => eprintln!("error: {message}"),
@@ -193,39 +195,38 @@ fn run_one(
     (result(outcome), piece)
 }
 
-/// The exit code and message of an error that kept a test from running.
+/// The exit code and message of an error that kept a test from running: the code by the
+/// error's kind, the message its text (and for a full disk, where and what frees it).
 fn describe(spec: &TestSpec, err: RunError, out_dir: Option<&Path>) -> (i32, String) {
-    let (code, message) = match err {
+    let kind = err.kind();
+    let code = exit::exit_code(&kind);
+    let message = match &err {
         RunError::Image(e) => {
-            let place = match &e {
+            let place = match e {
                 vmrig_image::ImageError::UnknownPackage { package, .. } => {
                     package_place(spec, package)
                         .map(|(line, col)| format!("{}:{line}:{col}: ", spec.path.display()))
                 }
                 _ => None,
             };
-            (
-                exit::IMAGE,
-                format!(
-                    "{}{}: building the images: {}",
-                    place.unwrap_or_default(),
-                    spec.name,
-                    exit::chain_text(&anyhow::Error::new(e))
-                ),
+            format!(
+                "{}{}: building the images: {}",
+                place.unwrap_or_default(),
+                spec.name,
+                exit::chain_text(e)
             )
         }
         // A syntax error is the test file's; Python that cannot check it is the host's.
-        RunError::Script(e @ vmrig_python::ScriptError::Syntax(_)) => (exit::USAGE, format!("{e}")),
-        other => (exit::INFRA, format!("{}: {other}", spec.name)),
+        RunError::Script(e @ vmrig_python::ScriptError::Syntax(_)) => e.to_string(),
+        other => format!("{}: {}", spec.name, exit::chain_text(other)),
     };
-    if exit::is_disk_full(&message) {
-        let full = exit::disk_full_message(&message, out_dir);
-        return (
-            exit::INFRA,
-            format!("{}: {full}\n  cause: {message}", spec.name),
-        );
+    match kind {
+        vmrig_driver::ErrorKind::DiskFull(full) => {
+            let full = exit::disk_full_message(&full, out_dir);
+            (code, format!("{}: {full}\n  cause: {message}", spec.name))
+        }
+        _ => (code, message),
     }
-    (code, message)
 }
 
 /// Where the test file asks for `package`: line and column of its first quoted mention.
@@ -257,7 +258,7 @@ mod tests {
         );
         let err = RunError::Image(vmrig_image::ImageError::UnknownPackage {
             package: "nosuchpkg".into(),
-            nodes: "server".into(),
+            nodes: vec!["server".into()],
         });
         let (code, message) = describe(&spec, err, None);
         assert_eq!(code, exit::IMAGE);
