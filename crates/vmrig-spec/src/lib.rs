@@ -30,6 +30,9 @@
 //! line, `path:line:column: message`, and is a [`miette::Diagnostic`] with the source, a label
 //! and a help text. The first error in document order is reported.
 //!
+//! [`TestSpec::places`] keeps the line and column of every key and of every string in a list,
+//! for errors found after parsing (an unknown package: [`TestSpec::package_place`]).
+//!
 //! # `[defaults]`
 //!
 //! `[defaults]` takes the same keys as a node and is merged into every node:
@@ -55,6 +58,7 @@
 mod error;
 mod model;
 mod parse;
+mod places;
 
 use std::path::Path;
 
@@ -64,6 +68,7 @@ pub use parse::{
     suggest, FILE_KEYS, FIREWALL_KEYS, NODE_KEYS, PYTHON_KEYWORDS, RESERVED_NAMES, SERVICE_KEYS,
     SERVICE_TYPES, TOP_KEYS, USER_KEYS,
 };
+pub use places::{Place, Places};
 
 /// Read and parse the test file at `path` (and its `test_script_file`, if any).
 pub fn load(path: &Path) -> Result<TestSpec, SpecError> {

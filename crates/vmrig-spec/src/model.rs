@@ -32,6 +32,10 @@ pub struct TestSpec {
     pub global_timeout: u64,
     /// The nodes, by name (alphabetical order, which is also the order of node numbers).
     pub nodes: BTreeMap<String, NodeSpec>,
+    /// Where the file writes each key and list string (see [`TestSpec::package_place`]);
+    /// not part of what the test says (left out of its serialized form).
+    #[serde(skip)]
+    pub places: crate::Places,
 }
 
 /// Where the test script came from, so that Python errors point at the right line.

@@ -1292,6 +1292,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<TestSpec> {
         script,
         global_timeout,
         nodes,
+        places: crate::Places::of(text, root),
     })
 }
 

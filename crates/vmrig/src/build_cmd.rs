@@ -45,18 +45,8 @@ pub fn run(args: BuildArgs) -> anyhow::Result<i32> {
         for spec in &specs {
             let images = builder.build_test(spec).map_err(|err| {
                 progress.fail_unfinished();
-                let place = match &err {
-                    vmrig_image::ImageError::UnknownPackage { package, .. } => {
-                        crate::runner::package_place(spec, package)
-                    }
-                    _ => None,
-                };
-                let context = match place {
-                    Some((line, col)) => format!(
-                        "{}:{line}:{col}: failed to build the images of test `{}`",
-                        spec.path.display(),
-                        spec.name
-                    ),
+                let context = match crate::runner::unknown_package_place(spec, &err) {
+                    Some(at) => format!("{at}: failed to build the images of test `{}`", spec.name),
                     None => format!(
                         "failed to build the images of test `{}` ({})",
                         spec.name,

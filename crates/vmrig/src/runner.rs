@@ -202,13 +202,7 @@ fn describe(spec: &TestSpec, err: RunError, out_dir: Option<&Path>) -> (i32, Str
     let code = exit::exit_code(&kind);
     let message = match &err {
         RunError::Image(e) => {
-            let place = match e {
-                vmrig_image::ImageError::UnknownPackage { package, .. } => {
-                    package_place(spec, package)
-                        .map(|(line, col)| format!("{}:{line}:{col}: ", spec.path.display()))
-                }
-                _ => None,
-            };
+            let place = unknown_package_place(spec, e).map(|at| format!("{at}: "));
             format!(
                 "{}{}: building the images: {}",
                 place.unwrap_or_default(),
@@ -229,14 +223,17 @@ fn describe(spec: &TestSpec, err: RunError, out_dir: Option<&Path>) -> (i32, Str
     }
 }
 
-/// Where the test file asks for `package`: line and column of its first quoted mention.
-pub fn package_place(spec: &TestSpec, package: &str) -> Option<(usize, usize)> {
-    let text = std::fs::read_to_string(&spec.path).ok()?;
-    ['"', '\'']
+/// `file:line:column` where the test file asks for the package of an unknown-package error
+/// (from the places the spec kept; the file is not read again).
+pub fn unknown_package_place(spec: &TestSpec, err: &vmrig_image::ImageError) -> Option<String> {
+    let vmrig_image::ImageError::UnknownPackage { package, nodes } = err else {
+        return None;
+    };
+    nodes
         .iter()
-        .filter_map(|q| text.find(&format!("{q}{package}{q}")))
+        .filter_map(|node| spec.package_place(node, package))
         .min()
-        .map(|at| vmrig_spec::line_col(&text, at))
+        .map(|place| spec.location(place))
 }
 
 #[cfg(test)]
@@ -256,6 +253,8 @@ mod tests {
             dir.path(),
             "name = \"t\"\ntest_script = \"start_all()\"\n\n[nodes.server]\npackages = [\"curl\", 'nosuchpkg']\n",
         );
+        // The place comes from the parsed spec: the file is not read again.
+        std::fs::remove_file(&spec.path).unwrap();
         let err = RunError::Image(vmrig_image::ImageError::UnknownPackage {
             package: "nosuchpkg".into(),
             nodes: vec!["server".into()],
