@@ -126,8 +126,9 @@ pub fn from_machine(m: &mut Machine, source: &str, target_dir: &str) -> Result<(
 /// whatever the command's status (which is the result).
 fn with_transfer_mount(command: &str) -> String {
     format!(
-        "{GUEST_MOUNT}; mkdir -p \"$m\" && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none {} \"$m\" || exit 1; \
+        "{GUEST_MOUNT}; mkdir -p \"$m\" && mount -t 9p -o {} {} \"$m\" || exit 1; \
          ( {command} ); __s=$?; umount \"$m\"; exit $__s",
+        vmrig_vm::cmdline::NINEP_MOUNT_OPTIONS,
         vmrig_vm::cmdline::TRANSFER_TAG
     )
 }

@@ -509,6 +509,39 @@ impl Machine {
         if let Snapshot::Save(key) = std::mem::replace(&mut self.snapshot, Snapshot::Off) {
             self.save_snapshot(&key);
         }
+        // After the snapshot: QEMU cannot save a VM while a 9p export is mounted.
+        self.mount_shared_dirs()
+    }
+
+    /// Mounts the node's shared directories (after every boot, restore and reboot).
+    fn mount_shared_dirs(&mut self) -> Result<(), ApiError> {
+        let Source::Node { node, .. } = &self.source else {
+            return Ok(());
+        };
+        if node.shared_dirs.is_empty() {
+            return Ok(());
+        }
+        let command = node
+            .shared_dirs
+            .iter()
+            .map(|(name, dir)| {
+                let target = vmrig_vm::backdoor::shell_quote(&dir.target);
+                format!(
+                    "mkdir -p {target} && mount -t 9p -o {} {} {target}",
+                    vmrig_vm::cmdline::NINEP_MOUNT_OPTIONS,
+                    shared_dir_tag(name)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" && ");
+        let (status, output) = self.execute(&command, Some(60.0))?;
+        if status != 0 {
+            return Err(ApiError::Machine(format!(
+                "`{}`: mounting the shared directories failed (exit code {status}): {}",
+                self.name,
+                output.trim()
+            )));
+        }
         Ok(())
     }
 
@@ -583,7 +616,7 @@ impl Machine {
             }
         })?;
         self.set_phase(Phase::Ready);
-        Ok(())
+        self.mount_shared_dirs()
     }
 
     /// Saves the boot snapshot once the system has settled; failures only warn.
@@ -889,7 +922,18 @@ pub fn node_vm_config(
         forwards: Vec::new(),
         incoming: None,
         transfer_dir: None,
+        shared_dirs: node
+            .shared_dirs
+            .iter()
+            .map(|(name, dir)| (shared_dir_tag(name), dir.source.clone()))
+            .collect(),
     }
+}
+
+/// The 9p mount tag of the node's shared directory `name` (at most 31 bytes: the spec
+/// allows names of up to 20).
+pub fn shared_dir_tag(name: &str) -> String {
+    format!("vmrig-sd-{name}")
 }
 
 /// How much longer than a command's time limit the driver waits for its reply (the guest

@@ -258,6 +258,7 @@ mod tests {
             forwards: vec![],
             incoming: None,
             transfer_dir: None,
+            shared_dirs: Vec::new(),
         }
     }
 

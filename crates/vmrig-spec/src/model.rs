@@ -79,6 +79,9 @@ pub struct NodeSpec {
     pub services: BTreeMap<String, ServiceSpec>,
     /// systemd socket units, by name without `.socket` (NixOS's `systemd.sockets`).
     pub sockets: BTreeMap<String, SocketSpec>,
+    /// Host directories shared into the running VM (NixOS's
+    /// `virtualisation.sharedDirectories`), by name.
+    pub shared_dirs: BTreeMap<String, SharedDirSpec>,
     /// Firewall settings.
     pub firewall: FirewallSpec,
     /// Shell commands run inside the image at build time.
@@ -106,6 +109,17 @@ pub struct UserSpec {
     pub home: Option<String>,
     /// Packages for this user's PATH; they are also part of the node's image.
     pub packages: Vec<String>,
+}
+
+/// `shared_dirs.<name>`: a host directory mounted read-write in the guest while the test
+/// runs (over 9p, after boot or restore: boot snapshots stay valid).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SharedDirSpec {
+    /// Absolute host path (resolved against the test file's directory); a directory at
+    /// parse time.
+    pub source: PathBuf,
+    /// Absolute guest path of the mount point.
+    pub target: String,
 }
 
 /// `files."<path>"`: exactly one of `text` and `source` is set.

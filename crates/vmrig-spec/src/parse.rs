@@ -34,6 +34,7 @@ pub const NODE_KEYS: &[&str] = &[
     "files",
     "services",
     "sockets",
+    "shared_dirs",
     "firewall",
     "setup",
     "suite",
@@ -69,6 +70,8 @@ pub const SOCKET_KEYS: &[&str] = &[
     "wanted_by",
     "socket_config",
 ];
+/// Keys allowed in `shared_dirs.<name>`.
+pub const SHARED_DIR_KEYS: &[&str] = &["source", "target"];
 /// Keys allowed in `firewall`.
 pub const FIREWALL_KEYS: &[&str] = &["enable", "allowed_tcp_ports", "allowed_udp_ports"];
 /// Accepted values of a service's `type`.
@@ -161,6 +164,7 @@ pub(crate) struct Partial {
     files: BTreeMap<String, FileSpec>,
     services: BTreeMap<String, ServiceSpec>,
     sockets: BTreeMap<String, SocketSpec>,
+    shared_dirs: BTreeMap<String, SharedDirSpec>,
     firewall_enable: Option<bool>,
     tcp: Vec<u16>,
     udp: Vec<u16>,
@@ -750,6 +754,23 @@ impl<'a> Ctx<'a> {
                         n.sockets.insert(name.to_string(), spec);
                     }
                 }
+                "shared_dirs" => {
+                    let t = self.table(&f, "shared_dirs", within)?;
+                    for e in self.named_entries(t) {
+                        if !is_shared_dir_name(e.name) {
+                            return Err(self.invalid(
+                                e.key_span(),
+                                format!("invalid shared directory name `{}`{}", e.name, in_(within)),
+                                "not a shared directory name",
+                                "names are 1 to 20 lower-case letters, digits, `_` or `-`, e.g. `results`",
+                            ));
+                        }
+                        let dw = format!("shared directory `{}` of {within}", e.name);
+                        let dt = self.table(&e, &format!("shared_dirs.{}", e.name), within)?;
+                        let spec = self.shared_dir(dt, &e, &dw)?;
+                        n.shared_dirs.insert(e.name.to_string(), spec);
+                    }
+                }
                 "firewall" => {
                     let t = self.table(&f, "firewall", within)?;
                     let fw = format!("`firewall` of {within}");
@@ -876,6 +897,64 @@ impl<'a> Ctx<'a> {
                 .label("no content")
                 .help("add `text = \"...\"` or `source = \"relative/path\"`")),
             _ => Ok(spec),
+        }
+    }
+
+    fn shared_dir(
+        &self,
+        table: &dyn TableLike,
+        entry: &Field,
+        within: &str,
+    ) -> Result<SharedDirSpec> {
+        let (mut source, mut target) = (None, None);
+        for f in self.entries(table, SHARED_DIR_KEYS, within)? {
+            let s = self.string(&f, within)?;
+            if f.name == "target" {
+                if !s.starts_with('/') {
+                    return Err(self.invalid(
+                        f.value_span(),
+                        format!("`target` `{s}` of {within} is not absolute"),
+                        "must be an absolute guest path",
+                        "write where the guest sees the directory, e.g. `target = \"/mnt/shared\"`",
+                    ));
+                }
+                target = Some(s);
+                continue;
+            }
+            let joined = self.dir.join(&s);
+            let resolved = std::path::absolute(&joined).unwrap_or(joined);
+            if !resolved.is_dir() {
+                let why = match std::fs::metadata(&resolved) {
+                    Ok(_) => "is not a directory".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(self
+                    .err(
+                        ErrorKind::Io,
+                        f.value_span(),
+                        format!(
+                            "`source` of {within}: {}: {why}",
+                            resolved.display()
+                        ),
+                    )
+                    .label("not a directory")
+                    .help("`source` is a host directory, relative to the directory of the test file: create it or fix the path"));
+            }
+            source = Some(resolved);
+        }
+        match (source, target) {
+            (Some(source), Some(target)) => Ok(SharedDirSpec { source, target }),
+            (source, _) => {
+                let missing = if source.is_none() { "source" } else { "target" };
+                Err(self
+                    .err(
+                        ErrorKind::Missing,
+                        entry.key_span(),
+                        format!("{within} has no `{missing}`"),
+                    )
+                    .label("incomplete")
+                    .help("give both: `source = \"host/dir\"` and `target = \"/guest/dir\"`"))
+            }
         }
     }
 
@@ -1118,6 +1197,7 @@ pub(crate) fn merge(name: &str, d: &Partial, n: Partial) -> NodeSpec {
         files: map(&d.files, n.files),
         services: map(&d.services, n.services),
         sockets: map(&d.sockets, n.sockets),
+        shared_dirs: map(&d.shared_dirs, n.shared_dirs),
         firewall: FirewallSpec {
             enable: n.firewall_enable.or(d.firewall_enable),
             allowed_tcp_ports: concat_dedup(&d.tcp, &n.tcp),
@@ -1359,4 +1439,13 @@ fn check_node_name(cx: &Ctx, e: &Field) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// A shared directory's name: it becomes the 9p mount tag `vmrig-sd-<name>`, at most 31
+/// bytes.
+fn is_shared_dir_name(name: &str) -> bool {
+    (1..=20).contains(&name.len())
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
 }

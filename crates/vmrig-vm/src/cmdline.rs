@@ -50,10 +50,30 @@ pub struct VmConfig {
     /// host and guest go through it. Mounted only while copying (QEMU refuses to save a VM
     /// while a 9p export is mounted), so boot snapshots are unaffected.
     pub transfer_dir: Option<PathBuf>,
+    /// Host directories the guest mounts over 9p once it is up: (mount tag, host path).
+    pub shared_dirs: Vec<(String, PathBuf)>,
 }
 
 /// The 9p mount tag of [`VmConfig::transfer_dir`].
 pub const TRANSFER_TAG: &str = "vmrig-xfer";
+
+/// A host directory exported over 9p with the mount tag `tag`. security_model=none: files
+/// keep their modes, and whatever the guest writes belongs to the user running QEMU.
+fn virtfs(id: &str, tag: &str, dir: &std::path::Path) -> [String; 4] {
+    [
+        "-fsdev".into(),
+        format!(
+            "local,id={id},path={},security_model=none",
+            qemu_escape(dir)
+        ),
+        "-device".into(),
+        format!("virtio-9p-pci,fsdev={id},mount_tag={tag}"),
+    ]
+}
+
+/// How the guest mounts a 9p export (`mount -t 9p -o <this> <tag> <dir>`): virtio
+/// transport, the Linux protocol, 512 kB messages, no caching (host and guest both write).
+pub const NINEP_MOUNT_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=512000,cache=none";
 
 /// The kernel command line every vmrig guest gets before the node's own parameters.
 pub const BASE_KERNEL_PARAMS: &[&str] = &[
@@ -256,17 +276,10 @@ pub fn driver_args(cfg: &VmConfig) -> Vec<String> {
         "virtio-rng-pci".into(),
     ]);
     if let Some(dir) = &cfg.transfer_dir {
-        // security_model=none: files keep their modes, and whatever the guest writes
-        // belongs to the user running QEMU on the host.
-        a.extend([
-            "-fsdev".into(),
-            format!(
-                "local,id=xfer,path={},security_model=none",
-                qemu_escape(dir)
-            ),
-            "-device".into(),
-            format!("virtio-9p-pci,fsdev=xfer,mount_tag={TRANSFER_TAG}"),
-        ]);
+        a.extend(virtfs("xfer", TRANSFER_TAG, dir));
+    }
+    for (i, (tag, dir)) in cfg.shared_dirs.iter().enumerate() {
+        a.extend(virtfs(&format!("sd{i}"), tag, dir));
     }
     if let Some(state) = &cfg.incoming {
         // QEMU runs the exec: URI through /bin/sh.
@@ -366,6 +379,7 @@ mod tests {
             forwards: vec![(8080, 80)],
             incoming: None,
             transfer_dir: None,
+            shared_dirs: Vec::new(),
         }
     }
 

@@ -104,6 +104,8 @@ pub struct Vm {
     /// A start command's human monitor: QEMU connects to the driver, which keeps it open.
     monitor: Option<(UnixListener, Option<UnixStream>)>,
     needs_banner: bool,
+    /// The thread that copies the serial console into the log (see [`Vm::kill`]).
+    console_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// How the driver reaches QEMU's QMP.
@@ -225,6 +227,7 @@ impl Vm {
             qmp_endpoint,
             monitor: None,
             needs_banner: false,
+            console_reader: None,
         }
     }
 
@@ -242,7 +245,7 @@ impl Vm {
             .open(serial_log)
             .map_err(io_err(format!("opening {}", serial_log.display())))?;
         console.reopen();
-        console.spawn_reader(&self.name, stdout, Some(log), sink);
+        self.console_reader = Some(console.spawn_reader(&self.name, stdout, Some(log), sink));
         self.console = console;
         Ok(())
     }
@@ -734,6 +737,21 @@ impl Vm {
     pub fn kill(&mut self) {
         self.shell = None;
         self.qemu.kill();
+        // The console's last lines reach the serial log before the run ends (bounded: a
+        // child of QEMU may hold its stdout open).
+        if let Some(reader) = self.console_reader.take() {
+            let until = Instant::now() + Duration::from_secs(1);
+            while !reader.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+impl Drop for Vm {
+    /// QEMU is killed (if it still runs) and its console's last lines logged.
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

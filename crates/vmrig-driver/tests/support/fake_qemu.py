@@ -11,7 +11,7 @@ reboots), set_link, human-monitor-command, screendump, stop/cont, migrate/query-
 
 The guest's PATH starts with stubs: `poweroff` and `reboot` signal this process,
 `systemctl` answers `is-system-running` and `show UNIT` from files in $FAKE_GUEST/units,
-`mount`/`umount` of the 9p transfer directory link and unlink the `-fsdev` directory,
+`mount`/`umount` of a 9p export link and unlink its `-fsdev` directory,
 `date` records what it was asked.
 
 Behaviour for one test comes from FAKE_QEMU_* variables, set by the wrapper script each test
@@ -98,6 +98,9 @@ class Guest:
 
     def boot(self, banner=True):
         self.boots += 1
+        for marker in os.listdir(GUEST):
+            if marker.startswith(".9p-mounted-"):  # a new boot has no mounts
+                os.remove(os.path.join(GUEST, marker))
         console(f"fake-qemu: booting (boot {self.boots})")
         if DELAY:
             time.sleep(DELAY)
@@ -112,10 +115,15 @@ class Guest:
         env["FAKE_QEMU_PID"] = str(os.getpid())
         # The 9p transfer directory: the guest's `mount` stub links it where the copy
         # command mounts it (inside the test's directory, never /run on the host).
+        paths = {}
         for spec in values("-fsdev"):
             opts = dict(o.split("=", 1) for o in split_opts(spec) if "=" in o)
-            env["FAKE_XFER"] = opts["path"]
-            env["VMRIG_XFER"] = os.path.join(GUEST, "xfer-mount")
+            paths[opts["id"]] = opts["path"]
+        for spec in values("-device"):
+            opts = dict(o.split("=", 1) for o in split_opts(spec) if "=" in o)
+            if "mount_tag" in opts:
+                env["FAKE_9P_" + opts["mount_tag"].replace("-", "_")] = paths[opts["fsdev"]]
+        env["VMRIG_XFER"] = os.path.join(GUEST, "xfer-mount")
         env.pop("BASH_ENV", None)
         if banner:
             self.sock.sendall(BANNER)
@@ -198,6 +206,10 @@ class Machine:
             self.status = "running"
             return {"return": {}}
         if cmd == "migrate":
+            mounted = [m for m in os.listdir(GUEST) if m.startswith(".9p-mounted-")]
+            if mounted:
+                tag = mounted[0][len(".9p-mounted-"):]
+                return {"error": {"class": "GenericError", "desc": f"Migration is disabled when VirtFS export path is mounted in the guest using mount_tag '{tag}'"}}
             uri = args["uri"]
             assert uri.startswith("exec:"), uri
             subprocess.run(["sh", "-c", "echo fake-state | " + uri[len("exec:"):]], check=True)
