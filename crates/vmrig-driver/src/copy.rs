@@ -126,10 +126,21 @@ pub fn from_machine(m: &mut Machine, source: &str, target_dir: &str) -> Result<(
 /// whatever the command's status (which is the result).
 fn with_transfer_mount(command: &str) -> String {
     format!(
-        "{GUEST_MOUNT}; mkdir -p \"$m\" && mount -t 9p -o {} {} \"$m\" || exit 1; \
-         ( {command} ); __s=$?; umount \"$m\"; exit $__s",
-        vmrig_vm::cmdline::NINEP_MOUNT_OPTIONS,
-        vmrig_vm::cmdline::TRANSFER_TAG
+        "{GUEST_MOUNT}; {} || exit 1; ( {command} ); __s=$?; umount \"$m\"; exit $__s",
+        mount_9p(
+            vmrig_vm::cmdline::TRANSFER_TAG,
+            "\"$m\"",
+            vmrig_vm::cmdline::TRANSFER_MOUNT_OPTIONS
+        )
+    )
+}
+
+/// The guest command that mounts the 9p export `tag` on `dir` (a shell word). The modules
+/// are loaded first, synchronously: on a VM restored from a boot snapshot, udev may still
+/// be probing the device, and a mount before the probe ends finds "no channels available".
+pub(crate) fn mount_9p(tag: &str, dir: &str, options: &str) -> String {
+    format!(
+        "{{ modprobe -q 9pnet_virtio; modprobe -q 9p; mkdir -p {dir} && mount -t 9p -o {options} {tag} {dir}; }}"
     )
 }
 

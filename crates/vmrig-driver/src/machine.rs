@@ -525,11 +525,10 @@ impl Machine {
             .shared_dirs
             .iter()
             .map(|(name, dir)| {
-                let target = vmrig_vm::backdoor::shell_quote(&dir.target);
-                format!(
-                    "mkdir -p {target} && mount -t 9p -o {} {} {target}",
+                crate::copy::mount_9p(
+                    &shared_dir_tag(name),
+                    &vmrig_vm::backdoor::shell_quote(&dir.target),
                     vmrig_vm::cmdline::NINEP_MOUNT_OPTIONS,
-                    shared_dir_tag(name)
                 )
             })
             .collect::<Vec<_>>()

@@ -71,9 +71,15 @@ fn virtfs(id: &str, tag: &str, dir: &std::path::Path) -> [String; 4] {
     ]
 }
 
-/// How the guest mounts a 9p export (`mount -t 9p -o <this> <tag> <dir>`): virtio
-/// transport, the Linux protocol, 512 kB messages, no caching (host and guest both write).
+/// How the guest mounts a shared directory (`mount -t 9p -o <this> <tag> <dir>`): virtio
+/// transport, the Linux protocol, 512 kB messages (the guest kernel's largest), no caching
+/// (host and guest both write while it is mounted).
 pub const NINEP_MOUNT_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=512000,cache=none";
+
+/// How the guest mounts the transfer directory for one copy: cached (`loose`), since only
+/// the copy uses it while it is mounted. Measured under TCG, 100 MB: `cp` out of the share
+/// 8.4 s with `cache=none`, 2.4 s with `loose`; into it 6.2 s and 1.7 s.
+pub const TRANSFER_MOUNT_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=512000,cache=loose";
 
 /// The kernel command line every vmrig guest gets before the node's own parameters.
 pub const BASE_KERNEL_PARAMS: &[&str] = &[

@@ -144,6 +144,54 @@ fn bad_input_test_file_mistakes_name_file_line_and_fix() {
     assert!(run_dirs(tmp.path()).is_empty());
 }
 
+#[test]
+fn bad_input_shared_dir_that_is_not_a_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let head = "name = \"t\"\ntest_script = \"start_all()\"\n\n[nodes.server]\n";
+    let file = write(
+        tmp.path(),
+        "shared.toml",
+        &format!("{head}shared_dirs.data = {{ source = \"missing\", target = \"/mnt/data\" }}\n"),
+    );
+    let out = vmrig(
+        tmp.path(),
+        &["run", s(&file), "--qemu", "/nonexistent/qemu"],
+    );
+    assert_error(
+        &out,
+        2,
+        &format!(
+            "{}:5:31: `source` of shared directory `data` of node `server`: {}: No such file or directory (os error 2)",
+            file.display(),
+            tmp.path().join("missing").display()
+        ),
+    );
+    assert!(
+        stderr(&out).contains("help: `source` is a host directory"),
+        "{}",
+        stderr(&out)
+    );
+
+    let file = write(
+        tmp.path(),
+        "target.toml",
+        &format!("{head}shared_dirs.data = {{ source = \".\", target = \"mnt/data\" }}\n"),
+    );
+    let out = vmrig(
+        tmp.path(),
+        &["run", s(&file), "--qemu", "/nonexistent/qemu"],
+    );
+    assert_error(
+        &out,
+        2,
+        &format!(
+            "{}:5:45: `target` `mnt/data` of shared directory `data` of node `server` is not absolute",
+            file.display()
+        ),
+    );
+    assert!(run_dirs(tmp.path()).is_empty());
+}
+
 // ---- 3. a missing script file -----------------------------------------------------------
 
 #[test]

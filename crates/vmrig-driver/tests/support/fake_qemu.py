@@ -12,7 +12,7 @@ reboots), set_link, human-monitor-command, screendump, stop/cont, migrate/query-
 The guest's PATH starts with stubs: `poweroff` and `reboot` signal this process,
 `systemctl` answers `is-system-running` and `show UNIT` from files in $FAKE_GUEST/units,
 `mount`/`umount` of a 9p export link and unlink its `-fsdev` directory,
-`date` records what it was asked.
+`date` records what it was asked, `modprobe` does nothing.
 
 Behaviour for one test comes from FAKE_QEMU_* variables, set by the wrapper script each test
 writes (tests share one process, so never through the test's environment):
