@@ -72,7 +72,17 @@ pub use places::{Place, Places};
 
 /// Read and parse the test file at `path` (and its `test_script_file`, if any).
 pub fn load(path: &Path) -> Result<TestSpec, SpecError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    parse::parse(&read(path)?, path, true)
+}
+
+/// [`load`] for a file whose machines a program drives (the Rust API, `vmrig::Run`): the
+/// test script may be left out (the spec's script is then empty).
+pub fn load_machines(path: &Path) -> Result<TestSpec, SpecError> {
+    parse::parse(&read(path)?, path, false)
+}
+
+fn read(path: &Path) -> Result<String, SpecError> {
+    std::fs::read_to_string(path).map_err(|e| {
         SpecError::new(
             ErrorKind::Io,
             path,
@@ -81,12 +91,11 @@ pub fn load(path: &Path) -> Result<TestSpec, SpecError> {
             format!("cannot read test file: {e}"),
         )
         .help("check the path of the test file")
-    })?;
-    parse(&text, path)
+    })
 }
 
 /// Parse the text of a test file. `path` is used in messages and to resolve
 /// `test_script_file` and file `source`s (relative to its directory).
 pub fn parse(text: &str, path: &Path) -> Result<TestSpec, SpecError> {
-    parse::parse(text, path)
+    parse::parse(text, path, true)
 }

@@ -1226,7 +1226,9 @@ fn string_first_line(src: &str, span: &Range<usize>) -> usize {
     }
 }
 
-pub(crate) fn parse(text: &str, path: &Path) -> Result<TestSpec> {
+/// Parses a test file; without `script_required`, a file without a test script is a test
+/// with an empty one (its machines are driven from elsewhere: the Rust API).
+pub(crate) fn parse(text: &str, path: &Path, script_required: bool) -> Result<TestSpec> {
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let cx = Ctx {
         src: text,
@@ -1306,6 +1308,11 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<TestSpec> {
     };
     let script =
         match (inline_script, script_file) {
+            (None, None) if !script_required => ScriptSource {
+                text: String::new(),
+                filename: path.to_path_buf(),
+                first_line: 1,
+            },
             (None, None) => return Err(SpecError::new(
                 ErrorKind::Missing,
                 path,

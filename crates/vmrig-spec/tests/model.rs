@@ -362,3 +362,19 @@ fn a_test_without_nodes_parses() {
         assert!(spec.nodes.is_empty());
     }
 }
+
+#[test]
+fn a_file_for_the_rust_api_may_leave_out_the_script() {
+    let path = fixtures().join("machines-only.toml");
+    let spec = load_machines(&path).unwrap();
+    assert_eq!(spec.name, "machines-only");
+    assert_eq!(spec.nodes.keys().collect::<Vec<_>>(), ["web"]);
+    assert_eq!(spec.script.text, "");
+    assert_eq!(spec.script.filename, path);
+    // `vmrig run` (load) still wants one.
+    let err = load(&path).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Missing);
+    // A script that is there is read as by `load`.
+    let with_script = load_machines(&fixtures().join("client-server.toml")).unwrap();
+    assert!(with_script.script.text.starts_with("start_all()\n"));
+}
