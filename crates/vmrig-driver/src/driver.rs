@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use vmrig_image::{node_layer, NodeImage};
-use vmrig_python::{MachineInfo, Mode, ScriptChild, ScriptContext, ScriptOutcome};
+use vmrig_python::{MachineInfo, Mode, RpcError, ScriptChild, ScriptContext, ScriptOutcome};
 use vmrig_spec::{ScriptSource, TestSpec};
 use vmrig_vm::accel::Accel;
 use vmrig_vm::cmdline::VlanNic;
@@ -23,6 +23,7 @@ use crate::events::{Event, Reporter};
 use crate::logger::Logger;
 use crate::machine::{Machine, RunContext};
 use crate::reporters::{JsonLines, Terminal};
+use crate::request::Request;
 use crate::rpc::DriverHandler;
 use crate::RunError;
 
@@ -194,6 +195,15 @@ impl Driver {
             mode,
             (self.deadline, global_timeout),
         )
+    }
+
+    /// Serves one call of the NixOS API, as the script's calls are served (the Rust API's
+    /// entry point): the result as the script would receive it, or its error.
+    pub fn call(&self, request: Request) -> Result<serde_json::Value, RpcError> {
+        self.handler
+            .as_ref()
+            .expect("a driver serves until finished")
+            .handle(request)
     }
 
     /// Stops everything, in order: the machines (QEMU killed), then the switches, then the

@@ -38,10 +38,7 @@ impl From<ApiError> for RpcError {
 
 impl Handler for DriverHandler {
     fn call(&self, method: &str, params: &Value) -> Result<Value, RpcError> {
-        match Request::parse(method, params)? {
-            Request::Machine { machine, call } => self.machine_call(&machine, call),
-            Request::Driver(call) => self.driver_call(call),
-        }
+        self.handle(Request::parse(method, params)?)
     }
 }
 
@@ -54,6 +51,14 @@ fn net_error(e: vmrig_net::NetError) -> RpcError {
 }
 
 impl DriverHandler {
+    /// Serves one typed call: the script's, parsed, or the Rust API's (`Driver::call`).
+    pub fn handle(&self, request: Request) -> Result<Value, RpcError> {
+        match request {
+            Request::Machine { machine, call } => self.machine_call(&machine, call),
+            Request::Driver(call) => self.driver_call(call),
+        }
+    }
+
     /// Every machine, in name order (a snapshot: the lock is not held while they work).
     fn all_machines(&self) -> Vec<Arc<Mutex<Machine>>> {
         self.machines.read().unwrap().values().cloned().collect()

@@ -16,6 +16,7 @@ use vmrig_vm::process::find_program;
 use crate::cleanup;
 use crate::driver::{checked_python, firmware, run_logger, Driver, DriverSetup, MachineSource};
 use crate::events::{Event, Reporter};
+use crate::logger::Logger;
 use crate::RunError;
 
 /// How to run a test (resolved from the command line).
@@ -75,8 +76,74 @@ pub fn run_test(
     observer: &dyn BuildObserver,
 ) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
-    cleanup::install_signal_handlers();
     let python = checked_python(&opts.python, &spec.script)?;
+    let prepared = prepare(spec, opts, observer)?;
+    let (failure, _) =
+        prepared
+            .driver
+            .run_script(&python, &spec.script, opts.mode, spec.global_timeout)?;
+    let Prepared {
+        driver,
+        logger,
+        out_dir,
+        images,
+        guards,
+    } = prepared;
+    driver.finish();
+    drop(guards);
+    let elapsed = started.elapsed();
+    let passed = failure.is_none();
+    let summary = match &failure {
+        None => format!(
+            "test {} passed in {:.1} s",
+            spec.name,
+            elapsed.as_secs_f64()
+        ),
+        Some(why) => format!(
+            "test {} FAILED after {:.1} s: {why}",
+            spec.name,
+            elapsed.as_secs_f64()
+        ),
+    };
+    logger.emit(Event::RunFinished {
+        passed,
+        elapsed,
+        summary,
+    });
+    Ok(RunOutcome {
+        passed,
+        elapsed,
+        failure,
+        out_dir,
+        images,
+    })
+}
+
+/// A test's machines, made and not started: what [`run_test`] and the Rust API
+/// (`vmrig::Run`) share. Dropping it stops the driver first, then releases the images.
+pub struct Prepared {
+    /// The driver with the test file's nodes.
+    pub driver: Driver,
+    /// The run's log (`RunStarted` emitted; `RunFinished` is the caller's).
+    pub logger: Logger,
+    pub out_dir: PathBuf,
+    /// The images the machines boot, by node.
+    pub images: BTreeMap<String, vmrig_image::NodeImage>,
+    /// Keeps the images' store paths in use (a `store gc` leaves them alone); released
+    /// after the driver, whose machines boot them.
+    pub guards: Vec<vmrig_store::UseGuard>,
+}
+
+/// Everything of a run before its script: the host checks (QEMU, `qemu-img`, the
+/// accelerator), the images (built or found, progress to `observer`, held in use), the
+/// output directory, the log, and the [`Driver`] with `spec`'s nodes. Installs the
+/// SIGINT/SIGTERM cleanup. The script is not looked at (the caller checks it, if it runs one).
+pub fn prepare(
+    spec: &TestSpec,
+    opts: &RunOptions,
+    observer: &dyn BuildObserver,
+) -> Result<Prepared, RunError> {
+    cleanup::install_signal_handlers();
     let qemu = find_program(&opts.qemu).ok_or_else(|| RunError::QemuNotFound {
         qemu: opts.qemu.clone(),
     })?;
@@ -133,34 +200,12 @@ pub fn run_test(
             images: &images,
         }],
     )?;
-    let (failure, _) = driver.run_script(&python, &spec.script, opts.mode, spec.global_timeout)?;
-    driver.finish();
-    drop(guards);
-    let elapsed = started.elapsed();
-    let passed = failure.is_none();
-    let summary = match &failure {
-        None => format!(
-            "test {} passed in {:.1} s",
-            spec.name,
-            elapsed.as_secs_f64()
-        ),
-        Some(why) => format!(
-            "test {} FAILED after {:.1} s: {why}",
-            spec.name,
-            elapsed.as_secs_f64()
-        ),
-    };
-    logger.emit(Event::RunFinished {
-        passed,
-        elapsed,
-        summary,
-    });
-    Ok(RunOutcome {
-        passed,
-        elapsed,
-        failure,
+    Ok(Prepared {
+        driver,
+        logger,
         out_dir,
         images,
+        guards,
     })
 }
 
