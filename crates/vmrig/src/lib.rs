@@ -38,7 +38,8 @@
 //!
 //! As upstream: commands have no time limit of their own (but [`Machine::execute`]: 900 s)
 //! and waits give up after 900 s; [`Machine::with_timeout`] sets another limit. Every wait
-//! also ends at the test file's `global_timeout` (counted from [`Run::from_file`]).
+//! also ends at the test file's `global_timeout` (default 3600 s, counted from when the
+//! [`Run`] is ready, after the image builds): past it, calls fail.
 //!
 //! # Output
 //!
