@@ -106,7 +106,8 @@ pub enum Error {
         known: Vec<String>,
     },
     /// The host could not run the test: QEMU, the store, the output directory, the
-    /// switches.
+    /// switches. The [`RunError`] names what failed (a variant each), and its
+    /// [`kind`](RunError::kind) tells a full disk from the rest.
     #[error(transparent)]
     Infra(Box<RunError>),
     /// A bug in vmrig (a request it did not serve, an answer that does not parse).
