@@ -4,7 +4,8 @@
 //! # What is in the key
 //!
 //! - the parsed [`TestSpec`] (every node option, the script text, the global timeout), with
-//!   each file `source` replaced by the SHA-256 of its contents;
+//!   each file `source` replaced by the SHA-256 of its contents (a directory: of its whole
+//!   tree, every entry's path, kind, mode, link target and bytes; [`vmrig_spec::source_digest`]);
 //! - the store paths (`<hash>-<name>`) of every node's kernel, initramfs and root image;
 //! - vmrig's version (the caller passes it; the CLI adds its executable's identity, so a
 //!   rebuilt vmrig does not reuse results of the old one).
@@ -12,7 +13,8 @@
 //! Left out, because they do not change what runs: the test file's path, the script's file
 //! name and first line number, and anything the TOML parser drops (comments, key order,
 //! formatting outside the script). Moving or reformatting a test keeps its result; editing
-//! the script (even its whitespace), an option, a `source` file or an image does not.
+//! the script (even its whitespace), an option, a `source` file (or anything in a `source`
+//! directory) or an image does not.
 //!
 //! Records live in `<store>/.results/<key>.json` (the store ignores dot directories); only
 //! passing runs are recorded.
@@ -43,7 +45,8 @@ impl CacheKey {
     }
 }
 
-/// The key of `spec` run on `images` by vmrig `version`. Reads each file `source`.
+/// The key of `spec` run on `images` by vmrig `version`. Reads each file `source` (each
+/// directory `source`'s whole tree).
 pub fn cache_key(
     spec: &TestSpec,
     images: &BTreeMap<String, NodeImage>,
@@ -60,9 +63,8 @@ pub fn cache_key(
     for (node_name, node) in &spec.nodes {
         for (guest_path, file) in &node.files {
             if let Some(source) = &file.source {
-                let digest = hex::encode(Sha256::digest(std::fs::read(source)?));
                 spec_value["nodes"][node_name]["files"][guest_path]["source"] =
-                    serde_json::Value::String(format!("sha256:{digest}"));
+                    serde_json::Value::String(vmrig_spec::source_digest(source)?);
             }
         }
     }
@@ -229,6 +231,53 @@ mod tests {
         std::fs::write(dir.path().join("x.txt"), "two").unwrap();
         let second = cache_key(&vmrig_spec::load(&test).unwrap(), &imgs, "1").unwrap();
         assert_ne!(first, second);
+    }
+
+    /// A directory `source`: an unchanged tree (even with its files rewritten) keeps the
+    /// key; a byte, a mode, a link target or a new empty directory in it changes it.
+    #[test]
+    fn the_key_follows_a_source_directorys_whole_tree() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let imgs = images(&store, "r");
+        let test = dir.path().join("t.toml");
+        std::fs::write(
+            &test,
+            format!("{BASE}files.\"/opt/app\".source = \"app\"\n"),
+        )
+        .unwrap();
+        let app = dir.path().join("app");
+        std::fs::create_dir_all(app.join("bin")).unwrap();
+        std::fs::write(app.join("bin/run"), "#!/bin/sh\n").unwrap();
+        std::fs::write(app.join("data.txt"), "one").unwrap();
+        symlink("bin/run", app.join("start")).unwrap();
+        let key = || cache_key(&vmrig_spec::load(&test).unwrap(), &imgs, "1").unwrap();
+        let first = key();
+        assert_eq!(first, key(), "stable");
+
+        // Rewriting the same bytes (a new mtime) is no change.
+        std::fs::write(app.join("data.txt"), "one").unwrap();
+        assert_eq!(first, key());
+
+        let mut seen = vec![first.clone()];
+        let mut changed = |what: &str| {
+            let k = key();
+            assert!(!seen.contains(&k), "{what} did not change the key");
+            seen.push(k);
+        };
+        std::fs::write(app.join("data.txt"), "onf").unwrap();
+        changed("one byte");
+        std::fs::set_permissions(app.join("bin/run"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        changed("a mode");
+        std::fs::remove_file(app.join("start")).unwrap();
+        symlink("data.txt", app.join("start")).unwrap();
+        changed("a link target");
+        std::fs::create_dir(app.join("empty")).unwrap();
+        changed("an empty directory");
+        std::fs::rename(app.join("data.txt"), app.join("data2.txt")).unwrap();
+        changed("a name");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
-use vmrig_spec::{NodeSpec, ServiceSpec, SocketSpec, TestSpec};
+use vmrig_spec::{NodeSpec, ServiceSpec, SocketSpec, SourceKind, TestSpec};
 
 use crate::cpio_writer::CpioWriter;
 
@@ -27,12 +27,22 @@ pub struct LayerFile {
     pub contents: Vec<u8>,
 }
 
+/// A directory of the layer with its mode (other directories the layer needs are 0755).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerDir {
+    /// Absolute path in the guest.
+    pub path: String,
+    pub mode: u32,
+}
+
 /// The configuration layer of one node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeLayer {
     pub files: Vec<LayerFile>,
     /// `(link, target)` symlinks.
     pub symlinks: Vec<(String, String)>,
+    /// Directories with their own modes (the trees of directory `source`s).
+    pub dirs: Vec<LayerDir>,
 }
 
 /// A node's address on one VLAN.
@@ -126,25 +136,47 @@ pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io
     script.push_str(&users_setup(node));
 
     for (path, file) in &node.files {
+        let owner = (file.owner.is_some() || file.group.is_some()).then(|| {
+            let owner = file.owner.as_deref().unwrap_or("root");
+            let group = file.group.as_deref().map(|g| format!(":{g}"));
+            format!("{owner}{}", group.unwrap_or_default())
+        });
+        if let (None, Some(source)) = (&file.text, &file.source) {
+            if std::fs::metadata(source)?.is_dir() {
+                let mut placed = Vec::new();
+                for entry in vmrig_spec::source_tree(source)? {
+                    let guest = match entry.rel.as_str() {
+                        "" => path.clone(),
+                        rel => format!("{path}/{rel}"),
+                    };
+                    // An entry of `files` inside the tree replaces the tree's entry there.
+                    if !entry.rel.is_empty() && node.files.contains_key(&guest) {
+                        continue;
+                    }
+                    match entry.kind {
+                        SourceKind::Dir => layer.dirs.push(LayerDir {
+                            path: guest.clone(),
+                            mode: entry.mode,
+                        }),
+                        SourceKind::File => add(&guest, entry.mode, std::fs::read(&entry.host)?),
+                        SourceKind::Symlink(target) => layer.symlinks.push((guest.clone(), target)),
+                    }
+                    placed.push(guest);
+                }
+                if let Some(owner) = &owner {
+                    script.push_str(&chown_tree(owner, &placed));
+                }
+                continue;
+            }
+        }
         let contents = match (&file.text, &file.source) {
             (Some(text), _) => text.clone().into_bytes(),
             (None, Some(source)) => std::fs::read(source)?,
             (None, None) => Vec::new(),
         };
         add(path, file.mode_bits().unwrap_or(0o644), contents);
-        if file.owner.is_some() || file.group.is_some() {
-            let owner = file.owner.as_deref().unwrap_or("root");
-            let group = file
-                .group
-                .as_deref()
-                .map(|g| format!(":{g}"))
-                .unwrap_or_default();
-            let _ = writeln!(
-                script,
-                "chown {} {}",
-                q(&format!("{owner}{group}")),
-                q(path)
-            );
+        if let Some(owner) = &owner {
+            let _ = writeln!(script, "chown {} {}", q(owner), q(path));
         }
     }
 
@@ -235,6 +267,27 @@ pub fn node_layer(spec: &TestSpec, node: &NodeSpec) -> Result<NodeLayer, std::io
         contents: script.into_bytes(),
     });
     Ok(layer)
+}
+
+/// `chown -h OWNER PATH...` for every path of a copied tree, a few kilobytes of paths a line
+/// (`-h`: a symlink's own owner changes, never its target's, wherever it points).
+fn chown_tree(owner: &str, paths: &[String]) -> String {
+    let head = format!("chown -h {}", q(owner));
+    let mut s = String::new();
+    let mut line = head.clone();
+    for path in paths {
+        let quoted = q(path);
+        if line.len() > head.len() && line.len() + quoted.len() > 8192 {
+            let _ = writeln!(s, "{line}");
+            line = head.clone();
+        }
+        line.push(' ');
+        line.push_str(&quoted);
+    }
+    if line.len() > head.len() {
+        let _ = writeln!(s, "{line}");
+    }
+    s
 }
 
 /// Where the image builder moves the programs of packages only users asked for.
@@ -476,6 +529,17 @@ pub fn write_cpio(layer: &NodeLayer, out: impl Write) -> std::io::Result<()> {
     let mut cpio = CpioWriter::new(out);
     cpio.dir("vmrig", 0o755)?;
     cpio.dir("vmrig/layer", 0o755)?;
+    // Directories with modes of their own first, parents before children (a path sorts
+    // before the paths below it), so no file's parents are made 0755 in their place.
+    let dirs: BTreeMap<String, u32> = layer
+        .dirs
+        .iter()
+        .map(|d| (format!("vmrig/layer{}", d.path), d.mode))
+        .collect();
+    for (path, mode) in dirs {
+        cpio.parents(&path)?;
+        cpio.dir(&path, mode)?;
+    }
     let mut entries: BTreeMap<String, &LayerFile> = BTreeMap::new();
     for f in &layer.files {
         entries.insert(format!("vmrig/layer{}", f.path), f);
@@ -752,6 +816,208 @@ mod tests {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// The entries of a newc archive: (name, mode with its type bits, data).
+    fn cpio_entries(bytes: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        let field = |at: usize, i: usize| {
+            let s = std::str::from_utf8(&bytes[at + 6 + 8 * i..at + 14 + 8 * i]).unwrap();
+            u32::from_str_radix(s, 16).unwrap() as usize
+        };
+        let align = |n: usize| n.div_ceil(4) * 4;
+        while bytes[at..].starts_with(b"070701") {
+            let (mode, size, name_len) = (field(at, 1), field(at, 6), field(at, 11));
+            let name_at = at + 110;
+            let name = String::from_utf8(bytes[name_at..name_at + name_len - 1].to_vec()).unwrap();
+            let data_at = align(name_at + name_len);
+            if name == "TRAILER!!!" {
+                break;
+            }
+            out.push((name, mode as u32, bytes[data_at..data_at + size].to_vec()));
+            at = align(data_at + size);
+        }
+        out
+    }
+
+    /// A directory `source`: a test file next to `app/` with a file, an executable, a
+    /// subdirectory with an unusual mode, a symlink inside the tree and one out of it.
+    fn app_tree(dir: &Path) -> TestSpec {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let app = dir.join("app");
+        let mode = |p: &str, m: u32| {
+            std::fs::set_permissions(app.join(p), std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        std::fs::create_dir_all(app.join("lib/empty")).unwrap();
+        std::fs::write(app.join("README"), "read me\n").unwrap();
+        std::fs::write(app.join("lib/run"), "#!/bin/sh\necho run\n").unwrap();
+        symlink("lib/run", app.join("start")).unwrap();
+        symlink("/etc/hostname", app.join("host")).unwrap();
+        mode("README", 0o640);
+        mode("lib/run", 0o755);
+        mode("lib", 0o750);
+        mode("lib/empty", 0o1777);
+        mode(".", 0o755);
+        let test = dir.join("t.toml");
+        std::fs::write(
+            &test,
+            "name = \"t\"\ntest_script = \"\"\n[nodes.m.users.app]\n[nodes.m.files.\"/opt/app\"]\nsource = \"app/\"\nowner = \"app\"\ngroup = \"adm\"\n",
+        )
+        .unwrap();
+        vmrig_spec::load(&test).unwrap()
+    }
+
+    #[test]
+    fn a_directory_source_is_copied_as_a_tree_with_modes_links_and_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = app_tree(dir.path());
+        let layer = node_layer(&s, &s.nodes["m"]).unwrap();
+        let dirs: Vec<(&str, u32)> = layer
+            .dirs
+            .iter()
+            .map(|d| (d.path.as_str(), d.mode))
+            .collect();
+        assert_eq!(
+            dirs,
+            [
+                ("/opt/app", 0o755),
+                ("/opt/app/lib", 0o750),
+                ("/opt/app/lib/empty", 0o1777)
+            ]
+        );
+        let file = |path: &str| layer.files.iter().find(|f| f.path == path).unwrap();
+        assert_eq!(
+            (
+                file("/opt/app/README").mode,
+                file("/opt/app/README").contents.as_slice()
+            ),
+            (0o640, b"read me\n".as_slice())
+        );
+        assert_eq!(file("/opt/app/lib/run").mode, 0o755);
+        assert!(layer
+            .symlinks
+            .contains(&("/opt/app/start".into(), "lib/run".into())));
+        assert!(layer
+            .symlinks
+            .contains(&("/opt/app/host".into(), "/etc/hostname".into())));
+        // Owner and group on every entry of the tree, links themselves (-h), after useradd.
+        let setup = layer_file(&layer, "/etc/vmrig/node-setup.sh").unwrap();
+        let chown = "chown -h 'app:adm' '/opt/app' '/opt/app/README' '/opt/app/host' '/opt/app/lib' '/opt/app/lib/empty' '/opt/app/lib/run' '/opt/app/start'\n";
+        assert!(setup.contains(chown), "{setup}");
+        assert!(setup.find("useradd").unwrap() < setup.find(chown).unwrap());
+
+        // The archive: the directories with their modes (not the 0755 of a parent made on
+        // the way), the files and the links, each once.
+        let mut bytes = Vec::new();
+        write_cpio(&layer, &mut bytes).unwrap();
+        let entries = cpio_entries(&bytes);
+        let entry = |name: &str| {
+            let found: Vec<_> = entries.iter().filter(|e| e.0 == name).collect();
+            assert_eq!(found.len(), 1, "{name}: {found:?}");
+            (found[0].1, found[0].2.clone())
+        };
+        assert_eq!(entry("vmrig/layer/opt").0, 0o040755);
+        assert_eq!(entry("vmrig/layer/opt/app/lib").0, 0o040750);
+        assert_eq!(entry("vmrig/layer/opt/app/lib/empty").0, 0o041777);
+        assert_eq!(
+            entry("vmrig/layer/opt/app/lib/run"),
+            (0o100755, b"#!/bin/sh\necho run\n".to_vec())
+        );
+        assert_eq!(
+            entry("vmrig/layer/opt/app/host"),
+            (0o120777, b"/etc/hostname".to_vec())
+        );
+        // Every entry comes after its directory.
+        for (i, (name, _, _)) in entries.iter().enumerate() {
+            if let Some((parent, _)) = name.rsplit_once('/') {
+                assert!(
+                    entries[..i].iter().any(|e| e.0 == parent),
+                    "{name} before {parent}"
+                );
+            }
+        }
+    }
+
+    /// The layer is part of the initrd, whose hash is in the boot snapshot's key: the same
+    /// tree gives the same bytes, a changed byte, mode or link target other bytes.
+    #[test]
+    fn the_layer_follows_every_byte_mode_and_link_of_a_directory_source() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let s = app_tree(dir.path());
+        let app = dir.path().join("app");
+        let hash = || {
+            let mut bytes = Vec::new();
+            write_cpio(&node_layer(&s, &s.nodes["m"]).unwrap(), &mut bytes).unwrap();
+            hex::encode(Sha256::digest(&bytes))
+        };
+        let first = hash();
+        assert_eq!(first, hash(), "reproducible");
+        std::fs::write(app.join("README"), "read me\n").unwrap();
+        assert_eq!(first, hash(), "rewritten with the same bytes");
+
+        let mut seen = vec![first];
+        let mut changed = |what: &str| {
+            let h = hash();
+            assert!(!seen.contains(&h), "{what} did not change the layer");
+            seen.push(h);
+        };
+        std::fs::write(app.join("README"), "read mE\n").unwrap();
+        changed("one byte");
+        std::fs::set_permissions(app.join("README"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        changed("a file's mode");
+        std::fs::set_permissions(
+            app.join("lib/empty"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        changed("a directory's mode");
+        std::fs::remove_file(app.join("start")).unwrap();
+        symlink("README", app.join("start")).unwrap();
+        changed("a link target");
+    }
+
+    /// An entry of `files` inside a copied tree replaces the tree's entry at that path.
+    #[test]
+    fn a_file_entry_inside_a_copied_tree_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(dir.path().join("etc/a.conf"), "from the tree").unwrap();
+        std::fs::write(dir.path().join("etc/b.conf"), "b").unwrap();
+        let test = dir.path().join("t.toml");
+        std::fs::write(
+            &test,
+            "name = \"t\"\ntest_script = \"\"\n[nodes.m.files.\"/etc/app\"]\nsource = \"etc\"\n[nodes.m.files.\"/etc/app/a.conf\"]\ntext = \"from the entry\"\n",
+        )
+        .unwrap();
+        let s = vmrig_spec::load(&test).unwrap();
+        let layer = node_layer(&s, &s.nodes["m"]).unwrap();
+        let a: Vec<_> = layer
+            .files
+            .iter()
+            .filter(|f| f.path == "/etc/app/a.conf")
+            .collect();
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].contents, b"from the entry");
+        assert_eq!(layer_file(&layer, "/etc/app/b.conf").unwrap(), "b");
+    }
+
+    #[test]
+    fn chown_lines_of_a_big_tree_stay_short() {
+        let paths: Vec<String> = (0..2000).map(|i| format!("/opt/app/file-{i:05}")).collect();
+        let s = chown_tree("app", &paths);
+        assert!(s.lines().count() > 1);
+        assert!(s
+            .lines()
+            .all(|l| l.len() <= 8192 + 40 && l.starts_with("chown -h 'app' '/")));
+        let listed: Vec<&str> = s
+            .lines()
+            .flat_map(|l| l.split(' ').skip(3))
+            .map(|p| p.trim_matches('\''))
+            .collect();
+        assert_eq!(listed, paths);
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //! ```
 //!
 //! [`load`] reads a file, [`parse`] takes its text. The only I/O is reading the test file, the
-//! `test_script_file`, and checking that each file `source` exists.
+//! `test_script_file`, and checking that each file `source` exists (for a directory: walking
+//! its tree, which may hold only files, directories and symlinks; see [`source_tree`]).
 //!
 //! # Validation
 //!
@@ -59,6 +60,7 @@ mod error;
 mod model;
 mod parse;
 mod places;
+mod source;
 
 use std::path::Path;
 
@@ -69,6 +71,7 @@ pub use parse::{
     SERVICE_TYPES, TOP_KEYS, USER_KEYS,
 };
 pub use places::{Place, Places};
+pub use source::{source_digest, source_tree, SourceEntry, SourceError, SourceKind};
 
 /// Read and parse the test file at `path` (and its `test_script_file`, if any).
 pub fn load(path: &Path) -> Result<TestSpec, SpecError> {

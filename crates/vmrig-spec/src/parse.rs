@@ -9,6 +9,7 @@ use toml_edit::{ImDocument, Item, Key, TableLike, Value};
 
 use crate::error::{ErrorKind, SpecError};
 use crate::model::*;
+use crate::source::SourceError;
 
 type Span = Option<Range<usize>>;
 type Result<T> = std::result::Result<T, SpecError>;
@@ -833,6 +834,8 @@ impl<'a> Ctx<'a> {
         let mut spec = FileSpec::default();
         let mut source_key: Option<Span> = None;
         let mut text_key: Option<Span> = None;
+        let mut mode_key: Option<Span> = None;
+        let mut source_dir = false;
         for f in self.entries(table, FILE_KEYS, within)? {
             match f.name {
                 "text" => {
@@ -843,18 +846,33 @@ impl<'a> Ctx<'a> {
                     let s = self.string(&f, within)?;
                     let joined = self.dir.join(&s);
                     let resolved = std::path::absolute(&joined).unwrap_or(joined);
-                    if let Err(e) = std::fs::metadata(&resolved) {
-                        return Err(self
-                            .err(
-                                ErrorKind::Io,
-                                f.value_span(),
-                                format!(
-                                    "cannot read `source` of {within}: {}: {e}",
-                                    resolved.display()
-                                ),
-                            )
-                            .label("file not found")
-                            .help("`source` is relative to the directory of the test file"));
+                    let meta = match std::fs::metadata(&resolved) {
+                        Ok(meta) => meta,
+                        Err(e) => {
+                            return Err(self
+                                .err(
+                                    ErrorKind::Io,
+                                    f.value_span(),
+                                    format!(
+                                        "cannot read `source` of {within}: {}: {e}",
+                                        resolved.display()
+                                    ),
+                                )
+                                .label("file not found")
+                                .help("`source` is relative to the directory of the test file"));
+                        }
+                    };
+                    if let Some(what) = crate::source::special_kind(meta.file_type()) {
+                        return Err(self.invalid(
+                            f.value_span(),
+                            format!("cannot copy `source` of {within}: {s} is {what}"),
+                            "not a file or directory",
+                            "`source` names a regular file or a directory",
+                        ));
+                    }
+                    if meta.is_dir() {
+                        self.source_tree(&s, &resolved, &f, within)?;
+                        source_dir = true;
                     }
                     spec.source = Some(resolved);
                     source_key = Some(f.key_span());
@@ -874,10 +892,21 @@ impl<'a> Ctx<'a> {
                         ));
                     }
                     spec.mode = Some(m.to_string());
+                    mode_key = Some(f.key_span());
                 }
                 "owner" => spec.owner = Some(self.string(&f, within)?),
                 _ => spec.group = Some(self.string(&f, within)?),
             }
+        }
+        if let (true, Some(mode), None) = (source_dir, mode_key, &text_key) {
+            return Err(self
+                .err(
+                    ErrorKind::Conflict,
+                    mode,
+                    format!("`mode` is set for a directory `source`{}", in_(within)),
+                )
+                .label("a copied directory keeps its modes")
+                .help("remove `mode`: the tree keeps the modes it has on the host (`chmod` them there)"));
         }
         match (text_key, source_key) {
             (Some(_), Some(src)) => Err(self
@@ -955,6 +984,41 @@ impl<'a> Ctx<'a> {
                     .label("incomplete")
                     .help("give both: `source = \"host/dir\"` and `target = \"/guest/dir\"`"))
             }
+        }
+    }
+
+    /// Checks the tree of the directory `source` `written` (at `resolved`): only files,
+    /// directories and symlinks, every name UTF-8, every directory readable.
+    fn source_tree(&self, written: &str, resolved: &Path, f: &Field, within: &str) -> Result<()> {
+        let shown = |rel: &str| Path::new(written).join(rel).display().to_string();
+        match crate::source::source_tree(resolved) {
+            Ok(_) => Ok(()),
+            Err(SourceError::Special { rel, what }) => Err(self.invalid(
+                f.value_span(),
+                format!("cannot copy `source` of {within}: {} is {what}", shown(&rel)),
+                "special file in this directory",
+                format!(
+                    "a directory `source` may hold only files, directories and symlinks: remove {} from it",
+                    shown(&rel)
+                ),
+            )),
+            Err(SourceError::NotUtf8 { rel }) => Err(self.invalid(
+                f.value_span(),
+                format!(
+                    "cannot copy `source` of {within}: {} has a name or link target that is not UTF-8",
+                    shown(&rel)
+                ),
+                "name that is not UTF-8 in this directory",
+                "rename it (or remove it from the directory)",
+            )),
+            Err(SourceError::Io { path, err }) => Err(self
+                .err(
+                    ErrorKind::Io,
+                    f.value_span(),
+                    format!("cannot read `source` of {within}: {}: {err}", path.display()),
+                )
+                .label("unreadable directory")
+                .help("make the directory and everything in it readable")),
         }
     }
 

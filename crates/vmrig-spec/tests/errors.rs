@@ -504,3 +504,87 @@ fn a_script_file_that_is_not_a_regular_file_is_refused() {
         "t.toml:2:20: cannot read `test_script_file` /dev/zero: not a regular file"
     );
 }
+
+/// A fresh directory for one test (removed at the end).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("vmrig-spec-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A directory `source` is checked where it is named: a special file in its tree, a special
+/// file as the source itself, and `mode` (a copied tree keeps its host modes) are errors at
+/// their line and column, with the fix.
+#[test]
+fn directory_sources() {
+    let tmp = TempDir::new("dirs");
+    let app = tmp.0.join("app");
+    std::fs::create_dir_all(app.join("run")).unwrap();
+    std::fs::write(app.join("ok.txt"), "ok").unwrap();
+    std::os::unix::fs::symlink("/nonexistent/outside", app.join("link")).unwrap();
+    let path = tmp.0.join("t.toml");
+
+    // Files, directories and symlinks (even pointing outside, even dangling) are fine.
+    let spec = parse(
+        &with_head("[nodes.a.files.\"/opt/app\"]\nsource = \"app/\"\nowner = \"nobody\"\n"),
+        &path,
+    )
+    .unwrap();
+    assert_eq!(
+        spec.nodes["a"].files["/opt/app"].source.as_deref(),
+        Some(app.as_path())
+    );
+
+    let _socket = std::os::unix::net::UnixListener::bind(app.join("run/app.sock")).unwrap();
+    let e = err_at(
+        &path,
+        &with_head("[nodes.a.files.\"/opt/app\"]\nsource = \"app/\"\n"),
+    );
+    assert_eq!(e.kind(), ErrorKind::Invalid);
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}:4:10: cannot copy `source` of file `/opt/app` of node `a`: app/run/app.sock is a socket",
+            path.display()
+        )
+    );
+    assert_eq!(
+        e.help_text(),
+        Some("a directory `source` may hold only files, directories and symlinks: remove app/run/app.sock from it")
+    );
+    std::fs::remove_file(app.join("run/app.sock")).unwrap();
+
+    check(
+        &with_head("[nodes.a]\nfiles.\"/x\".source = \"/dev/null\"\n"),
+        ErrorKind::Invalid,
+        "t.toml:4:21: cannot copy `source` of file `/x` of node `a`: /dev/null is a character device",
+    );
+
+    let e = err_at(
+        &path,
+        &with_head("[nodes.a.files.\"/opt/app\"]\nmode = \"0755\"\nsource = \"app\"\n"),
+    );
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}:4:1: `mode` is set for a directory `source` in file `/opt/app` of node `a`",
+            path.display()
+        )
+    );
+    assert_eq!(
+        e.help_text(),
+        Some("remove `mode`: the tree keeps the modes it has on the host (`chmod` them there)")
+    );
+}

@@ -220,6 +220,39 @@ fn bad_input_missing_script_file() {
     );
 }
 
+/// A directory `source` with a socket in it: a test-file error at the `source` value, naming
+/// the socket as the test file writes its directory, before QEMU is looked for.
+#[test]
+fn bad_input_special_file_in_a_directory_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("app/run")).unwrap();
+    std::fs::write(tmp.path().join("app/ok.txt"), "ok").unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(tmp.path().join("app/run/app.sock"))
+        .expect("bind a unix socket");
+    let file = write(
+        tmp.path(),
+        "t.toml",
+        "name = \"t\"\ntest_script = \"start_all()\"\n\n[nodes.server]\nfiles.\"/opt/app\".source = \"app/\"\n",
+    );
+    let out = vmrig(
+        tmp.path(),
+        &["run", s(&file), "--qemu", "/nonexistent/qemu"],
+    );
+    assert_error(
+        &out,
+        2,
+        &format!(
+            "{}:5:27: cannot copy `source` of file `/opt/app` of node `server`: app/run/app.sock is a socket",
+            file.display()
+        ),
+    );
+    assert!(
+        stderr(&out).contains("help: a directory `source` may hold only files, directories and symlinks: remove app/run/app.sock from it"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 // ---- 4. a Python syntax error, before any VM ---------------------------------------------
 
 #[test]
