@@ -155,10 +155,8 @@ mod tests {
         let run_dir = tmp.path().join("run");
         std::fs::create_dir(&run_dir).unwrap();
         let ctx = Arc::new(RunContext {
-            qemu: "qemu-system-x86_64".into(),
-            qemu_img: "qemu-img".into(),
+            node_qemu: None,
             accel: vmrig_vm::accel::Accel::Tcg,
-            firmware: None,
             logger: Logger::new(Vec::new()),
             out_dir: tmp.path().join("out"),
             run_dir: run_dir.clone(),
@@ -166,7 +164,6 @@ mod tests {
             deadline: Instant::now() + Duration::from_secs(60),
             store: vmrig_store::Store::open(tmp.path().join("store")).unwrap(),
             snapshots: false,
-            qemu_version: String::new(),
             keep_state_in: None,
         });
         let vlans: BTreeMap<u8, Arc<vmrig_net::Vlan>> = [1, 5]

@@ -53,12 +53,9 @@ pub struct DriverSetup {
     pub vlans: Vec<u8>,
     /// One pcap file per VLAN in the output directory.
     pub capture: bool,
-    /// QEMU for nodes (start commands bring their own).
-    pub qemu: PathBuf,
-    pub qemu_img: PathBuf,
-    pub qemu_version: String,
+    /// QEMU for nodes (start commands bring their own): `None` when the run has none.
+    pub node_qemu: Option<crate::machine::NodeQemu>,
     pub accel: Accel,
-    pub firmware: Option<PathBuf>,
     pub store: vmrig_store::Store,
     pub snapshots: bool,
     /// `--keep-vm-state` of nodes: their disks live in this directory.
@@ -89,10 +86,8 @@ impl Driver {
             });
         }
         let ctx = Arc::new(RunContext {
-            qemu: setup.qemu,
-            qemu_img: setup.qemu_img,
+            node_qemu: setup.node_qemu,
             accel: setup.accel,
-            firmware: setup.firmware,
             logger: setup.logger.clone(),
             out_dir: setup.out_dir.clone(),
             run_dir: run_dir.path().to_owned(),
@@ -100,7 +95,6 @@ impl Driver {
             deadline: setup.deadline,
             store: setup.store,
             snapshots: setup.snapshots,
-            qemu_version: setup.qemu_version,
             keep_state_in: setup.keep_state_in,
         });
         let mut wanted: BTreeSet<u8> = setup.vlans.iter().copied().collect();

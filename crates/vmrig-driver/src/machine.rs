@@ -28,12 +28,22 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest wait for a guest to power off after `poweroff`.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// What every machine of a run shares.
-pub struct RunContext {
+/// The QEMU that boots a run's nodes (start commands bring their own).
+#[derive(Debug, Clone)]
+pub struct NodeQemu {
     pub qemu: PathBuf,
     pub qemu_img: PathBuf,
-    pub accel: Accel,
+    /// `qemu --version`, part of every snapshot key.
+    pub version: String,
+    /// `-bios`: qboot when QEMU ships it.
     pub firmware: Option<PathBuf>,
+}
+
+/// What every machine of a run shares.
+pub struct RunContext {
+    /// `None` in a run of start commands only (`vmrig nixos-driver`).
+    pub node_qemu: Option<NodeQemu>,
+    pub accel: Accel,
     pub logger: Logger,
     pub out_dir: PathBuf,
     pub run_dir: PathBuf,
@@ -44,8 +54,6 @@ pub struct RunContext {
     pub store: vmrig_store::Store,
     /// Boot from snapshots and save them (`--no-snapshots` turns it off).
     pub snapshots: bool,
-    /// `qemu --version`, part of every snapshot key.
-    pub qemu_version: String,
     /// `--keep-vm-state`: each machine's disk lives in `<dir>/vm-state-<node>` and is reused
     /// by the next run (as NixOS's `-K`), instead of in the throwaway run directory.
     pub keep_state_in: Option<PathBuf>,
@@ -356,6 +364,12 @@ impl Machine {
     }
 
     fn launch_node(&mut self, allow_reboot: bool) -> Result<Vm, ApiError> {
+        let Some(qemu) = self.ctx.node_qemu.clone() else {
+            return Err(ApiError::Machine(format!(
+                "`{}` is a node, and this run has no QEMU for nodes",
+                self.name
+            )));
+        };
         let Source::Node {
             node,
             image,
@@ -386,7 +400,7 @@ impl Machine {
         cfg.disk = disk.clone();
         cfg.shell_socket = self.dir.join("shell.sock");
         cfg.qmp_socket = self.dir.join("qmp.sock");
-        cfg.firmware = self.ctx.firmware.clone();
+        cfg.firmware = qemu.firmware.clone();
         cfg.allow_reboot = allow_reboot;
         cfg.forwards = self.forwards.clone();
         let transfer = self.dir.join("xfer");
@@ -403,12 +417,8 @@ impl Machine {
                 .map_err(|e| ApiError::Machine(format!("reading {}: {e}", initrd.display())))?;
             // The root image is behind the per-VM disk, not on QEMU's command line: name it.
             let inputs = format!("initrd {hash}\nroot {}", image.rootfs.base_name());
-            let key = crate::snapshot::snapshot_key(
-                &cfg,
-                &self.ctx.run_dir,
-                &inputs,
-                &self.ctx.qemu_version,
-            );
+            let key =
+                crate::snapshot::snapshot_key(&cfg, &self.ctx.run_dir, &inputs, &qemu.version);
             let found = self
                 .ctx
                 .store
@@ -425,7 +435,7 @@ impl Machine {
             };
         }
         if first_start {
-            create_overlay(&self.ctx.qemu_img, (&backing.0, backing.1), &disk)?;
+            create_overlay(&qemu.qemu_img, (&backing.0, backing.1), &disk)?;
         }
         let (serial_log, sink) = self.serial_outputs();
         if let Some(guard) = &snapshot_in_use {
@@ -439,7 +449,7 @@ impl Machine {
                 },
             )?;
         }
-        let vm = Vm::launch(&self.ctx.qemu, cfg, &serial_log, self.console.clone(), sink)
+        let vm = Vm::launch(&qemu.qemu, cfg, &serial_log, self.console.clone(), sink)
             .map_err(vm_error)?;
         self.snapshot = snapshot;
         if snapshot_in_use.is_some() {

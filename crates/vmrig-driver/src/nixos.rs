@@ -91,12 +91,9 @@ pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
         keep_run_dir: false,
         vlans: run.vlans.clone(),
         capture: false,
-        // Start commands bring their own QEMU; these are for nodes, which this run has not.
-        qemu: "qemu-system-x86_64".into(),
-        qemu_img: "qemu-img".into(),
-        qemu_version: String::new(),
+        // Start commands bring their own QEMU; this run has no nodes.
+        node_qemu: None,
         accel: decision.accel,
-        firmware: None,
         store,
         // Only start scripts vmrig wrote: they say what they boot (`snapshot.rs`).
         snapshots: run.snapshots,

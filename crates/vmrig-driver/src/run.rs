@@ -17,6 +17,7 @@ use crate::cleanup;
 use crate::driver::{checked_python, firmware, run_logger, Driver, DriverSetup, MachineSource};
 use crate::events::{Event, Reporter};
 use crate::logger::Logger;
+use crate::machine::NodeQemu;
 use crate::RunError;
 
 /// How to run a test (resolved from the command line).
@@ -183,11 +184,13 @@ pub fn prepare(
         keep_run_dir: opts.keep_vm_state,
         vlans: Vec::new(),
         capture: opts.capture,
-        qemu,
-        qemu_img,
-        qemu_version,
+        node_qemu: Some(NodeQemu {
+            qemu,
+            qemu_img,
+            version: qemu_version,
+            firmware: firmware(),
+        }),
         accel: decision.accel,
-        firmware: firmware(),
         store: store.clone(),
         snapshots: opts.snapshots,
         keep_state_in: opts.keep_vm_state.then(|| out_dir.clone()),

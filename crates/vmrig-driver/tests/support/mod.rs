@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use vmrig_driver::driver::{checked_python, run_logger, Driver, DriverSetup, MachineSource};
 use vmrig_driver::events::Event;
+use vmrig_driver::machine::NodeQemu;
 use vmrig_image::NodeImage;
 use vmrig_python::Mode;
 use vmrig_spec::{ScriptSource, TestSpec};
@@ -175,11 +176,13 @@ impl Rig {
             keep_run_dir: false,
             vlans: Vec::new(),
             capture: false,
-            qemu: self.qemu.clone(),
-            qemu_img: self.qemu_img.clone(),
-            qemu_version: "QEMU emulator version 9.2.0 (fake)".into(),
+            node_qemu: Some(NodeQemu {
+                qemu: self.qemu.clone(),
+                qemu_img: self.qemu_img.clone(),
+                version: "QEMU emulator version 9.2.0 (fake)".into(),
+                firmware: None,
+            }),
             accel: Accel::Tcg,
-            firmware: None,
             store: self.store.clone(),
             snapshots: opts.snapshots,
             keep_state_in: None,
