@@ -95,17 +95,7 @@ pub fn from_machine(m: &mut Machine, source: &str, target_dir: &str) -> Result<(
         Some(&name),
         || {
             let (status, output) = m.execute(&command, Some(COPY_TIMEOUT))?;
-            if status == MISSING {
-                return Err(ApiError::Assertion(format!(
-                    "copy_from_machine: {source} does not exist in the guest"
-                )));
-            }
-            if status != 0 {
-                return Err(ApiError::Machine(format!(
-                    "copying out of the guest failed (exit code {status}): {}",
-                    output.trim()
-                )));
-            }
+            copied_out(source, status, &output)?;
             let target = dest.join(&base);
             if std::fs::symlink_metadata(&target).is_ok() {
                 vmrig_store::remove_all(&target).map_err(|e| {
@@ -120,6 +110,26 @@ pub fn from_machine(m: &mut Machine, source: &str, target_dir: &str) -> Result<(
             Ok(())
         },
     )
+}
+
+/// The guest's side of `copy_from_machine` ended with `status`: a missing `source` is the
+/// test's mistake, any other failure the machine's (its message is `output`, or on the
+/// console).
+fn copied_out(source: &str, status: i32, output: &str) -> Result<(), ApiError> {
+    match status {
+        0 => Ok(()),
+        MISSING => Err(ApiError::Assertion(format!(
+            "copy_from_machine: {source} does not exist in the guest"
+        ))),
+        _ => Err(ApiError::Machine(format!(
+            "copy_from_machine: cannot read {source} in the guest (exit code {status}): {}",
+            if output.trim().is_empty() {
+                "the message is on the console"
+            } else {
+                output.trim()
+            }
+        ))),
+    }
 }
 
 /// `command` run with the transfer directory mounted at `$m` ([`GUEST_MOUNT`]); unmounted after,
@@ -281,16 +291,7 @@ fn from_machine_via_shell(m: &mut Machine, source: &str, target_dir: &str) -> Re
         Some(&name_m),
         || {
             let (status, output) = m.execute(&command, Some(COPY_TIMEOUT))?;
-            if status == MISSING {
-                return Err(ApiError::Assertion(format!(
-                    "copy_from_machine: {source} does not exist in the guest"
-                )));
-            }
-            if status != 0 {
-                return Err(ApiError::Assertion(format!(
-                    "copy_from_machine: cannot read {source} in the guest (exit code {status}; tar's message is on the console)"
-                )));
-            }
+            copied_out(source, status, "")?;
             let tar = base64::engine::general_purpose::STANDARD
                 .decode(output.trim())
                 .map_err(|e| ApiError::Machine(format!("copy_from_machine: garbled data: {e}")))?;
