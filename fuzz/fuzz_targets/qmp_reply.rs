@@ -12,7 +12,7 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use vmrig_fuzz::{Input, WriteMode};
-use vmrig_vm::qmp::{Qmp, QmpError};
+use vmrig_vm::qmp::{Qmp, QmpError, MAX_LINE_LEN};
 
 /// The fake never blocks; deadlines only bound retries after injected timeouts.
 const T: Duration = Duration::from_secs(600);
@@ -24,8 +24,9 @@ fn check<V>(r: &Result<V, QmpError>) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    // Fills of 256 KiB .. 64 MiB: enough to cross MAX_LINE_LEN (16 MiB).
-    let input = Input::parse(data, 256 * 1024);
+    // Fills of MAX_LINE_LEN / 128 .. 2 * MAX_LINE_LEN (64 KiB in fuzz builds, not 16 MiB);
+    // runs of newlines up to 256 bytes.
+    let input = Input::parse(data, MAX_LINE_LEN / 128, b"\n");
     let total = input.stream_len();
     let hs = Qmp::handshake(input.stream(), T);
     check(&hs);

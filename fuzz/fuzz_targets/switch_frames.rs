@@ -51,8 +51,9 @@ fn drain(d: &mut FrameDecoder, frames: &mut Vec<Vec<u8>>, err: &mut Option<Frame
 }
 
 fuzz_target!(|data: &[u8]| {
-    // Fills of 512 B .. 128 KiB: enough for maximal frames (MAX_FRAME = 68 KiB).
-    let input = Input::parse(data, 512);
+    // Fills of 544 B .. 136 KiB: enough for maximal frames (MAX_FRAME = 68 KiB). Runs of zero
+    // bytes (empty frames, 4 bytes each) up to 256 bytes.
+    let input = Input::parse(data, MAX_FRAME / 128, b"\0");
     let bytes = input.bytes();
 
     let mut d = FrameDecoder::new();
