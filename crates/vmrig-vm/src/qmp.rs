@@ -24,7 +24,6 @@ pub const MAX_LINE_LEN: usize = 16 * 1024 * 1024;
 pub const MAX_LINE_LEN: usize = 64 * 1024;
 
 /// Timeout used by the convenience helpers (`query_status`, `screendump`, ...).
-/// Change it with [`Qmp::set_default_timeout`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How many bytes of an offending line are kept in a protocol error.
