@@ -172,11 +172,11 @@ fn a_boot_that_never_reaches_the_shell_ends_at_the_global_timeout() {
     let out = rig.run_with(
         "machine.succeed('true')",
         RunOpts {
-            global_timeout: 4,
+            global_timeout: 2,
             ..RunOpts::default()
         },
     );
-    out.failed_with(&["global timeout of 4 s reached"]);
+    out.failed_with(&["global timeout of 2 s reached"]);
     assert!(out.global_timeout);
     // The log has the console's last lines: where the boot stopped.
     assert!(
@@ -243,7 +243,7 @@ fn wait_until_succeeds_returns_once_the_command_succeeds() {
 #[test]
 fn wait_until_succeeds_gives_up_at_its_timeout() {
     let rig = Rig::new(ONE);
-    let out = rig.run("machine.wait_until_succeeds('echo not yet; false', timeout=2)");
+    let out = rig.run("machine.wait_until_succeeds('echo not yet; false', timeout=1)");
     out.failed_with(&["echo not yet; false"]);
     assert!(!out.global_timeout);
 }
@@ -434,7 +434,7 @@ fn copy_from_machine_of_a_missing_path_raises() {
 #[test]
 fn qemu_dying_mid_command_is_a_machine_error_with_the_console() {
     let rig = Rig::new(ONE);
-    rig.run("machine.succeed('kill -9 $FAKE_QEMU_PID; sleep 10')")
+    rig.run("machine.succeed('kill -9 $FAKE_QEMU_PID; sleep 2')")
         .failed_with(&["shell closed", "kill -9"]);
 }
 
@@ -444,7 +444,7 @@ fn the_global_timeout_ends_a_script_that_runs_too_long() {
     let out = rig.run_with(
         "machine.succeed('true')\nimport time\ntime.sleep(60)\n",
         RunOpts {
-            global_timeout: 3,
+            global_timeout: 2,
             ..RunOpts::default()
         },
     );
