@@ -5,7 +5,8 @@
 //!
 //! - the parsed [`TestSpec`] (every node option, the script text, the global timeout), with
 //!   each file `source` replaced by the SHA-256 of its contents (a directory: of its whole
-//!   tree, every entry's path, kind, mode, link target and bytes; [`vmrig_spec::source_digest`]);
+//!   tree, every entry's path, kind, mode, link target and bytes; [`vmrig_spec::source_digest`]),
+//!   and each shared directory's `source` by the digest of its tree;
 //! - the store paths (`<hash>-<name>`) of every node's kernel, initramfs and root image;
 //! - vmrig's version (the caller passes it; the CLI adds its executable's identity, so a
 //!   rebuilt vmrig does not reuse results of the old one).
@@ -66,6 +67,11 @@ pub fn cache_key(
                 spec_value["nodes"][node_name]["files"][guest_path]["source"] =
                     serde_json::Value::String(vmrig_spec::source_digest(source)?);
             }
+        }
+        // What the guest finds in a shared directory decides the run as much as a file does.
+        for (name, dir) in &node.shared_dirs {
+            spec_value["nodes"][node_name]["shared_dirs"][name]["source"] =
+                serde_json::Value::String(vmrig_spec::source_digest(&dir.source)?);
         }
     }
     let images: BTreeMap<&String, Vec<String>> = images
@@ -231,6 +237,24 @@ mod tests {
         std::fs::write(dir.path().join("x.txt"), "two").unwrap();
         let second = cache_key(&vmrig_spec::load(&test).unwrap(), &imgs, "1").unwrap();
         assert_ne!(first, second);
+    }
+
+    #[test]
+    fn the_key_follows_a_shared_directorys_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let imgs = images(&store, "r");
+        let test = dir.path().join("t.toml");
+        std::fs::create_dir(dir.path().join("shared")).unwrap();
+        std::fs::write(
+            &test,
+            format!("{BASE}shared_dirs.data = {{ source = \"shared\", target = \"/mnt\" }}\n"),
+        )
+        .unwrap();
+        let key = || cache_key(&vmrig_spec::load(&test).unwrap(), &imgs, "1").unwrap();
+        let first = key();
+        std::fs::write(dir.path().join("shared/input"), "one").unwrap();
+        assert_ne!(first, key());
     }
 
     /// A directory `source`: an unchanged tree (even with its files rewritten) keeps the
