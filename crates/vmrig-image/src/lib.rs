@@ -102,6 +102,10 @@ pub struct ImageBuilder<'a> {
     pub observer: &'a dyn BuildObserver,
     /// A mirror URL that overrides the spec and the host's apt sources (`VMRIG_MIRROR`).
     pub mirror_override: Option<String>,
+    /// Every path this builder found or built, held in use while the builder lives: a
+    /// later step's [`Store::make_room`] (or another process's gc) must not remove the
+    /// kernel that the initramfs and root image steps still read.
+    pins: std::sync::Mutex<Vec<vmrig_store::UseGuard>>,
 }
 
 impl<'a> ImageBuilder<'a> {
@@ -111,6 +115,7 @@ impl<'a> ImageBuilder<'a> {
             store,
             observer,
             mirror_override,
+            pins: Default::default(),
         }
     }
 
@@ -187,16 +192,39 @@ impl<'a> ImageBuilder<'a> {
             .or_else(|| mirror::host_mirror(&inputs.suite))
     }
 
-    /// Looks `key` up or builds it with `build`, reporting the step to the observer.
+    /// Looks `key` up or builds it with `build`, reporting the step to the observer, and
+    /// holds the path in use while this builder lives. A path collected between its build
+    /// and its pin is built again (bounded: only a gc racing every attempt fails it).
     pub(crate) fn cached_step(
         &self,
         step: &str,
         key: &vmrig_store::StoreKey,
-        build: impl FnOnce(&std::path::Path) -> Result<(), ImageError>,
+        build: impl Fn(&std::path::Path) -> Result<(), ImageError>,
     ) -> Result<StorePath, ImageError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (path, outcome) = self.find_or_build(step, key, &build)?;
+            match self.store.use_path(&path) {
+                Ok(guard) => {
+                    self.pins.lock().expect("pins lock").push(guard);
+                    self.observer.step_finished(step, outcome);
+                    return Ok(path);
+                }
+                Err(vmrig_store::StoreError::Gone { .. }) if attempt < 3 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn find_or_build(
+        &self,
+        step: &str,
+        key: &vmrig_store::StoreKey,
+        build: &impl Fn(&std::path::Path) -> Result<(), ImageError>,
+    ) -> Result<(StorePath, StepOutcome), ImageError> {
         if let Some(path) = self.store.lookup(key) {
-            self.observer.step_finished(step, StepOutcome::Cached);
-            return Ok(path);
+            return Ok((path, StepOutcome::Cached));
         }
         self.observer.step_started(step);
         let start = std::time::Instant::now();
@@ -218,8 +246,7 @@ impl<'a> ImageBuilder<'a> {
         } else {
             StepOutcome::Cached
         };
-        self.observer.step_finished(step, outcome);
-        Ok(path)
+        Ok((path, outcome))
     }
 }
 
@@ -232,5 +259,44 @@ fn unwrap_build_error(err: vmrig_store::StoreError) -> ImageError {
             Err(source) => ImageError::Store(vmrig_store::StoreError::Build { path, source }),
         },
         other => ImageError::Store(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vmrig_store::{FreeSpace, StoreKey};
+
+    use super::*;
+
+    /// A store that collects before every build, as a nearly full disk makes it do.
+    fn always_full(dir: &std::path::Path) -> Store {
+        Store::open(dir).unwrap().with_free_space(FreeSpace {
+            min_free: u64::MAX,
+            target_free: u64::MAX,
+        })
+    }
+
+    #[test]
+    fn a_later_step_never_collects_what_an_earlier_step_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = always_full(dir.path());
+        let builder = ImageBuilder::new(&store, &Quiet);
+        let write = |out: &std::path::Path| -> Result<(), ImageError> {
+            std::fs::write(out.join("data"), b"x").map_err(ImageError::io("write"))
+        };
+        let kernel = builder
+            .cached_step("kernel", &StoreKey::new("kernel", b"k"), write)
+            .unwrap();
+        builder
+            .cached_step("initramfs", &StoreKey::new("initramfs", b"i"), write)
+            .unwrap();
+        assert!(
+            kernel.path().join("data").exists(),
+            "the kernel was collected"
+        );
+        drop(builder);
+        // Once the builder is gone, its paths are ordinary cache entries again.
+        store.make_room().unwrap();
+        assert!(!kernel.path().exists());
     }
 }

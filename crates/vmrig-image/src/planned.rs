@@ -79,11 +79,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = vmrig_store::Store::open(dir.path()).unwrap();
         let spec = spec_with_one_node();
-        let builder = ImageBuilder {
-            store: &store,
-            observer: &crate::Quiet,
-            mirror_override: Some("file:///srv/debian-mirror".into()),
-        };
+        let mut builder = ImageBuilder::new(&store, &crate::Quiet);
+        builder.mirror_override = Some("file:///srv/debian-mirror".into());
         let planned = builder.planned(&spec);
         assert_eq!(planned["a"].kernel, None);
         assert_eq!(planned["a"].rootfs, None);
@@ -98,11 +95,8 @@ mod tests {
         store
             .build(&key, |_tmp| Ok::<(), std::io::Error>(()))
             .unwrap();
-        let builder = ImageBuilder {
-            store: &store,
-            observer: &crate::Quiet,
-            mirror_override: Some("file:///srv/debian-mirror".into()),
-        };
+        let mut builder = ImageBuilder::new(&store, &crate::Quiet);
+        builder.mirror_override = Some("file:///srv/debian-mirror".into());
         let inputs = spec_with_one_node().nodes["a"].image_inputs();
         let planned = builder.planned_node(&inputs);
         assert_eq!(

@@ -606,6 +606,12 @@ impl Store {
         &self.root
     }
 
+    /// This store with another free-space policy than the environment's.
+    pub fn with_free_space(mut self, free_space: FreeSpace) -> Store {
+        self.free_space = free_space;
+        self
+    }
+
     fn lock_path(&self, base: &str) -> PathBuf {
         self.root.join(LOCKS_DIR).join(format!("{base}.lock"))
     }

@@ -157,6 +157,9 @@ class Machine:
         self.migration = None
         self.no_reboot = "-no-reboot" in ARGS
         self.links = {}
+        # What a command sets going once its reply is out: a real QEMU answers send-key
+        # long before the guest acts on the keys, so this fake must not exit first.
+        self.after_reply = None
 
     def qmp_loop(self, sock):
         sock.sendall(json.dumps({"QMP": {"version": {"qemu": {"major": 9, "minor": 2, "micro": 0}}, "capabilities": []}}).encode() + b"\n")
@@ -175,6 +178,9 @@ class Machine:
                 if "id" in req:
                     reply["id"] = req["id"]
                 sock.sendall(json.dumps(reply).encode() + b"\n")
+                if self.after_reply:
+                    self.after_reply, then = None, self.after_reply
+                    then()
 
     def answer(self, cmd, args):
         if cmd == "qmp_capabilities":
@@ -184,7 +190,7 @@ class Machine:
         if cmd == "send-key":
             keys = [k.get("data") for k in args.get("keys", [])]
             if keys == ["ctrl", "alt", "delete"]:
-                actions.put("reboot")
+                self.after_reply = lambda: actions.put("reboot")
             return {"return": {}}
         if cmd == "set_link":
             self.links[args["name"]] = args["up"]
