@@ -35,3 +35,29 @@ fn example_router() {
 fn example_postgres_api() {
     run_example("postgres-api");
 }
+
+/// The user's own program: built by cargo here, as the example's comment says, then tested.
+#[test]
+fn example_own_program() {
+    let repo = common::repo();
+    let built = std::process::Command::new(env!("CARGO"))
+        .current_dir(&repo)
+        .args(["build", "--release", "-p", "kv-example", "--target-dir"])
+        .arg(repo.join("examples/own-program/target"))
+        .output()
+        .expect("run cargo");
+    assert!(built.status.success(), "{}", common::text(&built));
+    run_example("own-program");
+}
+
+#[test]
+fn example_shared_folder() {
+    run_example("shared-folder");
+    // The script removes what it wrote: the folder holds only its own files again.
+    let mut left: Vec<_> = std::fs::read_dir(common::repo().join("examples/shared-folder"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, [".gitignore", "README"]);
+}
