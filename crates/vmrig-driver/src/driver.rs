@@ -431,7 +431,7 @@ pub fn firmware() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-/// The run's log: `events.jsonl` in `out_dir`, the terminal (if `terminal`), the caller's
+/// The run's log: `events.jsonl` and `report.html` in `out_dir`, the terminal (if `terminal`), the caller's
 /// reporters; `started` is its first event.
 pub fn run_logger(
     out_dir: &Path,
@@ -445,7 +445,10 @@ pub fn run_logger(
             source,
         }
     })?;
-    let mut reporters: Vec<Box<dyn Reporter>> = vec![Box::new(events)];
+    let mut reporters: Vec<Box<dyn Reporter>> = vec![
+        Box::new(events),
+        Box::new(crate::html_report::HtmlReport::new(out_dir)),
+    ];
     if terminal {
         reporters.push(Box::new(Terminal::stderr()));
     }

@@ -11,6 +11,7 @@ pub mod creator;
 pub mod driver;
 mod error;
 pub mod events;
+pub mod html_report;
 pub mod junit;
 pub mod logger;
 pub mod machine;

@@ -306,6 +306,7 @@ pub fn run(args: NixosArgs) -> anyhow::Result<i32> {
         report
             .write(path)
             .with_context(|| format!("writing the JUnit report {}", path.display()))?;
+        let _ = vmrig_driver::html_report::add_link(&run.out_dir, path);
     }
     Ok(if outcome.timed_out {
         143

@@ -65,6 +65,7 @@ pub fn run_all(specs: &[TestSpec], plan: &Plan) -> Vec<TestResult> {
         }
     });
     let mut junit = JunitReport::new();
+    let mut out_dirs = Vec::new();
     let results = results
         .into_inner()
         .unwrap()
@@ -79,6 +80,9 @@ pub fn run_all(specs: &[TestSpec], plan: &Plan) -> Vec<TestResult> {
                 };
                 (skipped, Junit::Skipped)
             });
+            if let Junit::Ran(_, dir) = &piece {
+                out_dirs.push(dir.clone());
+            }
             piece.add_to(&mut junit, &spec.name);
             result
         })
@@ -89,6 +93,11 @@ pub fn run_all(specs: &[TestSpec], plan: &Plan) -> Vec<TestResult> {
                 "vmrig: error: cannot write the JUnit report {}: {e}",
                 path.display()
             );
+        }
+        // Each test's report.html links the report (a missing page is no error).
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+        for dir in &out_dirs {
+            let _ = vmrig_driver::html_report::add_link(dir, &path);
         }
     }
     results
