@@ -161,7 +161,9 @@ mod tests {
             out_dir: tmp.path().join("out"),
             run_dir: run_dir.clone(),
             serial_stdout: Arc::new(AtomicBool::new(false)),
-            deadline: Instant::now() + Duration::from_secs(60),
+            deadline: Arc::new(crate::deadline::Deadline::new(
+                Instant::now() + Duration::from_secs(60),
+            )),
             store: vmrig_store::Store::open(tmp.path().join("store")).unwrap(),
             snapshots: false,
             keep_state_in: None,

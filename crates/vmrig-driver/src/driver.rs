@@ -19,6 +19,7 @@ use vmrig_vm::cmdline::VlanNic;
 
 use crate::cleanup::{self, RunDir};
 use crate::creator::MachineCreator;
+use crate::deadline::Deadline;
 use crate::events::{Event, Reporter};
 use crate::logger::Logger;
 use crate::machine::{Machine, RunContext};
@@ -69,7 +70,7 @@ pub struct Driver {
     handler: Option<DriverHandler>,
     run_dir: Option<RunDir>,
     machines: Vec<MachineInfo>,
-    deadline: Instant,
+    deadline: Arc<Deadline>,
     out_dir: PathBuf,
 }
 
@@ -85,6 +86,7 @@ impl Driver {
                 message: format!("keeping VM state in {}", run_dir.path().display()),
             });
         }
+        let deadline = Arc::new(Deadline::new(setup.deadline));
         let ctx = Arc::new(RunContext {
             node_qemu: setup.node_qemu,
             accel: setup.accel,
@@ -92,7 +94,7 @@ impl Driver {
             out_dir: setup.out_dir.clone(),
             run_dir: run_dir.path().to_owned(),
             serial_stdout: Arc::new(AtomicBool::new(true)),
-            deadline: setup.deadline,
+            deadline: deadline.clone(),
             store: setup.store,
             snapshots: setup.snapshots,
             keep_state_in: setup.keep_state_in,
@@ -147,12 +149,13 @@ impl Driver {
             logger: setup.logger,
             serial_stdout: ctx.serial_stdout.clone(),
             creator,
+            deadline: deadline.clone(),
         };
         Ok(Driver {
             handler: Some(handler),
             run_dir: Some(run_dir),
             machines: infos,
-            deadline: setup.deadline,
+            deadline,
             out_dir: setup.out_dir,
         })
     }
@@ -187,7 +190,7 @@ impl Driver {
             script,
             &script_ctx,
             mode,
-            (self.deadline, global_timeout),
+            (&self.deadline, global_timeout),
         )
     }
 
@@ -280,17 +283,22 @@ fn serve_script(
     script: &vmrig_spec::ScriptSource,
     script_ctx: &ScriptContext,
     mode: Mode,
-    (deadline, global_timeout): (Instant, u64),
+    (deadline, global_timeout): (&Arc<Deadline>, u64),
 ) -> Result<(Option<String>, bool), RunError> {
     let logger = &handler.logger;
-    if mode == Mode::Interactive {
+    if mode.is_interactive() {
         cleanup::ignore_sigint(true);
     }
     let child = ScriptChild::spawn(python, script, script_ctx, mode).map_err(RunError::Python)?;
     let killer = child.killer();
     let script_id = cleanup::register_script(killer.clone());
-    let (stop_watchdog, watchdog) =
-        global_timeout_watchdog(deadline, killer, logger.clone(), global_timeout);
+    let (stop_watchdog, watchdog) = global_timeout_watchdog(
+        deadline.clone(),
+        killer,
+        logger.clone(),
+        global_timeout,
+        mode == Mode::PauseOnFailure,
+    );
     let served = child.serve(handler);
     let _ = stop_watchdog.send(());
     let fired = watchdog.join().unwrap_or(false);
@@ -298,7 +306,7 @@ fn serve_script(
     cleanup::ignore_sigint(false);
 
     let outcome = served.map_err(RunError::Python)?;
-    let timed_out = global_timeout_ended(fired, &outcome, deadline, Instant::now());
+    let timed_out = global_timeout_ended(fired, &outcome, deadline.get(), Instant::now());
     let global = format!("global timeout of {global_timeout} s reached");
     let failure = match outcome {
         ScriptOutcome::Passed => None,
@@ -365,28 +373,38 @@ fn log_unfinished_boots(handler: &DriverHandler) {
 /// Kills the script and every VM when the global timeout passes. Returns a sender that
 /// stops the watchdog, and its handle (true if it fired).
 fn global_timeout_watchdog(
-    deadline: Instant,
+    deadline: Arc<Deadline>,
     killer: vmrig_python::ScriptKiller,
     logger: Logger,
     secs: u64,
+    pause: bool,
 ) -> (mpsc::Sender<()>, std::thread::JoinHandle<bool>) {
     let (tx, rx) = mpsc::channel::<()>();
-    let handle = std::thread::spawn(move || {
-        let wait = deadline.saturating_duration_since(Instant::now());
+    let handle = std::thread::spawn(move || loop {
+        let wait = deadline.get().saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
+            // Lifted while waiting (a paused script): wait for the new deadline.
+            Err(mpsc::RecvTimeoutError::Timeout) if deadline.get() > Instant::now() => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 logger.log(
                     crate::events::Level::Error,
                     format!("global timeout of {secs} s reached: stopping the test"),
                     None,
                 );
+                if pause {
+                    // The script pauses where it is (and lifts the deadline); it is not
+                    // killed unless it ignores the interrupt.
+                    killer.interrupt();
+                    deadline.lift();
+                    return true;
+                }
                 // Only this run's script: every wait of its machines is bounded by the
                 // same deadline, so the call in progress returns now too (other tests
                 // running in this process are left alone).
                 killer.kill();
-                true
+                return true;
             }
-            _ => false,
+            _ => return false,
         }
     });
     (tx, handle)

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cleanup;
 mod copy;
 pub mod creator;
+pub mod deadline;
 pub mod driver;
 mod error;
 pub mod events;

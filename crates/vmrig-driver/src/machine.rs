@@ -49,7 +49,7 @@ pub struct RunContext {
     pub run_dir: PathBuf,
     pub serial_stdout: Arc<AtomicBool>,
     /// The global timeout.
-    pub deadline: Instant,
+    pub deadline: Arc<crate::deadline::Deadline>,
     /// The image store (boot snapshots live there).
     pub store: vmrig_store::Store,
     /// Boot from snapshots and save them (`--no-snapshots` turns it off).
@@ -217,9 +217,9 @@ impl Machine {
     pub fn deadline_in(&self, secs: Option<f64>) -> Instant {
         match secs {
             Some(s) if s.is_finite() && s >= 0.0 => {
-                (Instant::now() + Duration::from_secs_f64(s.min(1e9))).min(self.ctx.deadline)
+                (Instant::now() + Duration::from_secs_f64(s.min(1e9))).min(self.ctx.deadline.get())
             }
-            _ => self.ctx.deadline,
+            _ => self.ctx.deadline.get(),
         }
     }
 
@@ -576,6 +576,7 @@ impl Machine {
         let timeout = self
             .ctx
             .deadline
+            .get()
             .saturating_duration_since(Instant::now())
             .min(SHUTDOWN_TIMEOUT);
         let logger = self.ctx.logger.clone();
@@ -747,7 +748,7 @@ impl Machine {
             } => ApiError::Timeout(format!(
                 "command `{command}` did not finish within {:.0} s{}",
                 waited.as_secs_f64(),
-                if Instant::now() >= self.ctx.deadline {
+                if Instant::now() >= self.ctx.deadline.get() {
                     " (global timeout)"
                 } else {
                     ""

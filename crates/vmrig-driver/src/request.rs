@@ -27,6 +27,10 @@ pub enum DriverRequest {
     StartAll {},
     #[serde(rename = "driver.join_all")]
     JoinAll {},
+    /// The script failed and pauses for the user (`--pause-on-failure`): the global
+    /// timeout is lifted.
+    #[serde(rename = "driver.pause")]
+    Pause {},
     #[serde(rename = "driver.create_machine")]
     CreateMachine {
         start_command: String,

@@ -24,6 +24,8 @@ pub struct DriverHandler {
     pub serial_stdout: Arc<AtomicBool>,
     /// Makes machines from start commands (`create_machine`).
     pub creator: crate::creator::MachineCreator,
+    /// The global timeout (lifted when a failed script pauses).
+    pub deadline: Arc<crate::deadline::Deadline>,
 }
 
 impl From<ApiError> for RpcError {
@@ -89,6 +91,16 @@ impl DriverHandler {
                     machine.lock().unwrap().wait_for_shutdown()?;
                 }
                 self.logger.end(id, None);
+                Ok(Value::Null)
+            }
+            DriverRequest::Pause {} => {
+                self.deadline.lift();
+                self.logger.log(
+                    Level::Warning,
+                    "the test failed: paused with its machines running (no global timeout \
+                     from now on); leave the REPL (Ctrl-D) to end the run",
+                    None,
+                );
                 Ok(Value::Null)
             }
             DriverRequest::CreateMachine {

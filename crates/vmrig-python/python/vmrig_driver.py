@@ -1002,8 +1002,8 @@ class _Session:
             "traceback": text,
         }
 
-    def interact(self):
-        namespace = self.symbols()
+    def interact(self, namespace=None, banner=None):
+        namespace = self.symbols() if namespace is None else namespace
         history = None
         try:
             import readline
@@ -1023,23 +1023,10 @@ class _Session:
             readline.set_history_length(10000)
         except ImportError:
             readline = None
-        names = ", ".join(
-            pyname if pyname == m.name else "{} (node {})".format(pyname, m.name)
-            for m, pyname in zip(self.machines, self.python_names)
-        ) or "(none)"
-        banner = (
-            "vmrig interactive test driver (Python {}.{})\n"
-            "machines: {}\n"
-            "vlans: {}\n"
-            "run the test script with test_script(); Ctrl-D ends the session"
-        ).format(
-            sys.version_info[0],
-            sys.version_info[1],
-            names,
-            ", ".join("vlan{}".format(v.nr) for v in self.vlans) or "(none)",
-        )
+        if banner is None:
+            banner = self.banner() + "\nrun the test script with test_script(); Ctrl-D ends the session"
         try:
-            code.interact(banner=banner, local=namespace, exitmsg="")
+            _Console(namespace).interact(banner=banner, exitmsg="")
         except SystemExit:
             pass
         finally:
@@ -1048,6 +1035,80 @@ class _Session:
                     readline.write_history_file(history)
                 except OSError:
                     pass
+
+    def banner(self):
+        names = ", ".join(
+            pyname if pyname == m.name else "{} (node {})".format(pyname, m.name)
+            for m, pyname in zip(self.machines, self.python_names)
+        ) or "(none)"
+        return (
+            "vmrig interactive test driver (Python {}.{})\n"
+            "machines: {}\n"
+            "vlans: {}"
+        ).format(
+            sys.version_info[0],
+            sys.version_info[1],
+            names,
+            ", ".join("vlan{}".format(v.nr) for v in self.vlans) or "(none)",
+        )
+
+    def pause(self, exc, report):
+        """--pause-on-failure: the REPL where the script failed, with that frame's names
+        (its globals, then its locals), the machines still running."""
+        _rpc("driver.pause", {})
+        frame = None
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == self.filename:
+                frame = tb.tb_frame
+            tb = tb.tb_next
+        namespace = dict(frame.f_globals) if frame is not None else self.symbols()
+        local_names = []
+        if frame is not None and frame.f_locals is not frame.f_globals:
+            namespace.update(frame.f_locals)
+            local_names = sorted(frame.f_locals)
+        place = "{}:{}".format(self.filename, report["line"]) if report["line"] else self.filename
+        lines = ["", "vmrig: the test failed at {}".format(place)]
+        if report["traceback"]:
+            lines.append(report["traceback"].rstrip())
+        first = (report["message"].splitlines() or [""])[0]
+        lines.append("{}: {}".format(report["type"], first))
+        driver_names = self.symbols()
+        shown = local_names or sorted(
+            n for n, v in namespace.items()
+            if not n.startswith("_") and n not in driver_names
+            and not isinstance(v, (types.ModuleType, types.FunctionType, type))
+        )
+        if shown:
+            lines.append("names at the failure:")
+            for name in shown:
+                value = namespace.get(name)
+                text = repr(value)
+                if len(text) > 200:
+                    text = text[:197] + "..."
+                lines.append("  {} = {}".format(name, text))
+        lines.append(self.banner())
+        lines.append("the machines are as the failure left them; Ctrl-D ends the run (it fails)")
+        self.interact(namespace, "\n".join(lines))
+
+
+class _Console(code.InteractiveConsole):
+    """The REPL: an error shows the user's own frames, not vmrig's or the REPL's."""
+
+    def showtraceback(self):
+        typ, value, tb = sys.exc_info()
+        ours = (_module_file(), os.path.abspath(code.__file__))
+        frames = [
+            f for f in traceback.extract_tb(tb)
+            if os.path.abspath(f.filename) not in ours
+        ]
+        text = ""
+        if frames:
+            text = "Traceback (most recent call last):\n" + "".join(
+                traceback.format_list(frames)
+            )
+        text += "".join(traceback.format_exception_only(typ, value))
+        self.write(text)
 
 
 def _module_file():
@@ -1100,7 +1161,10 @@ def main():
         os._exit(3)
     except BaseException as e:
         try:
-            rpc.call("script.failed", _session.failure_report(e))
+            report = _session.failure_report(e)
+            if init.get("mode") == "pause_on_failure":
+                _session.pause(e, report)
+            rpc.call("script.failed", report)
         except _ConnectionLost:
             os._exit(3)
         sys.stdout.flush()

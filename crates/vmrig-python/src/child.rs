@@ -34,6 +34,16 @@ pub struct ScriptContext {
 pub enum Mode {
     Script,
     Interactive,
+    /// Run the script; where it fails (or at Ctrl-C, or at the global timeout), open the
+    /// REPL with the failing frame's names, the machines still running.
+    PauseOnFailure,
+}
+
+impl Mode {
+    /// Whether the script talks to the user's terminal (stdin, Ctrl-C).
+    pub fn is_interactive(self) -> bool {
+        self != Mode::Script
+    }
 }
 
 /// How a script run ended.
@@ -95,6 +105,18 @@ impl ScriptKiller {
     pub fn pid(&self) -> u32 {
         self.state.pid as u32
     }
+
+    /// SIGINT to the child alone (a `KeyboardInterrupt` in the script: with
+    /// [`Mode::PauseOnFailure`] it pauses where it is). Nothing once it is reaped.
+    pub fn interrupt(&self) {
+        let reaped = self.state.reaped.lock().unwrap_or_else(|e| e.into_inner());
+        if !*reaped {
+            // SAFETY: plain syscall; the pid is ours and not yet reaped (the lock is held).
+            unsafe {
+                libc::kill(self.state.pid, libc::SIGINT);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for ScriptKiller {
@@ -154,7 +176,11 @@ impl ScriptChild {
             "machines": ctx.machines,
             "vlans": ctx.vlans,
             "out_dir": ctx.out_dir.to_string_lossy(),
-            "mode": match mode { Mode::Script => "script", Mode::Interactive => "interactive" },
+            "mode": match mode {
+                Mode::Script => "script",
+                Mode::Interactive => "interactive",
+                Mode::PauseOnFailure => "pause_on_failure",
+            },
             "script": {
                 "path": script.to_string_lossy(),
                 "filename": src.filename.to_string_lossy(),
@@ -177,11 +203,12 @@ impl ScriptChild {
             .env("VMRIG_INIT", init.to_string())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
-            .stdin(match mode {
-                Mode::Script => Stdio::null(),
-                Mode::Interactive => Stdio::inherit(),
+            .stdin(if mode.is_interactive() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
             });
-        vmrig_vm::process::die_with_parent(&mut cmd, mode == Mode::Script);
+        vmrig_vm::process::die_with_parent(&mut cmd, !mode.is_interactive());
         // SAFETY: only async-signal-safe calls (fcntl).
         unsafe {
             cmd.pre_exec(move || {

@@ -37,6 +37,11 @@ pub struct RunArgs {
     /// Open a Python REPL with the test's machines instead of running the script.
     #[arg(short = 'I', long)]
     pub interactive: bool,
+    /// Where the script fails (an exception, a timeout, Ctrl-C), keep the machines running
+    /// and open the Python REPL there, with the failing frame's names; leaving it ends the
+    /// run as failed. One test at a time.
+    #[arg(long, conflicts_with = "interactive")]
+    pub pause_on_failure: bool,
     /// The Python interpreter that runs the test script.
     #[arg(long, default_value = "python3", env = "VMRIG_PYTHON")]
     pub python: PathBuf,
@@ -84,11 +89,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("vmrig: no test to run (0 of {total} selected)");
         return Ok(exit::OK);
     }
-    if args.interactive && specs.len() > 1 {
-        eprintln!(
-            "error: interactive mode takes one test ({} selected)",
-            specs.len()
-        );
+    if (args.interactive || args.pause_on_failure) && specs.len() > 1 {
+        let what = if args.interactive {
+            "interactive mode"
+        } else {
+            "--pause-on-failure"
+        };
+        eprintln!("error: {what} takes one test ({} selected)", specs.len());
         return Err(Reported(exit::USAGE).into());
     }
     // Before any image build: an output directory that cannot be made fails the run now,
@@ -119,6 +126,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             accel: args.accel,
             mode: if args.interactive {
                 Mode::Interactive
+            } else if args.pause_on_failure {
+                Mode::PauseOnFailure
             } else {
                 Mode::Script
             },
@@ -132,7 +141,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         store,
         cache,
         // A cached pass makes no pcap and keeps no VM state: asking for them runs the test.
-        use_cache: !args.interactive && !args.rerun && !args.capture && !args.keep_vm_state,
+        use_cache: !args.interactive
+            && !args.pause_on_failure
+            && !args.rerun
+            && !args.capture
+            && !args.keep_vm_state,
         record_cache: !args.interactive,
         jobs,
         fail_fast: args.fail_fast,
@@ -261,6 +274,7 @@ impl From<InteractiveArgs> for RunArgs {
             keep_vm_state: a.keep_vm_state,
             accel: a.accel,
             interactive: true,
+            pause_on_failure: false,
             python: a.python,
             qemu: a.qemu,
             rerun: true,
