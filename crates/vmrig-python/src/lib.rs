@@ -90,6 +90,7 @@
 //! "traceback"}` end the run; [`ScriptChild::serve`] answers them itself and
 //! returns them as a [`ScriptOutcome`].
 
+mod check;
 mod child;
 mod error;
 pub use error::BridgeError;
@@ -97,6 +98,7 @@ mod names;
 mod rpc;
 mod syntax;
 
+pub use check::{check_script, stubs, write_stubs, Finding, Findings, ScriptNames, STUB_FILES};
 pub use child::{Mode, ScriptChild, ScriptContext, ScriptKiller, ScriptOutcome};
 pub use names::{pythonize_name, MachineInfo};
 pub use rpc::{Handler, RpcError, RpcErrorKind};
