@@ -25,6 +25,7 @@ import re
 import symtable
 import sys
 import types
+import typing
 
 MODULE_NAME = "vmrig_driver"
 
@@ -284,7 +285,10 @@ def check(req):
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             loaded.add(node.id)
         elif isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
-            star_import = True
+            # The stubs' globals (`if TYPE_CHECKING: from vmrig_globals import *`, for mypy)
+            # are the driver's own: nothing unknown comes in.
+            if node.module != "vmrig_globals":
+                star_import = True
         elif isinstance(node, ast.Attribute) and not isinstance(node.ctx, ast.Load):
             set_attributes.add(node.attr)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -524,8 +528,14 @@ def element_type(values, api):
 
 def header(api, used, builtins_stub=False):
     """Imports for the names `used` in a stub of the API module."""
+    used = set(used)
+    for name in list(used):
+        value = api.__dict__.get(name)
+        if getattr(value, "__module__", None) == "typing" and getattr(typing, name, None) is not value:
+            used |= set(IDENT.findall(str(value).replace("typing.", "")))
     out = []
     typing_names = []
+    aliases = []
     for name in sorted(used):
         value = api.__dict__.get(name)
         if value is None:
@@ -533,12 +543,16 @@ def header(api, used, builtins_stub=False):
         if isinstance(value, types.ModuleType):
             out.append("import {}".format(name))
         elif getattr(value, "__module__", None) == "typing":
-            typing_names.append(name)
+            if getattr(typing, name, None) is value:
+                typing_names.append(name)
+            else:
+                # An alias of the module's own (Seconds = Union[...]).
+                aliases.append("{} = {}".format(name, str(value).replace("typing.", "")))
         elif isinstance(value, type) and value.__module__ not in (MODULE_NAME, "builtins"):
             out.append("from {} import {}".format(value.__module__, name))
     if typing_names:
         out.append("from typing import {}".format(", ".join(typing_names)))
-    return out
+    return out + aliases
 
 
 def stubs(req):

@@ -36,6 +36,9 @@ from math import ceil, isfinite
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Tuple, Union
 
+# A timeout or a wait: seconds, or a datetime.timedelta (sent as seconds).
+Seconds = Union[float, datetime.timedelta]
+
 # --------------------------------------------------------------------- errors
 
 
@@ -274,9 +277,9 @@ def _seconds(value):
 
 def retry(
     fn: Callable[[Any], Any],
-    timeout_seconds: Union[float, datetime.timedelta, None] = 900,
+    timeout_seconds: Optional[Seconds] = 900,
     *,
-    timeout: Union[float, datetime.timedelta, None] = _UNSET,
+    timeout: Optional[Seconds] = _UNSET,
 ) -> None:
     """Call fn(last_try) once a second until it returns true, at most
     `timeout_seconds` times (and for at most that many seconds); then once
@@ -437,7 +440,7 @@ class _Poll:
     def __call__(self) -> Any:
         return self.condition.condition()
 
-    def wait(self, timeout: float = 900) -> None:
+    def wait(self, timeout: Seconds = 900) -> None:
         """Wait until the condition holds (at most `timeout` seconds)."""
         timeout = _seconds(timeout)
         description = self.condition.description
@@ -557,7 +560,7 @@ class Machine:
         command: str,
         check_return: bool = True,
         check_output: bool = True,
-        timeout: Optional[float] = 900,
+        timeout: Optional[Seconds] = 900,
     ) -> Tuple[int, str]:
         """Run a shell command; its exit status and output (no failure on non-zero)."""
         status, output = self._call(
@@ -569,16 +572,16 @@ class Machine:
         )
         return (status, output)
 
-    def succeed(self, *commands: str, timeout: Optional[float] = None) -> str:
+    def succeed(self, *commands: str, timeout: Optional[Seconds] = None) -> str:
         """Run commands; fail the test unless each exits 0; their output."""
         return self._call("succeed", commands=list(commands), timeout=timeout)
 
-    def fail(self, *commands: str, timeout: Optional[float] = None) -> str:
+    def fail(self, *commands: str, timeout: Optional[Seconds] = None) -> str:
         """Run commands; fail the test unless each exits non-zero; their output."""
         return self._call("fail", commands=list(commands), timeout=timeout)
 
     def wait_until_succeeds(
-        self, command: str, timeout: float = 900, attempt_timeout: Optional[float] = None
+        self, command: str, timeout: Seconds = 900, attempt_timeout: Optional[Seconds] = None
     ) -> str:
         """Run a command until it exits 0 (at most `timeout` s); its last output."""
         return self._call(
@@ -589,7 +592,7 @@ class Machine:
         )
 
     def wait_until_fails(
-        self, command: str, timeout: float = 900, attempt_timeout: Optional[float] = None
+        self, command: str, timeout: Seconds = 900, attempt_timeout: Optional[Seconds] = None
     ) -> str:
         """Run a command until it exits non-zero (at most `timeout` s); its last output."""
         return self._call(
@@ -628,12 +631,12 @@ class Machine:
         """One property of the unit (`systemctl show -p`)."""
         return self._call("get_unit_property", unit=unit, property=property, user=user)
 
-    def wait_for_unit(self, unit: str, user: Optional[str] = None, timeout: float = 900) -> None:
+    def wait_for_unit(self, unit: str, user: Optional[str] = None, timeout: Seconds = 900) -> None:
         """Wait until the unit is active; fail if it fails or the time runs out."""
         self._call("wait_for_unit", unit=unit, user=user, timeout=timeout)
 
     def wait_for_unit_active_state(
-        self, unit: str, state: str, user: Optional[str] = None, timeout: float = 900
+        self, unit: str, state: str, user: Optional[str] = None, timeout: Seconds = 900
     ) -> None:
         """Wait until the unit's ActiveState is `state` (any state: "inactive",
         "activating", "reloading", "failed", ...)."""
@@ -651,22 +654,22 @@ class Machine:
 
     # -- waiting
 
-    def wait_for_file(self, filename: str, timeout: float = 900) -> None:
+    def wait_for_file(self, filename: str, timeout: Seconds = 900) -> None:
         """Wait until the file exists in the guest."""
         self._call("wait_for_file", filename=filename, timeout=timeout)
 
-    def wait_for_open_port(self, port: int, addr: str = "localhost", timeout: float = 900) -> None:
+    def wait_for_open_port(self, port: int, addr: str = "localhost", timeout: Seconds = 900) -> None:
         """Wait until something listens on the TCP port."""
         self._call("wait_for_open_port", port=port, addr=addr, timeout=timeout)
 
     def wait_for_closed_port(
-        self, port: int, addr: str = "localhost", timeout: float = 900
+        self, port: int, addr: str = "localhost", timeout: Seconds = 900
     ) -> None:
         """Wait until nothing listens on the TCP port."""
         self._call("wait_for_closed_port", port=port, addr=addr, timeout=timeout)
 
     def wait_for_open_unix_socket(
-        self, addr: str, is_datagram: bool = False, timeout: float = 900
+        self, addr: str, is_datagram: bool = False, timeout: Seconds = 900
     ) -> None:
         """Wait until something listens on the unix socket."""
         self._call(
@@ -678,7 +681,7 @@ class Machine:
 
     # -- console and monitor
 
-    def wait_for_console_text(self, regex: str, timeout: Optional[float] = None) -> None:
+    def wait_for_console_text(self, regex: str, timeout: Optional[Seconds] = None) -> None:
         """Wait until a console line (from now on) matches the regex."""
         self._call("wait_for_console_text", regex=regex, timeout=timeout)
 
@@ -695,7 +698,7 @@ class Machine:
         return self._call("send_monitor_command", command=command)
 
     def wait_for_qmp_event(
-        self, event_filter: Callable[[Dict[str, Any]], bool], timeout: float = 60 * 10
+        self, event_filter: Callable[[Dict[str, Any]], bool], timeout: Seconds = 60 * 10
     ) -> Dict[str, Any]:
         """Wait for a QMP event for which event_filter(event) is true and
         return it; events that do not match are dropped. Raises TimeoutError
@@ -743,11 +746,11 @@ class Machine:
         """The text on the screen, OCRed from several processed images."""
         return list(self._call("get_screen_text_variants"))
 
-    def wait_for_text(self, regex: str, timeout: float = 900) -> None:
+    def wait_for_text(self, regex: str, timeout: Seconds = 900) -> None:
         """Wait until the screen's text (OCR) matches the regex."""
         self._call("wait_for_text", regex=regex, timeout=timeout)
 
-    def wait_for_x(self, timeout: float = 900) -> None:
+    def wait_for_x(self, timeout: Seconds = 900) -> None:
         """Wait until the X server accepts connections."""
         self._call("wait_for_x", timeout=timeout)
 
@@ -755,14 +758,14 @@ class Machine:
         """The names of the X windows."""
         return list(self._call("get_window_names"))
 
-    def wait_for_window(self, regexp: str, timeout: float = 900) -> None:
+    def wait_for_window(self, regexp: str, timeout: Seconds = 900) -> None:
         """Wait until an X window's name matches the regex."""
         self._call("wait_for_window", regexp=regexp, timeout=timeout)
 
     # Beyond NixOS: find a reference image (PNG) anywhere on the screen.
 
     def wait_for_image(
-        self, path: Union[str, os.PathLike[str]], threshold: float = 0.95, timeout: float = 900
+        self, path: Union[str, os.PathLike[str]], threshold: float = 0.95, timeout: Seconds = 900
     ) -> None:
         """Wait until the reference image (PNG) appears anywhere on the screen."""
         self._call("wait_for_image", path=str(path), threshold=threshold, timeout=timeout)
@@ -777,7 +780,7 @@ class Machine:
         """The text of virtual terminal `tty`."""
         return self._call("get_tty_text", tty=str(tty))
 
-    def wait_until_tty_matches(self, tty: Union[int, str], regexp: str, timeout: float = 900) -> None:
+    def wait_until_tty_matches(self, tty: Union[int, str], regexp: str, timeout: Seconds = 900) -> None:
         """Wait until virtual terminal `tty`'s text matches the regex."""
         self._call(
             "wait_until_tty_matches", tty=str(tty), regexp=regexp, timeout=timeout

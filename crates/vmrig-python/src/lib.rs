@@ -18,6 +18,10 @@
 //! Nothing here holds VM state; the module never prints a failure itself, it
 //! reports it (`script.failed`) and the driver prints it.
 //!
+//! Before a script runs, [`check_script`] reads it with the host's Python (`ast`,
+//! `symtable`) against the module's own globals and signatures; [`stubs`] writes the
+//! module's API as typed `.pyi` files. Both come from [`PYTHON_MODULE`] (see `check.rs`).
+//!
 //! # The methods a [`Handler`] answers
 //!
 //! Params are always a JSON object; absent Python arguments arrive with

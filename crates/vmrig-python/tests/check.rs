@@ -176,6 +176,11 @@ fn dynamic_code_and_rebound_names_are_not_flagged() {
     clean("exec('x = 1')\nprint(x)\n");
     clean("globals()['y'] = 1\nprint(y)\n");
     clean("from os.path import *\nprint(join('a', 'b'))\n");
+    // The stubs' globals for mypy do not turn the check off.
+    let found = findings(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from vmrig_globals import *\nservr.succeed('x')\n",
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
     // Upstream's compatibility modules.
     clean("from test_driver.errors import RequestedAssertionFailed\n");
 }
@@ -214,9 +219,11 @@ fn stubs_type_every_method_and_the_tests_machines() {
     let api = text("vmrig_driver.pyi");
     for line in [
         "class Machine:",
-        "    def wait_for_unit(self, unit: str, user: Optional[str] = None, timeout: float = 900) -> None:",
-        "    def succeed(self, *commands: str, timeout: Optional[float] = None) -> str:",
-        "    def execute(self, command: str, check_return: bool = True, check_output: bool = True, timeout: Optional[float] = 900) -> Tuple[int, str]:",
+        "    def wait_for_unit(self, unit: str, user: Optional[str] = None, timeout: Seconds = 900) -> None:",
+        "    def succeed(self, *commands: str, timeout: Optional[Seconds] = None) -> str:",
+        "    def execute(self, command: str, check_return: bool = True, check_output: bool = True, timeout: Optional[Seconds] = 900) -> Tuple[int, str]:",
+        "Seconds = Union[float, datetime.timedelta]",
+        "import datetime",
         "def start_all() -> None:",
         "class VLan:",
         "class AssertionTester(unittest.TestCase):",
