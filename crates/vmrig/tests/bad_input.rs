@@ -666,3 +666,34 @@ fn bad_input_directory_without_tests() {
         );
     }
 }
+
+#[test]
+fn bad_input_nixos_driver_checks_its_script_before_any_machine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = write(
+        tmp.path(),
+        "test.py",
+        "start_all()\nalpha.wait_for_unti(\"multi-user.target\")\n",
+    );
+    // The start script does not exist: had the driver got as far as a machine, it would say so.
+    let out = vmrig(
+        tmp.path(),
+        &[
+            "nixos-driver",
+            "--start-scripts",
+            "/nonexistent/run-alpha-vm",
+            "--",
+            s(&script),
+        ],
+    );
+    assert_error(
+        &out,
+        2,
+        &format!(
+            "{}:2:7: machine `alpha` has no attribute `wait_for_unti`; did you mean \
+             `wait_for_unit`?",
+            script.display()
+        ),
+    );
+    assert!(run_dirs(tmp.path()).is_empty(), "a run directory was made");
+}
