@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use vmrig_image::{node_layer, NodeImage};
-use vmrig_python::{MachineInfo, Mode, RpcError, ScriptChild, ScriptContext, ScriptOutcome};
+use vmrig_python::{
+    MachineInfo, Mode, RpcError, ScriptChild, ScriptContext, ScriptNames, ScriptOutcome,
+};
 use vmrig_spec::{ScriptSource, TestSpec};
 use vmrig_vm::accel::Accel;
 use vmrig_vm::cmdline::VlanNic;
@@ -429,16 +431,31 @@ fn global_timeout_ended(
     fired || (!matches!(outcome, ScriptOutcome::Passed) && now + DEADLINE_SLACK >= deadline)
 }
 
-/// The Python that runs `script` (found on PATH), once `script` passed its syntax check:
-/// every entry point checks before it builds or boots anything.
-pub fn checked_python(python: &Path, script: &ScriptSource) -> Result<PathBuf, RunError> {
+/// The Python that runs `script` (found on PATH), once `script` passed its static check
+/// (syntax, undefined names, unknown attributes and calls of the API; `names` are the
+/// test's machines and VLANs): every entry point checks before it builds or boots anything.
+pub fn checked_python(
+    python: &Path,
+    script: &ScriptSource,
+    names: &ScriptNames,
+) -> Result<PathBuf, RunError> {
     let found = vmrig_vm::process::find_program(python).ok_or_else(|| {
         RunError::Python(vmrig_python::BridgeError::PythonNotFound {
             python: python.to_owned(),
         })
     })?;
-    vmrig_python::check_syntax(&found, script).map_err(RunError::Script)?;
+    vmrig_python::check_script(&found, script, names).map_err(RunError::Script)?;
     Ok(found)
+}
+
+/// The machines and VLANs a script of `spec` sees (as [`Driver::new`] makes them).
+pub fn spec_names(spec: &TestSpec) -> ScriptNames {
+    let vlans: Vec<u8> = spec
+        .nodes
+        .values()
+        .flat_map(|n| n.vlans.iter().copied())
+        .collect();
+    ScriptNames::new(spec.nodes.keys().cloned(), &vlans)
 }
 
 /// The firmware to boot with: qboot when QEMU ships it (about 1.7 s faster than SeaBIOS).

@@ -15,7 +15,8 @@ use vmrig_store::{DiskFull, StoreError};
 /// is one line that says what to do; an I/O cause is also the error's `source`.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The script does not compile, or Python could not check it.
+    /// The script does not compile, its static check found mistakes, or Python could not
+    /// check it.
     #[error("{0}")]
     Script(ScriptError),
     /// The script's Python: missing, too old, or its connection to vmrig failed.
@@ -161,7 +162,9 @@ impl RunError {
             return ErrorKind::DiskFull(full);
         }
         match self {
-            RunError::Script(ScriptError::Syntax(_)) => ErrorKind::TestInput,
+            RunError::Script(ScriptError::Syntax(_) | ScriptError::Findings(_)) => {
+                ErrorKind::TestInput
+            }
             RunError::Image(_) => ErrorKind::Image,
             _ => ErrorKind::Host,
         }
@@ -191,7 +194,7 @@ impl RunError {
             RunError::Switch { source, .. } | RunError::AddPort { source, .. } => {
                 vmrig_store::disk_full_in(source)
             }
-            RunError::Script(ScriptError::Syntax(_))
+            RunError::Script(ScriptError::Syntax(_) | ScriptError::Findings(_))
             | RunError::QemuNotFound { .. }
             | RunError::QemuImgNotFound
             | RunError::QemuTooOld { .. }
@@ -239,7 +242,7 @@ fn own_kind(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
     }
     if let Some(script) = e.downcast_ref::<ScriptError>() {
         return Some(match script {
-            ScriptError::Syntax(_) => ErrorKind::TestInput,
+            ScriptError::Syntax(_) | ScriptError::Findings(_) => ErrorKind::TestInput,
             ScriptError::Bridge(b) => {
                 bridge_disk_full(b).map_or(ErrorKind::Host, ErrorKind::DiskFull)
             }
@@ -350,6 +353,7 @@ mod tests {
                 text: "x".into(),
                 filename: "t.toml".into(),
                 first_line: 1,
+                first_column: 1,
             },
         )
         .unwrap_err();

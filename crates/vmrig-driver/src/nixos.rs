@@ -47,6 +47,18 @@ impl std::fmt::Debug for NixosRun {
     }
 }
 
+impl NixosRun {
+    /// The machines and VLANs the script sees: each start command's machine, named as
+    /// `creator.rs` names it.
+    pub fn script_names(&self) -> vmrig_python::ScriptNames {
+        let names = self.machines.iter().map(|(name, command)| {
+            name.clone()
+                .unwrap_or_else(|| crate::creator::machine_name_from_command(command))
+        });
+        vmrig_python::ScriptNames::new(names, &self.vlans)
+    }
+}
+
 /// How a NixOS driver run ended.
 #[derive(Debug, Clone)]
 pub struct NixosOutcome {
@@ -68,8 +80,9 @@ pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
         text,
         filename: run.test_script.clone(),
         first_line: 1,
+        first_column: 1,
     };
-    let python = crate::driver::checked_python(&run.python, &script)?;
+    let python = crate::driver::checked_python(&run.python, &script, &run.script_names())?;
     let logger = crate::driver::run_logger(
         &run.out_dir,
         true,

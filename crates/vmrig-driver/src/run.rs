@@ -14,7 +14,9 @@ use vmrig_vm::accel::{self, AccelChoice};
 use vmrig_vm::process::find_program;
 
 use crate::cleanup;
-use crate::driver::{checked_python, firmware, run_logger, Driver, DriverSetup, MachineSource};
+use crate::driver::{
+    checked_python, firmware, run_logger, spec_names, Driver, DriverSetup, MachineSource,
+};
 use crate::events::{Event, Reporter};
 use crate::logger::Logger;
 use crate::machine::NodeQemu;
@@ -77,7 +79,7 @@ pub fn run_test(
     observer: &dyn BuildObserver,
 ) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
-    let python = checked_python(&opts.python, &spec.script)?;
+    let python = checked_python(&opts.python, &spec.script, &spec_names(spec))?;
     let prepared = prepare(spec, opts, observer)?;
     let (failure, _) =
         prepared

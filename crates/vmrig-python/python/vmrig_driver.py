@@ -13,6 +13,10 @@ at a time. Init data (machines, vlans, out_dir, mode, script) is in
 $VMRIG_INIT.
 """
 
+# Annotations stay strings (never evaluated), so they may use any typing syntax on 3.9;
+# `vmrig stubs` turns them into the API's .pyi and `vmrig check` reads the signatures.
+from __future__ import annotations
+
 import code
 import contextlib
 import datetime
@@ -30,6 +34,10 @@ import unicodedata
 import unittest
 from math import ceil, isfinite
 from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Tuple, Union
+
+# A timeout or a wait: seconds, or a datetime.timedelta (sent as seconds).
+Seconds = Union[float, datetime.timedelta]
 
 # --------------------------------------------------------------------- errors
 
@@ -200,39 +208,48 @@ class Logger:
             {"level": level, "message": str(message), "attrs": dict(attributes or {})},
         )
 
-    def log(self, message, attributes={}):
+    def log(self, message: str, attributes: Dict[str, str] = {}) -> None:
+        """Log a message at level info."""
         self._message("info", message, attributes)
 
-    def debug(self, message, attributes={}):
+    def debug(self, message: str, attributes: Dict[str, str] = {}) -> None:
+        """Log a message at level debug."""
         self._message("debug", message, attributes)
 
-    def info(self, message, attributes={}):
+    def info(self, message: str, attributes: Dict[str, str] = {}) -> None:
+        """Log a message at level info."""
         self._message("info", message, attributes)
 
-    def warning(self, message, attributes={}):
+    def warning(self, message: str, attributes: Dict[str, str] = {}) -> None:
+        """Log a message at level warning."""
         self._message("warning", message, attributes)
 
-    def error(self, message, attributes={}):
+    def error(self, message: str, attributes: Dict[str, str] = {}) -> None:
+        """Log a message at level error (the run goes on)."""
         self._message("error", message, attributes)
 
-    def log_test_error(self, message, attributes={}):
+    def log_test_error(self, message: str, attributes: Dict[str, str] = {}) -> None:
+        """Log a test error (level error)."""
         self._message("error", message, attributes)
 
-    def nested(self, message, attributes={}):
+    def nested(self, message: str, attributes: Dict[str, str] = {}) -> ContextManager[None]:
         """Context manager: a timed, nested log block."""
         return _block(message, "nested", attributes)
 
-    def subtest(self, name, attributes={}):
+    def subtest(self, name: str, attributes: Dict[str, str] = {}) -> ContextManager[None]:
+        """Context manager: a named subtest (a block in the log and the report)."""
         return _block(name, "subtest", attributes)
 
-    def print_serial_logs(self, enable):
+    def print_serial_logs(self, enable: bool) -> None:
+        """Show (or stop showing) the machines' console lines in the log."""
         _rpc("serial_stdout", {"on": bool(enable)})
 
-    def log_serial(self, message, machine):
+    def log_serial(self, message: str, machine: str) -> None:
+        """Log a console line of `machine`."""
         self._message("info", message, {"machine": str(machine)})
 
     @staticmethod
-    def sanitise(message):
+    def sanitise(message: str) -> str:
         """Drops control characters, as upstream's logger does."""
         return "".join(ch for ch in message if unicodedata.category(ch)[0] != "C")
 
@@ -258,7 +275,12 @@ def _seconds(value):
     return value
 
 
-def retry(fn, timeout_seconds=900, *, timeout=_UNSET):
+def retry(
+    fn: Callable[[Any], Any],
+    timeout_seconds: Optional[Seconds] = 900,
+    *,
+    timeout: Optional[Seconds] = _UNSET,
+) -> None:
     """Call fn(last_try) once a second until it returns true, at most
     `timeout_seconds` times (and for at most that many seconds); then once
     more with last_try=True, so it can explain itself, and raise
@@ -319,7 +341,18 @@ def _retry_with_time_left(fn, seconds):
 
 
 class PollingCondition:
-    def __init__(self, condition, seconds_interval=2.0, description=None):
+    condition: Callable[[], Any]
+    seconds_interval: float
+    description: str
+    last_called: float
+    entry_count: int
+
+    def __init__(
+        self,
+        condition: Callable[[], Any],
+        seconds_interval: float = 2.0,
+        description: Optional[str] = None,
+    ) -> None:
         self.condition = condition
         self.seconds_interval = seconds_interval
         if description is None:
@@ -330,7 +363,8 @@ class PollingCondition:
         self.last_called = float("-inf")
         self.entry_count = 0
 
-    def check(self, force=False):
+    def check(self, force: bool = False) -> bool:
+        """Check the condition now if it is due (or `force`); whether it holds."""
         if (self.entered or not self.overdue) and not force:
             return True
         with self, log.nested(self.nested_message):
@@ -349,31 +383,32 @@ class PollingCondition:
             log.info(self.status_message(res))
             return res
 
-    def maybe_raise(self):
+    def maybe_raise(self) -> None:
+        """Raise PollingConditionError when the condition is due and fails."""
         if not self.check():
             raise PollingConditionError(self.status_message(False))
 
-    def status_message(self, status):
+    def status_message(self, status: bool) -> str:
         return "Polling condition {}: {}".format(
             "succeeded" if status else "failed", self.description
         )
 
     @property
-    def nested_message(self):
+    def nested_message(self) -> str:
         return "Checking polling condition {!r}".format(self.description)
 
     @property
-    def overdue(self):
+    def overdue(self) -> bool:
         return self.last_called + self.seconds_interval < time.monotonic()
 
     @property
-    def entered(self):
+    def entered(self) -> bool:
         return self.entry_count > 0
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         self.entry_count += 1
 
-    def __exit__(self, exc_type, exc_value, tb):
+    def __exit__(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
         self.entry_count -= 1
         self.last_called = time.monotonic()
 
@@ -388,20 +423,24 @@ def _check_polling_conditions():
 
 
 class _Poll:
-    def __init__(self, fun, seconds_interval, description):
+    condition: PollingCondition
+
+    def __init__(
+        self, fun: Callable[[], Any], seconds_interval: float, description: Optional[str]
+    ) -> None:
         self.condition = PollingCondition(fun, seconds_interval, description)
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         _active_conditions.append(self.condition)
 
-    def __exit__(self, exc_type, exc_value, tb):
+    def __exit__(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
         popped = _active_conditions.pop()
         assert popped is self.condition
 
-    def __call__(self):
+    def __call__(self) -> Any:
         return self.condition.condition()
 
-    def wait(self, timeout=900):
+    def wait(self, timeout: Seconds = 900) -> None:
         """Wait until the condition holds (at most `timeout` seconds)."""
         timeout = _seconds(timeout)
         description = self.condition.description
@@ -418,7 +457,12 @@ class _Poll:
             retry(holds, timeout_seconds=timeout)
 
 
-def polling_condition(fun_=None, *, seconds_interval=2.0, description=None):
+def polling_condition(
+    fun_: Optional[Callable[[], Any]] = None,
+    *,
+    seconds_interval: float = 2.0,
+    description: Optional[str] = None,
+) -> Any:
     """Decorator: `@polling_condition` or `@polling_condition(seconds_interval=10)`.
     Inside `with cond:`, the condition is checked (at most every
     seconds_interval) around each machine call; when it fails, the call
@@ -434,7 +478,10 @@ def polling_condition(fun_=None, *, seconds_interval=2.0, description=None):
 class Machine:
     """A handle to one node. Each method is one request to the driver."""
 
-    def __init__(self, name, out_dir):
+    name: str
+    out_dir: Path
+
+    def __init__(self, name: str, out_dir: Union[str, os.PathLike[str]]) -> None:
         self.name = name
         self.out_dir = Path(out_dir)
 
@@ -451,53 +498,71 @@ class Machine:
 
     # -- state
 
-    def is_up(self):
+    def is_up(self) -> bool:
+        """Whether the machine is running and its shell answers."""
         return bool(_rpc("machine.is_up", {"machine": self.name}))
 
     @property
-    def booted(self):
+    def booted(self) -> bool:
+        """Whether the machine has been started (and not shut down since)."""
         return bool(_rpc("machine.state", {"machine": self.name}).get("booted"))
 
     @property
-    def connected(self):
+    def connected(self) -> bool:
+        """Whether the driver talks to the machine's shell."""
         return bool(_rpc("machine.state", {"machine": self.name}).get("connected"))
 
-    def log(self, msg):
+    def log(self, msg: str) -> None:
+        """Log a message about this machine."""
         log.log(msg, {"machine": self.name})
 
-    def nested(self, msg, attrs={}):
+    def nested(self, msg: str, attrs: Dict[str, str] = {}) -> ContextManager[None]:
+        """Context manager: a timed, nested log block about this machine."""
         attributes = {"machine": self.name}
         attributes.update(attrs)
         return log.nested(msg, attributes)
 
     # -- lifecycle
 
-    def start(self, allow_reboot=False):
+    def start(self, allow_reboot: bool = False) -> None:
+        """Start the machine (does not wait for it to boot)."""
         self._call("start", allow_reboot=allow_reboot)
 
-    def connect(self):
+    def connect(self) -> None:
+        """Start the machine if needed and wait until its shell answers."""
         self._call("connect")
 
-    def shutdown(self):
+    def shutdown(self) -> None:
+        """Power the machine off cleanly and wait until it is down."""
         self._call("shutdown")
 
-    def crash(self):
+    def crash(self) -> None:
+        """Stop the machine at once, as a power cut."""
         self._call("crash")
 
-    def reboot(self):
+    def reboot(self) -> None:
+        """Reboot the machine (as Ctrl-Alt-Del) and wait for it to come back."""
         self._call("reboot")
 
-    def wait_for_shutdown(self):
+    def wait_for_shutdown(self) -> None:
+        """Wait until the machine has powered itself off."""
         self._call("wait_for_shutdown")
 
-    def switch_root(self):
+    def switch_root(self) -> None:
         """From the initrd's backdoor shell to the system's (a NixOS guest with
         testing.initrdBackdoor and a systemd initrd)."""
         self._call("switch_root")
 
     # -- commands
 
-    def execute(self, command, check_return=True, check_output=True, timeout=900):
+    def execute(
+        self,
+        command: str,
+        check_return: bool = True,
+        check_output: bool = True,
+        timeout: Optional[Seconds] = 900,
+    ) -> Tuple[int, str]:
+        """Run a shell command; its exit status and output (no failure on non-zero)."""
         status, output = self._call(
             "execute",
             command=command,
@@ -507,13 +572,18 @@ class Machine:
         )
         return (status, output)
 
-    def succeed(self, *commands, timeout=None):
+    def succeed(self, *commands: str, timeout: Optional[Seconds] = None) -> str:
+        """Run commands; fail the test unless each exits 0; their output."""
         return self._call("succeed", commands=list(commands), timeout=timeout)
 
-    def fail(self, *commands, timeout=None):
+    def fail(self, *commands: str, timeout: Optional[Seconds] = None) -> str:
+        """Run commands; fail the test unless each exits non-zero; their output."""
         return self._call("fail", commands=list(commands), timeout=timeout)
 
-    def wait_until_succeeds(self, command, timeout=900, attempt_timeout=None):
+    def wait_until_succeeds(
+        self, command: str, timeout: Seconds = 900, attempt_timeout: Optional[Seconds] = None
+    ) -> str:
+        """Run a command until it exits 0 (at most `timeout` s); its last output."""
         return self._call(
             "wait_until_succeeds",
             command=command,
@@ -521,7 +591,10 @@ class Machine:
             **_given(attempt_timeout=attempt_timeout),
         )
 
-    def wait_until_fails(self, command, timeout=900, attempt_timeout=None):
+    def wait_until_fails(
+        self, command: str, timeout: Seconds = 900, attempt_timeout: Optional[Seconds] = None
+    ) -> str:
+        """Run a command until it exits non-zero (at most `timeout` s); its last output."""
         return self._call(
             "wait_until_fails",
             command=command,
@@ -529,33 +602,42 @@ class Machine:
             **_given(attempt_timeout=attempt_timeout),
         )
 
-    def sleep(self, secs):
+    def sleep(self, secs: float) -> None:
+        """Sleep `secs` seconds of the guest's time."""
         self._call("sleep", secs=secs)
 
     # -- systemd
 
-    def systemctl(self, q, user=None):
+    def systemctl(self, q: str, user: Optional[str] = None) -> Tuple[int, str]:
+        """Run `systemctl q` (of `user`'s manager when given); status and output."""
         status, output = self._call("systemctl", q=q, user=user)
         return (status, output)
 
-    def start_job(self, jobname, user=None):
+    def start_job(self, jobname: str, user: Optional[str] = None) -> Tuple[int, str]:
+        """`systemctl start jobname`; status and output."""
         status, output = self._call("start_job", jobname=jobname, user=user)
         return (status, output)
 
-    def stop_job(self, jobname, user=None):
+    def stop_job(self, jobname: str, user: Optional[str] = None) -> Tuple[int, str]:
+        """`systemctl stop jobname`; status and output."""
         status, output = self._call("stop_job", jobname=jobname, user=user)
         return (status, output)
 
-    def get_unit_info(self, unit, user=None):
+    def get_unit_info(self, unit: str, user: Optional[str] = None) -> Dict[str, str]:
+        """The unit's properties (`systemctl show`), by name."""
         return dict(self._call("get_unit_info", unit=unit, user=user))
 
-    def get_unit_property(self, unit, property, user=None):
+    def get_unit_property(self, unit: str, property: str, user: Optional[str] = None) -> str:
+        """One property of the unit (`systemctl show -p`)."""
         return self._call("get_unit_property", unit=unit, property=property, user=user)
 
-    def wait_for_unit(self, unit, user=None, timeout=900):
+    def wait_for_unit(self, unit: str, user: Optional[str] = None, timeout: Seconds = 900) -> None:
+        """Wait until the unit is active; fail if it fails or the time runs out."""
         self._call("wait_for_unit", unit=unit, user=user, timeout=timeout)
 
-    def wait_for_unit_active_state(self, unit, state, user=None, timeout=900):
+    def wait_for_unit_active_state(
+        self, unit: str, state: str, user: Optional[str] = None, timeout: Seconds = 900
+    ) -> None:
         """Wait until the unit's ActiveState is `state` (any state: "inactive",
         "activating", "reloading", "failed", ...)."""
         self._call(
@@ -566,21 +648,30 @@ class Machine:
             timeout=timeout,
         )
 
-    def require_unit_state(self, unit, require_state="active"):
+    def require_unit_state(self, unit: str, require_state: str = "active") -> None:
+        """Fail unless the unit's ActiveState is `require_state` now."""
         self._call("require_unit_state", unit=unit, require_state=require_state)
 
     # -- waiting
 
-    def wait_for_file(self, filename, timeout=900):
+    def wait_for_file(self, filename: str, timeout: Seconds = 900) -> None:
+        """Wait until the file exists in the guest."""
         self._call("wait_for_file", filename=filename, timeout=timeout)
 
-    def wait_for_open_port(self, port, addr="localhost", timeout=900):
+    def wait_for_open_port(self, port: int, addr: str = "localhost", timeout: Seconds = 900) -> None:
+        """Wait until something listens on the TCP port."""
         self._call("wait_for_open_port", port=port, addr=addr, timeout=timeout)
 
-    def wait_for_closed_port(self, port, addr="localhost", timeout=900):
+    def wait_for_closed_port(
+        self, port: int, addr: str = "localhost", timeout: Seconds = 900
+    ) -> None:
+        """Wait until nothing listens on the TCP port."""
         self._call("wait_for_closed_port", port=port, addr=addr, timeout=timeout)
 
-    def wait_for_open_unix_socket(self, addr, is_datagram=False, timeout=900):
+    def wait_for_open_unix_socket(
+        self, addr: str, is_datagram: bool = False, timeout: Seconds = 900
+    ) -> None:
+        """Wait until something listens on the unix socket."""
         self._call(
             "wait_for_open_unix_socket",
             addr=addr,
@@ -590,19 +681,25 @@ class Machine:
 
     # -- console and monitor
 
-    def wait_for_console_text(self, regex, timeout=None):
+    def wait_for_console_text(self, regex: str, timeout: Optional[Seconds] = None) -> None:
+        """Wait until a console line (from now on) matches the regex."""
         self._call("wait_for_console_text", regex=regex, timeout=timeout)
 
-    def get_console_log(self):
+    def get_console_log(self) -> str:
+        """The console output since the last start."""
         return self._call("get_console_log")
 
-    def send_console(self, chars):
+    def send_console(self, chars: str) -> None:
+        """Write characters to the serial console."""
         self._call("send_console", chars=chars)
 
-    def send_monitor_command(self, command):
+    def send_monitor_command(self, command: str) -> str:
+        """Run a QEMU monitor (HMP) command; its output."""
         return self._call("send_monitor_command", command=command)
 
-    def wait_for_qmp_event(self, event_filter, timeout=60 * 10):
+    def wait_for_qmp_event(
+        self, event_filter: Callable[[Dict[str, Any]], bool], timeout: Seconds = 60 * 10
+    ) -> Dict[str, Any]:
         """Wait for a QMP event for which event_filter(event) is true and
         return it; events that do not match are dropped. Raises TimeoutError
         after `timeout` seconds."""
@@ -629,83 +726,105 @@ class Machine:
 
     # -- keyboard and screen
 
-    def send_key(self, key, delay=0.01, log=True):
+    def send_key(self, key: str, delay: Optional[float] = 0.01, log: bool = True) -> None:
+        """Press a key or combination (QEMU names: "ctrl-alt-delete", "ret", "a")."""
         self._call("send_key", key=key, delay=delay, log=log)
 
-    def send_chars(self, chars, delay=0.01):
+    def send_chars(self, chars: str, delay: Optional[float] = 0.01) -> None:
+        """Type the characters on the keyboard."""
         self._call("send_chars", chars=chars, delay=delay)
 
-    def screenshot(self, filename):
+    def screenshot(self, filename: str) -> None:
+        """Save the screen as PNG (in the output directory unless a path is given)."""
         self._call("screenshot", filename=filename)
 
-    def get_screen_text(self):
+    def get_screen_text(self) -> str:
+        """The text on the screen (OCR)."""
         return self._call("get_screen_text")
 
-    def get_screen_text_variants(self):
+    def get_screen_text_variants(self) -> List[str]:
+        """The text on the screen, OCRed from several processed images."""
         return list(self._call("get_screen_text_variants"))
 
-    def wait_for_text(self, regex, timeout=900):
+    def wait_for_text(self, regex: str, timeout: Seconds = 900) -> None:
+        """Wait until the screen's text (OCR) matches the regex."""
         self._call("wait_for_text", regex=regex, timeout=timeout)
 
-    def wait_for_x(self, timeout=900):
+    def wait_for_x(self, timeout: Seconds = 900) -> None:
+        """Wait until the X server accepts connections."""
         self._call("wait_for_x", timeout=timeout)
 
-    def get_window_names(self):
+    def get_window_names(self) -> List[str]:
+        """The names of the X windows."""
         return list(self._call("get_window_names"))
 
-    def wait_for_window(self, regexp, timeout=900):
+    def wait_for_window(self, regexp: str, timeout: Seconds = 900) -> None:
+        """Wait until an X window's name matches the regex."""
         self._call("wait_for_window", regexp=regexp, timeout=timeout)
 
     # Beyond NixOS: find a reference image (PNG) anywhere on the screen.
 
-    def wait_for_image(self, path, threshold=0.95, timeout=900):
+    def wait_for_image(
+        self, path: Union[str, os.PathLike[str]], threshold: float = 0.95, timeout: Seconds = 900
+    ) -> None:
+        """Wait until the reference image (PNG) appears anywhere on the screen."""
         self._call("wait_for_image", path=str(path), threshold=threshold, timeout=timeout)
 
-    def screen_matches(self, path, threshold=0.95):
+    def screen_matches(self, path: Union[str, os.PathLike[str]], threshold: float = 0.95) -> bool:
+        """Whether the reference image (PNG) is on the screen now."""
         return bool(self._call("screen_matches", path=str(path), threshold=threshold))
 
     # The tty is formatted into a command upstream: 1 and "1" both work.
 
-    def get_tty_text(self, tty):
+    def get_tty_text(self, tty: Union[int, str]) -> str:
+        """The text of virtual terminal `tty`."""
         return self._call("get_tty_text", tty=str(tty))
 
-    def wait_until_tty_matches(self, tty, regexp, timeout=900):
+    def wait_until_tty_matches(self, tty: Union[int, str], regexp: str, timeout: Seconds = 900) -> None:
+        """Wait until virtual terminal `tty`'s text matches the regex."""
         self._call(
             "wait_until_tty_matches", tty=str(tty), regexp=regexp, timeout=timeout
         )
 
-    def dump_tty_contents(self, tty):
+    def dump_tty_contents(self, tty: Union[int, str]) -> None:
+        """Write virtual terminal `tty`'s text to the journal."""
         self.execute("fold -w 80 /dev/vcs{} | systemd-cat".format(tty))
 
     # -- files
 
-    def copy_from_host(self, source, target):
+    def copy_from_host(self, source: Union[str, os.PathLike[str]], target: str) -> None:
+        """Copy a host file or directory into the guest."""
         self._call("copy_from_host", source=source, target=target)
 
-    def copy_from_host_via_shell(self, source, target):
+    def copy_from_host_via_shell(self, source: Union[str, os.PathLike[str]], target: str) -> None:
+        """Copy a host file into the guest through its shell."""
         self._call("copy_from_host_via_shell", source=source, target=target)
 
-    def copy_from_machine(self, source, target_dir=""):
+    def copy_from_machine(self, source: str, target_dir: str = "") -> None:
+        """Copy a guest file or directory into the output directory."""
         self._call("copy_from_machine", source=source, target_dir=target_dir)
 
-    def copy_from_vm(self, source, target_dir=""):
+    def copy_from_vm(self, source: str, target_dir: str = "") -> None:
         """Old name of copy_from_machine."""
         self.copy_from_machine(source, target_dir)
 
     # -- network
 
-    def forward_port(self, host_port=8080, guest_port=80):
+    def forward_port(self, host_port: int = 8080, guest_port: int = 80) -> None:
+        """Forward a host TCP port to a guest port."""
         self._call("forward_port", host_port=host_port, guest_port=guest_port)
 
-    def block(self):
+    def block(self) -> None:
+        """Take the machine's VLAN links down."""
         self._call("block")
 
-    def unblock(self):
+    def unblock(self) -> None:
+        """Bring the machine's VLAN links back up."""
         self._call("unblock")
 
     # -- interactive
 
-    def shell_interact(self, address=None):
+    def shell_interact(self, address: Optional[str] = None) -> None:
         """A root shell on the machine in this terminal, line by line, through the
         backdoor (each line runs as one command; `cd` and variables do not carry over
         between lines). Ctrl-D returns to the REPL. Unlike upstream there is no raw
@@ -736,7 +855,7 @@ class Machine:
             if status != 0:
                 print("[exit status %d]" % status)
 
-    def console_interact(self):
+    def console_interact(self) -> None:
         """Forward the terminal's input to the machine's console, one
         character at a time, until Ctrl-D."""
         self.log("Terminal is ready (there is no prompt):")
@@ -762,16 +881,20 @@ QemuMachine = Machine
 class VLan:
     """A virtual LAN. Beyond upstream: loss and delay for fault injection."""
 
-    def __init__(self, nr):
+    nr: int
+
+    def __init__(self, nr: int) -> None:
         self.nr = nr
 
     def __repr__(self):
         return "<VLan {}>".format(self.nr)
 
-    def set_loss(self, percent):
+    def set_loss(self, percent: float) -> None:
+        """Drop this share (0-100) of the frames on the VLAN."""
         _rpc("vlan.set_loss", {"vlan": self.nr, "percent": percent})
 
-    def set_delay(self, ms):
+    def set_delay(self, ms: float) -> None:
+        """Delay every frame on the VLAN by `ms` milliseconds."""
         _rpc("vlan.set_delay", {"vlan": self.nr, "ms": ms})
 
 
@@ -781,7 +904,10 @@ def _node_names(group):
     return [m.name if isinstance(m, Machine) else str(m) for m in group]
 
 
-def partition(group_a, group_b):
+def partition(
+    group_a: Union[Machine, str, Iterable[Union[Machine, str]]],
+    group_b: Union[Machine, str, Iterable[Union[Machine, str]]],
+) -> None:
     """Cut all traffic between the machines of group_a and those of group_b."""
     _rpc(
         "net.partition",
@@ -789,7 +915,7 @@ def partition(group_a, group_b):
     )
 
 
-def heal():
+def heal() -> None:
     """Undo every partition."""
     _rpc("net.heal", {})
 
@@ -797,30 +923,37 @@ def heal():
 # ------------------------------------------------------------------- globals
 
 
-def start_all():
+def start_all() -> None:
     """Start all machines (in parallel; does not wait for them to boot)."""
     _rpc("driver.start_all", {})
 
 
-def join_all():
+def join_all() -> None:
     """Wait for all machines to shut down."""
     _rpc("driver.join_all", {})
 
 
-def subtest(name):
+def subtest(name: str) -> ContextManager[None]:
     """Context manager: a named subtest (a block in the log and the report)."""
     return log.subtest(name)
 
 
-def serial_stdout_on():
+def serial_stdout_on() -> None:
+    """Show the machines' console lines in the log."""
     _rpc("serial_stdout", {"on": True})
 
 
-def serial_stdout_off():
+def serial_stdout_off() -> None:
+    """Stop showing the machines' console lines in the log."""
     _rpc("serial_stdout", {"on": False})
 
 
-def create_machine(start_command=None, *, name=None, keep_vm_state=False):
+def create_machine(
+    start_command: Union[str, Dict[str, Any], None] = None,
+    *,
+    name: Optional[str] = None,
+    keep_vm_state: bool = False,
+) -> Machine:
     """A new machine from a NixOS start command: a `run-<name>-vm` script (as
     `vmrig build --start-scripts` writes them, or Nix builds them) or any command that
     starts QEMU and passes its arguments on. It starts with start() or its first
@@ -850,19 +983,27 @@ class AssertionTester(unittest.TestCase):
 
     failureException = RequestedAssertionFailed
 
-    def runTest(self):  # lets TestCase() be built without a test method
+    def runTest(self) -> None:  # lets TestCase() be built without a test method
         pass
 
 
 class _Debug:
-    def breakpoint(self):
+    def breakpoint(self) -> None:
+        """Does nothing (upstream's debug hook)."""
         pass
 
 
 class Driver:
     """The `driver` object of a test script."""
 
-    def __init__(self, session):
+    machines: List[Machine]
+    machines_qemu: List[Machine]
+    machines_nspawn: List[Machine]
+    vlans: List[VLan]
+    out_dir: Path
+    logger: Logger
+
+    def __init__(self, session) -> None:
         self._session = session
         self.machines = session.machines
         self.machines_qemu = session.machines
@@ -878,13 +1019,16 @@ class Driver:
     polling_condition = staticmethod(polling_condition)
     create_machine = staticmethod(create_machine)
 
-    def subtest(self, name):
+    def subtest(self, name: str) -> ContextManager[None]:
+        """Context manager: a named subtest (a block in the log and the report)."""
         return subtest(name)
 
-    def test_script(self):
+    def test_script(self) -> None:
+        """Run the test script (again, in interactive mode)."""
         self._session.test_script()
 
-    def run_tests(self):
+    def run_tests(self) -> None:
+        """Run the test script (again, in interactive mode)."""
         self._session.test_script()
 
 
@@ -965,7 +1109,7 @@ class _Session:
             s["machine"] = self.machines[0]
         return s
 
-    def test_script(self):
+    def test_script(self) -> None:
         """Run the test script (again, in interactive mode)."""
         if self.code is None:
             self.code = compile(self.source, self.filename, "exec", dont_inherit=True)

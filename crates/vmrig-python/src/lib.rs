@@ -18,6 +18,10 @@
 //! Nothing here holds VM state; the module never prints a failure itself, it
 //! reports it (`script.failed`) and the driver prints it.
 //!
+//! Before a script runs, [`check_script`] reads it with the host's Python (`ast`,
+//! `symtable`) against the module's own globals and signatures; [`stubs`] writes the
+//! module's API as typed `.pyi` files. Both come from [`PYTHON_MODULE`] (see `check.rs`).
+//!
 //! # The methods a [`Handler`] answers
 //!
 //! Params are always a JSON object; absent Python arguments arrive with
@@ -90,6 +94,7 @@
 //! "traceback"}` end the run; [`ScriptChild::serve`] answers them itself and
 //! returns them as a [`ScriptOutcome`].
 
+mod check;
 mod child;
 mod error;
 pub use error::BridgeError;
@@ -97,6 +102,7 @@ mod names;
 mod rpc;
 mod syntax;
 
+pub use check::{check_script, stubs, write_stubs, Finding, Findings, ScriptNames, STUB_FILES};
 pub use child::{Mode, ScriptChild, ScriptContext, ScriptKiller, ScriptOutcome};
 pub use names::{pythonize_name, MachineInfo};
 pub use rpc::{Handler, RpcError, RpcErrorKind};

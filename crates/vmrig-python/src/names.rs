@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 /// A node as the script sees it: its name and the Python global it is bound to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct MachineInfo {
     pub name: String,
     pub python_name: String,

@@ -5,7 +5,7 @@ use crate::error::BridgeError;
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 const CHECK_SYNTAX_PY: &str = include_str!("../python/check_syntax.py");
 
@@ -56,11 +56,14 @@ impl fmt::Display for SyntaxDiagnostic {
     }
 }
 
-/// Why a script cannot run: it does not compile, or Python could not check it.
+/// Why a script cannot run: it does not compile, the static check found mistakes
+/// ([`crate::check_script`]), or Python could not check it.
 #[derive(Debug, thiserror::Error)]
 pub enum ScriptError {
     #[error("{0}")]
     Syntax(Box<SyntaxDiagnostic>),
+    #[error("{0}")]
+    Findings(crate::Findings),
     #[error(transparent)]
     Bridge(#[from] BridgeError),
 }
@@ -93,10 +96,14 @@ fn syntax_message(
     s
 }
 
-/// Run `python -c` with `code`, returning stdout; maps "not found" to the
-/// install hint.
-fn run_python(python: &Path, args: &[&str], stdin: Option<&[u8]>) -> Result<String, BridgeError> {
-    let mut cmd = Command::new(python);
+/// Run `python` with `args`, returning stdout; maps "not found" to the install hint. The
+/// child dies with the calling thread, which waits for it (`vmrig_vm::process::command`).
+pub(crate) fn run_python(
+    python: &Path,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> Result<String, BridgeError> {
+    let mut cmd = vmrig_vm::process::command(python);
     cmd.args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()

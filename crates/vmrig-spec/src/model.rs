@@ -52,6 +52,12 @@ pub struct ScriptSource {
     /// (from 0) is line `first_line + i` of the file, except in a `"""` string that uses
     /// escapes such as `\n` or a line-ending backslash (use `'''` for scripts).
     pub first_line: usize,
+    /// 1-based column (in characters) of `filename` at which the first line of `text`
+    /// starts: 1, unless the script starts on the line of its opening quote
+    /// (`test_script = "start_all()"`). Only for messages (`vmrig check`), so not part of
+    /// the result cache's key.
+    #[serde(skip)]
+    pub first_column: usize,
 }
 
 /// One node (virtual machine), with `[defaults]` already merged in.

@@ -1278,15 +1278,17 @@ pub(crate) fn merge(name: &str, d: &Partial, n: Partial) -> NodeSpec {
     }
 }
 
-/// Line (1-based) on which the text of the string value at `span` starts.
-fn string_first_line(src: &str, span: &Range<usize>) -> usize {
-    let (line, _) = crate::error::line_col(src, span.start);
+/// Line and column (1-based) at which the text of the string value at `span` starts.
+fn string_start(src: &str, span: &Range<usize>) -> (usize, usize) {
+    let (line, column) = crate::error::line_col(src, span.start);
     let raw = src.get(span.start..).unwrap_or("");
     let multiline = raw.starts_with("'''") || raw.starts_with("\"\"\"");
     if multiline && (raw[3..].starts_with('\n') || raw[3..].starts_with("\r\n")) {
-        line + 1
+        (line + 1, 1)
+    } else if multiline {
+        (line, column + 3)
     } else {
-        line
+        (line, column + 1)
     }
 }
 
@@ -1376,6 +1378,7 @@ pub(crate) fn parse(text: &str, path: &Path, script_required: bool) -> Result<Te
                 text: String::new(),
                 filename: path.to_path_buf(),
                 first_line: 1,
+                first_column: 1,
             },
             (None, None) => return Err(SpecError::new(
                 ErrorKind::Missing,
@@ -1398,11 +1401,15 @@ pub(crate) fn parse(text: &str, path: &Path, script_required: bool) -> Result<Te
                     .label("second script")
                     .help("keep one of them"))
             }
-            (Some((text_, _, value)), None) => ScriptSource {
-                text: text_,
-                filename: path.to_path_buf(),
-                first_line: value.map_or(1, |s| string_first_line(text, &s)),
-            },
+            (Some((text_, _, value)), None) => {
+                let (first_line, first_column) = value.map_or((1, 1), |s| string_start(text, &s));
+                ScriptSource {
+                    text: text_,
+                    filename: path.to_path_buf(),
+                    first_line,
+                    first_column,
+                }
+            }
             (None, Some((file, _, value))) => {
                 let filename = cx.dir.join(&file);
                 // A regular file only: a device (/dev/zero) or FIFO would never end.
@@ -1428,6 +1435,7 @@ pub(crate) fn parse(text: &str, path: &Path, script_required: bool) -> Result<Te
                     text: content,
                     filename,
                     first_line: 1,
+                    first_column: 1,
                 }
             }
         };

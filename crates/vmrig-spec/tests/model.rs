@@ -220,6 +220,7 @@ fn first_line_inline_variants() {
     let text = "name = \"t\"\n\n\ntest_script = '''\nstart_all()\nmachine.succeed(\"x\")\n'''\n[nodes.machine]\n";
     let spec = ok(text);
     assert_eq!(spec.script.first_line, 5);
+    assert_eq!(spec.script.first_column, 1);
     assert_eq!(spec.script.filename, Path::new("t.toml"));
     assert_lines_map(&spec.script, text);
 
@@ -228,11 +229,13 @@ fn first_line_inline_variants() {
         "name = \"t\"\ntest_script = '''start_all()\nmachine.succeed(\"x\")'''\n[nodes.machine]\n";
     let spec = ok(text);
     assert_eq!(spec.script.first_line, 2);
+    assert_eq!(spec.script.first_column, 18);
     assert_eq!(spec.script.text, "start_all()\nmachine.succeed(\"x\")");
 
     // A one-line basic string.
     let spec = ok("name = \"t\"\n\ntest_script = \"start_all()\"\n[nodes.machine]\n");
     assert_eq!(spec.script.first_line, 3);
+    assert_eq!(spec.script.first_column, 16);
 
     // """ followed by a newline.
     let text = "test_script = \"\"\"\nstart_all()\n\"\"\"\nname = \"t\"\n[nodes.machine]\n";

@@ -22,6 +22,7 @@
 mod board;
 mod build_cmd;
 mod cached;
+mod check_cmd;
 mod doctor;
 mod exit;
 mod jobs;
@@ -32,6 +33,7 @@ mod run_cmd;
 mod runner;
 mod select;
 mod store_cmd;
+mod stubs_cmd;
 mod summary;
 mod units;
 
@@ -77,6 +79,11 @@ enum Command {
     Build(build_cmd::BuildArgs),
     /// Show tests, their nodes, their images (built or not) and cached results.
     List(list_cmd::ListArgs),
+    /// Check test files and their scripts (syntax, undefined names, unknown methods and
+    /// arguments of the API) without building or booting anything; exit 2 on a finding.
+    Check(check_cmd::CheckArgs),
+    /// Write typed stubs (.pyi) of the test-script API, for editors, mypy and pyright.
+    Stubs(stubs_cmd::StubsArgs),
     /// Check that this host has what vmrig needs, and say how to install what is missing.
     Doctor {
         /// The QEMU system emulator to check.
@@ -120,6 +127,8 @@ fn main() {
         Command::Interactive(args) => run_cmd::run(args.into()),
         Command::Build(args) => build_cmd::run(args),
         Command::List(args) => list_cmd::run(args),
+        Command::Check(args) => check_cmd::run(args),
+        Command::Stubs(args) => stubs_cmd::run(args),
         Command::Doctor { qemu, python } => doctor::run(qemu, python),
         Command::NixosDriver(args) => nixos_cmd::run(args),
         Command::Store { command } => store_cmd::run(command),

@@ -98,6 +98,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("error: {what} takes one test ({} selected)", specs.len());
         return Err(Reported(exit::USAGE).into());
     }
+    // Before anything else: the scripts' static check (`vmrig check`), every file's
+    // findings at once, in well under a second.
+    crate::check_cmd::check_scripts(&specs, &args.python, false)?;
     // Before any image build: an output directory that cannot be made fails the run now,
     // not after minutes of building.
     let base_out = args

@@ -284,6 +284,95 @@ fn bad_input_python_syntax_error_is_reported_before_qemu() {
     assert!(run_dirs(tmp.path()).is_empty(), "a run directory was made");
 }
 
+/// Every file (and directory) under `dir`, relative to it.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path.clone());
+            }
+            found.push(path.strip_prefix(dir).unwrap().to_path_buf());
+        }
+    }
+    found
+}
+
+#[test]
+fn bad_input_check_names_file_line_column_and_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = write(
+        tmp.path(),
+        "t.toml",
+        "name = \"t\"\ntest_script = '''\nstart_all()\nservr.succeed(\"true\")\nclient.succeed(\"curl server\", timout=5)\nserver.wait_for_unti(\"nginx.service\")\n'''\n\n[nodes.server]\n\n[nodes.client]\n",
+    );
+    let good = good_test(tmp.path());
+    let out = vmrig(tmp.path(), &["check", s(&good), s(&file)]);
+    let f = file.display();
+    for line in [
+        format!("{f}:4:1: undefined name `servr`; did you mean `server`?"),
+        format!(
+            "{f}:5:31: unknown keyword argument `timout` of `client.succeed`; did you mean \
+             `timeout`? (it takes `client.succeed(*commands, timeout=...)`)"
+        ),
+        format!(
+            "{f}:6:8: machine `server` has no attribute `wait_for_unti`; did you mean \
+             `wait_for_unit`?"
+        ),
+    ] {
+        assert_error(&out, 2, &line);
+    }
+    // The offending line and a caret under the mistake.
+    assert!(
+        stderr(&out).contains("    server.wait_for_unti(\"nginx.service\")\n           ^\n"),
+        "{}",
+        stderr(&out)
+    );
+    // A clean file passes on its own.
+    let out = vmrig(tmp.path(), &["check", s(&good)]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}: ok\n", good.display())
+    );
+}
+
+#[test]
+fn bad_input_run_with_a_typo_on_the_last_line_fails_before_any_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = write(
+        tmp.path(),
+        "t.toml",
+        "name = \"t\"\ntest_script = '''\nstart_all()\nserver.wait_for_unit(\"multi-user.target\")\nserver.succeed(\"true\")\nserver.wait_for_unti(\"nginx.service\")'''\n\n[nodes.server]\npackages = [\"nginx-light\"]\n",
+    );
+    let store = tmp.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    // A real QEMU is not needed: the run ends before QEMU is looked for.
+    let out = vmrig(tmp.path(), &["run", s(&file)]);
+    assert_error(
+        &out,
+        2,
+        &format!(
+            "{}:6:8: machine `server` has no attribute `wait_for_unti`; did you mean \
+             `wait_for_unit`?",
+            file.display()
+        ),
+    );
+    // No image was built: the store holds no path (at most its own bookkeeping).
+    let paths: Vec<PathBuf> = tree(&store)
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(paths.is_empty(), "the store has {paths:?}");
+    assert!(run_dirs(tmp.path()).is_empty(), "a run directory was made");
+    assert!(
+        !tmp.path().join("vmrig-out").exists(),
+        "an output directory was made"
+    );
+}
+
 // ---- 6. python3 missing or too old -------------------------------------------------------
 
 #[test]
@@ -576,4 +665,35 @@ fn bad_input_directory_without_tests() {
             ),
         );
     }
+}
+
+#[test]
+fn bad_input_nixos_driver_checks_its_script_before_any_machine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = write(
+        tmp.path(),
+        "test.py",
+        "start_all()\nalpha.wait_for_unti(\"multi-user.target\")\n",
+    );
+    // The start script does not exist: had the driver got as far as a machine, it would say so.
+    let out = vmrig(
+        tmp.path(),
+        &[
+            "nixos-driver",
+            "--start-scripts",
+            "/nonexistent/run-alpha-vm",
+            "--",
+            s(&script),
+        ],
+    );
+    assert_error(
+        &out,
+        2,
+        &format!(
+            "{}:2:7: machine `alpha` has no attribute `wait_for_unti`; did you mean \
+             `wait_for_unit`?",
+            script.display()
+        ),
+    );
+    assert!(run_dirs(tmp.path()).is_empty(), "a run directory was made");
 }

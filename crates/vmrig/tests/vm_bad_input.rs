@@ -1,4 +1,5 @@
-//! Bad input that only shows once a VM runs: a test script that raises. In the nextest `vm`
+//! Bad input that only shows once a VM runs: a test script that raises (an undefined name
+//! would not get this far: `vmrig check` runs first). In the nextest `vm`
 //! group; the node is examples/single.toml's, so the image is shared with the other VM tests.
 //! The rest of the bad-input classes need no VM: see bad_input.rs and docs/bad-input.md.
 
@@ -13,7 +14,7 @@ fn bad_input_script_that_raises_names_the_toml_line() {
     let file = tmp.path().join("raises.toml");
     std::fs::write(
         &file,
-        "name = \"raises\"\ntest_script = '''\nmachine.succeed(\"true\")\nanswer = compute_answer()\nprint(\"not reached\")\n'''\n\n[nodes.machine]\npackages = [\"less\"]\n",
+        "name = \"raises\"\ntest_script = '''\nmachine.succeed(\"true\")\nanswer = int(\"forty-two\")\nprint(\"not reached\")\n'''\n\n[nodes.machine]\npackages = [\"less\"]\n",
     )
     .unwrap();
     let out = vmrig(
@@ -35,14 +36,14 @@ fn bad_input_script_that_raises_names_the_toml_line() {
         )),
         "{log}"
     );
-    assert!(log.contains("    answer = compute_answer()"), "{log}");
+    assert!(log.contains("    answer = int(\"forty-two\")"), "{log}");
     let summary = log
         .lines()
         .find(|l| l.starts_with("test raises FAILED after "))
         .unwrap_or_else(|| panic!("no summary line in:\n{log}"));
     assert!(
         summary.ends_with(&format!(
-            " s: {}:4: NameError: name 'compute_answer' is not defined",
+            " s: {}:4: ValueError: invalid literal for int() with base 10: 'forty-two'",
             file.display()
         )),
         "{summary}"

@@ -10,7 +10,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vmrig_driver::driver::{checked_python, run_logger, Driver, DriverSetup, MachineSource};
+use vmrig_driver::driver::{
+    checked_python, run_logger, spec_names, Driver, DriverSetup, MachineSource,
+};
 use vmrig_driver::events::Event;
 use vmrig_driver::machine::NodeQemu;
 use vmrig_image::NodeImage;
@@ -202,8 +204,17 @@ impl Rig {
             text: script.to_owned(),
             filename: self.dir.path().join("fake.toml"),
             first_line: 1,
+            first_column: 1,
         };
-        let python = checked_python(Path::new("python3"), &script).unwrap();
+        // The script sees the spec's nodes and the extra start commands' machines.
+        let mut names = spec_names(&self.spec);
+        for extra in &opts.extra {
+            let name = extra.name.clone().unwrap_or_else(|| {
+                vmrig_driver::creator::machine_name_from_command(&extra.command)
+            });
+            names.machines.push(vmrig_python::MachineInfo::new(name));
+        }
+        let python = checked_python(Path::new("python3"), &script, &names).unwrap();
         let (failure, global_timeout) = match Driver::new(setup, &sources) {
             Ok(driver) => {
                 let result = driver
