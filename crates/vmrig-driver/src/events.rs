@@ -75,6 +75,14 @@ pub enum Event {
     },
 }
 
+/// Where a script failed, as reports show it: `file:line`, or the file alone.
+pub fn script_place(file: &str, line: Option<usize>) -> String {
+    match line {
+        Some(line) => format!("{file}:{line}"),
+        None => file.to_owned(),
+    }
+}
+
 /// An event with the time it happened.
 #[derive(Debug, Clone, Serialize)]
 pub struct Stamped {

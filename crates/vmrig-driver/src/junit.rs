@@ -108,10 +108,7 @@ impl Reporter for JunitCollector {
                 file,
                 traceback,
             } => {
-                let place = match line {
-                    Some(l) => format!("{file}:{l}"),
-                    None => file.clone(),
-                };
+                let place = crate::events::script_place(file, *line);
                 s.failure = Some(ScriptFailure {
                     exc_type: exc_type.clone(),
                     message: message.clone(),
