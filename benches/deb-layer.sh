@@ -14,6 +14,7 @@
 # Usage (from anywhere, after `cargo build --release -p vmrig`; takes a few minutes):
 #   benches/deb-layer.sh                 # COLD_RUNS=2 LAYERED_RUNS=5
 #   VMRIG=./target/debug/vmrig COLD_RUNS=1 benches/deb-layer.sh
+#   COLD_RUNS=0 LAYERED_RUNS=10 benches/deb-layer.sh   # the layer only (base built once)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,9 +60,15 @@ cp -al "$shared" "$shared_initrd" "$VMRIG_STORE/"
 
 echo "== host: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg); $($VMRIG --version)"
 build="$VMRIG build $work/deb-layer.toml"
-hyperfine --runs "$COLD_RUNS" --export-markdown "$work/cold.md" \
-    --prepare "rm -rf $VMRIG_STORE/*-rootfs-*" \
-    -n cold "$build"
+: >"$work/cold.md"
+if ((COLD_RUNS > 0)); then
+    hyperfine --runs "$COLD_RUNS" --export-markdown "$work/cold.md" \
+        --prepare "rm -rf $VMRIG_STORE/*-rootfs-*" \
+        -n cold "$build"
+else
+    # The base, once (not timed).
+    $build >/dev/null
+fi
 hyperfine --runs "$LAYERED_RUNS" --export-markdown "$work/layered.md" \
     --prepare "sh $work/rebuild-deb.sh" \
     -n layered "$build"

@@ -28,6 +28,11 @@ use crate::rootfs::{self, Output};
 use crate::run::{is_root, run_tool, Scratch};
 use crate::{ImageBuilder, ImageError, BUILDER_VERSION};
 
+/// The device nodes mmdebstrap puts into a tarball's `/dev` (`$devtar` in mmdebstrap).
+const DEV_NODES: &[&str] = &[
+    "console", "full", "null", "ptmx", "random", "tty", "urandom", "zero",
+];
+
 /// Where the layer script puts the packages inside the tree while it installs them.
 const DEBS_IN_ROOT: &str = "/tmp/vmrig-debs";
 
@@ -127,9 +132,20 @@ pub(crate) fn layer_script(inputs: &ImageInputs) -> String {
         .collect();
     let mut s = String::from(concat!(
         "set -eu\n",
+        // chroot and dpkg's helpers (ldconfig, start-stop-daemon) are in sbin, which a
+        // normal user's PATH may lack; the chroot's commands get the same PATH.
+        "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
         "r=$1\n",
         "mkdir \"$1\"\n",
-        "tar --numeric-owner --xattrs --xattrs-include='*' -xpf \"$2\" -C \"$1\"\n",
+    ));
+    // mmdebstrap's tarballs hold the device nodes of /dev, which its directory output (so a
+    // plain root image) has not, and which root of a user namespace may not make: left out.
+    let devices: String = DEV_NODES
+        .iter()
+        .map(|d| format!(" --exclude=./dev/{d}"))
+        .collect();
+    s.push_str(&format!(
+        "tar --numeric-owner --xattrs --xattrs-include='*'{devices} -xpf \"$2\" -C \"$1\"\n"
     ));
     s.push_str(&format!(
         "mkdir -p \"$1{DEBS_IN_ROOT}\"\ncp \"$3\"/*.deb \"$1{DEBS_IN_ROOT}/\"\n"
