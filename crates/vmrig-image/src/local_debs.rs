@@ -153,7 +153,10 @@ pub(crate) fn layer_script(inputs: &ImageInputs) -> String {
     // A chroot that maintainer scripts can run in and apt can download from; nothing may
     // start a service (policy-rc.d), and the tree's own resolv.conf comes back after.
     s.push_str(concat!(
-        "trap 'umount -R \"$1/dev\" \"$1/proc\" 2>/dev/null || true' EXIT\n",
+        // In a user namespace the mounts under the /dev bind are locked to it: only a lazy
+        // unmount of the whole tree works there.
+        "unmount() { umount -R \"$r/dev\" \"$r/proc\" 2>/dev/null || umount -l \"$r/dev\" \"$r/proc\" 2>/dev/null || true; }\n",
+        "trap unmount EXIT\n",
         "mount -t proc proc \"$1/proc\" 2>/dev/null || mount --rbind /proc \"$1/proc\"\n",
         "mount --rbind /dev \"$1/dev\"\n",
         "if [ -e \"$1/etc/resolv.conf\" ] || [ -L \"$1/etc/resolv.conf\" ]; then mv \"$1/etc/resolv.conf\" \"$1/etc/resolv.conf.vmrig\"; fi\n",
@@ -181,7 +184,9 @@ pub(crate) fn layer_script(inputs: &ImageInputs) -> String {
         concat!(
             "rm -rf \"$1{}\" \"$1/usr/sbin/policy-rc.d\" \"$1/etc/resolv.conf\"\n",
             "if [ -e \"$1/etc/resolv.conf.vmrig\" ] || [ -L \"$1/etc/resolv.conf.vmrig\" ]; then mv \"$1/etc/resolv.conf.vmrig\" \"$1/etc/resolv.conf\"; fi\n",
-            "umount -R \"$1/dev\" \"$1/proc\"\n",
+            "unmount\n",
+            // mke2fs must not copy the host's /dev or /proc into the image.
+            "if mountpoint -q \"$1/dev\" || mountpoint -q \"$1/proc\"; then echo \"vmrig: cannot unmount $1/dev or $1/proc\" >&2; exit 1; fi\n",
         ),
         DEBS_IN_ROOT
     ));
