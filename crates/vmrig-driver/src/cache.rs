@@ -3,7 +3,8 @@
 //!
 //! # What is in the key
 //!
-//! - the parsed [`TestSpec`] (every node option, the script text, the global timeout), with
+//! - the parsed [`TestSpec`] (every node option, the script text, the global timeout, each
+//!   local package file's SHA-256 as the parser read it), with
 //!   each file `source` replaced by the SHA-256 of its contents (a directory: of its whole
 //!   tree, every entry's path, kind, mode, link target and bytes; [`vmrig_spec::source_digest`]),
 //!   and each shared directory's `source` by the digest of its tree;
@@ -237,6 +238,30 @@ mod tests {
         std::fs::write(dir.path().join("x.txt"), "two").unwrap();
         let second = cache_key(&vmrig_spec::load(&test).unwrap(), &imgs, "1").unwrap();
         assert_ne!(first, second);
+    }
+
+    /// A rebuilt .deb changes the key by itself (its hash is in the spec), even before its
+    /// new image is looked up.
+    #[test]
+    fn the_key_follows_a_local_packages_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let imgs = images(&store, "r");
+        let test = dir.path().join("t.toml");
+        std::fs::write(&test, format!("{BASE}packages = [\"./p.deb\"]\n")).unwrap();
+        let deb = |body: &str| {
+            let member =
+                format!("debian-binary   0           0     0     100644  4         `\n2.0\n{body}");
+            std::fs::write(dir.path().join("p.deb"), format!("!<arch>\n{member}")).unwrap();
+        };
+        deb("one");
+        let first = cache_key(&vmrig_spec::load(&test).unwrap(), &imgs, "1").unwrap();
+        deb("two");
+        let second = cache_key(&vmrig_spec::load(&test).unwrap(), &imgs, "1").unwrap();
+        assert_ne!(first, second);
+        deb("one");
+        let again = cache_key(&vmrig_spec::load(&test).unwrap(), &imgs, "1").unwrap();
+        assert_eq!(first, again);
     }
 
     #[test]

@@ -44,6 +44,28 @@ pub enum ImageError {
         /// The nodes whose image asked for it.
         nodes: Vec<String>,
     },
+    /// A local package file's dependency cannot be installed from the archive (apt's
+    /// "Depends: X but it is not installable").
+    #[error(
+        "local package `{package}` (of node {}) depends on `{dependency}`, {reason}; check \
+         that the package's Depends: can be met from the node's suite (`apt-cache policy \
+         <name>`), or add the missing package to `packages`",
+        .nodes.join(", ")
+    )]
+    UnmetDependency {
+        /// The package apt could not install (as its control file names it).
+        package: String,
+        /// The dependency as apt writes it (`foo (>= 2)`).
+        dependency: String,
+        /// apt's reason, from "but": `but it is not installable`.
+        reason: String,
+        nodes: Vec<String>,
+    },
+    #[error(
+        "the local package {} changed while the image was being built; run the test again",
+        .path.display()
+    )]
+    LocalDebChanged { path: PathBuf },
     #[error("the kernel package has no {what} (looked in {dir})")]
     KernelLayout { what: &'static str, dir: String },
     #[error(transparent)]

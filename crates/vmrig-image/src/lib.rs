@@ -7,7 +7,9 @@
 //! - `initramfs`: the static guest init plus exactly the modules needed to reach the root
 //!   disk and the host;
 //! - `rootfs`: an ext4 image (`root.img`) made by `mmdebstrap` + `mke2fs -d` with the
-//!   node's packages, vmrig's guest bits and the node's `setup` commands.
+//!   node's packages, vmrig's guest bits and the node's `setup` commands; with local
+//!   package files, a base tree (`rootfs-base`, cached without them) and a layer that
+//!   installs them on it ([`local_debs`]).
 //!
 //! Per-test configuration (hostname, hosts, users, ...) is not here: see [`node_layer`].
 
@@ -16,6 +18,7 @@ mod error;
 pub mod guest_bits;
 pub mod initramfs;
 pub mod kernel;
+pub mod local_debs;
 pub mod mirror;
 pub mod modules;
 pub mod modules_image;

@@ -31,23 +31,38 @@ pub const BASE_PACKAGES: &[&str] = &[
 ];
 
 /// Builds or finds the root image for `inputs` (shared by `nodes`, named in errors).
+/// Inputs with local package files are a base tree plus a layer (`local_debs`).
 pub fn build(
     b: &ImageBuilder,
     inputs: &ImageInputs,
     kernel: &StorePath,
     nodes: &[String],
 ) -> Result<StorePath, ImageError> {
+    if !inputs.local_debs.is_empty() {
+        return crate::local_debs::build(b, inputs, kernel, nodes);
+    }
     let (key, script) = key_and_script(inputs, kernel)?;
     let step = format!("root image for {}", nodes.join(", "));
     let mirror = b.mirror_for(inputs);
     b.cached_step(&step, &key, |out| {
-        bootstrap(b, &step, inputs, mirror.as_deref(), &script, out)
-            .map_err(|e| unknown_package(e, nodes))
+        bootstrap(
+            b,
+            &step,
+            inputs,
+            mirror.as_deref(),
+            &script,
+            Output::Image,
+            out,
+        )
+        .map_err(|e| unknown_package(e, nodes))
     })
 }
 
 /// The store key of the root image for `inputs` over `kernel`.
 pub fn key(inputs: &ImageInputs, kernel: &StorePath) -> Result<StoreKey, ImageError> {
+    if !inputs.local_debs.is_empty() {
+        return crate::local_debs::key(inputs, kernel);
+    }
     key_and_script(inputs, kernel).map(|(key, _)| key)
 }
 
@@ -55,29 +70,48 @@ fn key_and_script(
     inputs: &ImageInputs,
     kernel: &StorePath,
 ) -> Result<(StoreKey, String), ImageError> {
-    // The root image holds no kernel modules (VMs mount the kernel's modules image), but
-    // it is made for one kernel: the key names it by its store name, not by where the
-    // store is, so a moved store (or another VMRIG_STORE spelling) finds its images again.
     let script = customize_script(inputs);
+    Ok((tree_key("rootfs", inputs, kernel, &script), script))
+}
+
+/// The key of what mmdebstrap makes of `inputs` with the customize hook `script`, named
+/// `<kind>-<suite>`. The root image holds no kernel modules (VMs mount the kernel's modules
+/// image), but it is made for one kernel: the key names it by its store name, not by where
+/// the store is, so a moved store (or another VMRIG_STORE spelling) finds its images again.
+pub(crate) fn tree_key(
+    kind: &str,
+    inputs: &ImageInputs,
+    kernel: &StorePath,
+    script: &str,
+) -> StoreKey {
     let script_hash = hex::encode(Sha256::digest(script.as_bytes()));
     let material = format!(
-        "{BUILDER_VERSION}\nrootfs\n{}\n{}\n{script_hash}\n{}",
+        "{BUILDER_VERSION}\n{kind}\n{}\n{}\n{script_hash}\n{}",
         inputs.canonical_json(),
         kernel.base_name(),
         BASE_PACKAGES.join(",")
     );
-    Ok((
-        StoreKey::new(&format!("rootfs-{}", inputs.suite), material.as_bytes()),
-        script,
-    ))
+    StoreKey::new(&format!("{kind}-{}", inputs.suite), material.as_bytes())
 }
 
-fn bootstrap(
+/// What a bootstrap leaves in the store path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// `root.img`, the bootable ext4 image.
+    Image,
+    /// `root.tar`, the tree as mmdebstrap wrote it (owners, modes, links, extended
+    /// attributes) with apt's package lists kept: the base that local packages are
+    /// installed on (`local_debs`).
+    Tarball,
+}
+
+pub(crate) fn bootstrap(
     b: &ImageBuilder,
     step: &str,
     inputs: &ImageInputs,
     mirror: Option<&str>,
     script: &str,
+    output: Output,
     out: &Path,
 ) -> Result<(), ImageError> {
     // As a normal user mmdebstrap (unshare mode) works where its namespace can reach.
@@ -87,7 +121,10 @@ fn bootstrap(
     let work = scratch.as_ref().map_or(out, |s| s.path());
     let hook = work.join("customize.sh");
     std::fs::write(&hook, script).map_err(ImageError::io("writing the customize hook"))?;
-    let root = work.join("root");
+    let target = work.join(match output {
+        Output::Image => "root",
+        Output::Tarball => "root.tar",
+    });
     let mut include: Vec<&str> = BASE_PACKAGES.to_vec();
     include.extend(inputs.packages.iter().map(String::as_str));
 
@@ -100,12 +137,43 @@ fn bootstrap(
             "--mode=unshare"
         })
         .arg(format!("--include={}", include.join(",")))
-        .arg(format!("--customize-hook=sh {} \"$1\"", hook.display()))
-        .arg(&inputs.suite)
-        .arg(&root);
+        .arg(format!("--customize-hook=sh {} \"$1\"", hook.display()));
+    if output == Output::Tarball {
+        // apt-get install of a local package needs them; the layer removes them.
+        cmd.arg("--skip=cleanup/apt/lists");
+    }
+    cmd.arg(&inputs.suite).arg(&target);
     cmd.args(mirror);
     run_tool(&mut cmd, step, b.observer)?;
 
+    match output {
+        Output::Image => {
+            let image = make_image(b, step, &target, work)?;
+            if scratch.is_some() {
+                publish(&image, &out.join("root.img"))?;
+            } else {
+                std::fs::remove_dir_all(&target)
+                    .map_err(ImageError::io("removing the root tree"))?;
+            }
+        }
+        // mmdebstrap writes the tarball as the caller, in either mode.
+        Output::Tarball if scratch.is_some() => publish(&target, &out.join("root.tar"))?,
+        Output::Tarball => {}
+    }
+    if scratch.is_none() {
+        std::fs::remove_file(&hook).map_err(ImageError::io("removing the customize hook"))?;
+    }
+    // A scratch tree belongs to subordinate ids: removed through a namespace when dropped.
+    Ok(())
+}
+
+/// `root.img` in `work`, an ext4 image of the tree `root` (read with its real owners).
+pub(crate) fn make_image(
+    b: &ImageBuilder,
+    step: &str,
+    root: &Path,
+    work: &Path,
+) -> Result<std::path::PathBuf, ImageError> {
     let image = work.join("root.img");
     if !is_root() {
         // The namespace's root is a subordinate id: it writes into a file the caller made.
@@ -115,32 +183,30 @@ fn bootstrap(
             .map_err(ImageError::io("creating root.img"))?;
     }
     let mke2fs = tools::find_program("mke2fs").unwrap_or_else(|| "mke2fs".into());
-    let size_mib = crate::modules_image::dir_size(&root) / (1024 * 1024) * 5 / 4 + 1024;
+    let size_mib = crate::modules_image::dir_size(root) / (1024 * 1024) * 5 / 4 + 1024;
     let mut mkfs = in_namespace(&mke2fs);
     mkfs.args(["-q", "-F", "-t", "ext4", "-L", "vmrig-root", "-m", "0"])
         .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
         .arg("-d")
-        .arg(&root)
+        .arg(root)
         .arg(&image)
         .arg(format!("{size_mib}M"));
     run_tool(&mut mkfs, step, b.observer)?;
-    if let Some(scratch) = scratch {
-        use std::os::unix::fs::PermissionsExt;
-        crate::run::move_path(&image, &out.join("root.img"))?;
-        std::fs::set_permissions(out.join("root.img"), std::fs::Permissions::from_mode(0o644))
-            .map_err(ImageError::io("setting the mode of root.img"))?;
-        // The tree belongs to subordinate ids: removed through a namespace.
-        drop(scratch);
-    } else {
-        std::fs::remove_dir_all(&root).map_err(ImageError::io("removing the root tree"))?;
-        std::fs::remove_file(&hook).map_err(ImageError::io("removing the customize hook"))?;
-    }
-    Ok(())
+    Ok(image)
+}
+
+/// Moves a file made in a scratch directory into the store path, readable by all.
+pub(crate) fn publish(from: &Path, to: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    crate::run::move_path(from, to)?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644)).map_err(ImageError::io(
+        format!("setting the mode of {}", to.display()),
+    ))
 }
 
 /// A command that sees the tree mmdebstrap left with its real owners: as a normal user,
 /// root of a user namespace with mmdebstrap's id map (the first subordinate range from 0).
-fn in_namespace(program: &Path) -> Command {
+pub(crate) fn in_namespace(program: &Path) -> Command {
     if is_root() {
         Command::new(program)
     } else {
@@ -151,17 +217,37 @@ fn in_namespace(program: &Path) -> Command {
 /// The customize hook: guest bits, setup commands, apt cleanup. (No kernel modules: every
 /// VM mounts its kernel's modules image, `modules_image.rs`.)
 pub fn customize_script(inputs: &ImageInputs) -> String {
+    let mut s = base_script();
+    s.push_str(&setup_script(&inputs.setup));
+    s.push_str(&finish_script(inputs));
+    s
+}
+
+/// The first part of the customize hook (root directory in `$1`): the guest bits. It is
+/// all of a base tree's hook (`local_debs`), whose layer runs the rest.
+pub(crate) fn base_script() -> String {
     let mut s = String::from("set -eu\n");
     s.push_str(&guest_bits::install_script());
-    for cmd in &inputs.setup {
+    s
+}
+
+/// The `setup` commands, in order, each in its own chrooted shell.
+pub(crate) fn setup_script(setup: &[String]) -> String {
+    let mut s = String::new();
+    for cmd in setup {
         s.push_str(&format!(
             "echo \"vmrig: setup: \"{q}\nDEBIAN_FRONTEND=noninteractive chroot \"$1\" /bin/sh -ec {q}\n",
             q = sh_quote(cmd)
         ));
     }
-    s.push_str(&crate::user_packages::relocate_script(
-        &inputs.user_only_packages,
-    ));
+    s
+}
+
+/// The end of every root tree's hook, after the `setup` commands: user packages off the
+/// PATH, apt's lists and caches out, and boot-time cuts that depend on the installed
+/// packages.
+pub(crate) fn finish_script(inputs: &ImageInputs) -> String {
+    let mut s = crate::user_packages::relocate_script(&inputs.user_only_packages);
     s.push_str("rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin \"$1\"/var/cache/apt/archives/*.deb\n");
     // Boot-time cuts that depend on the installed packages (see guest_bits for the rest):
     // - Debian's /etc/modules-load.d/modules.conf is a link to /etc/modules, which lists no
@@ -180,7 +266,7 @@ pub fn customize_script(inputs: &ImageInputs) -> String {
 use vmrig_vm::backdoor::shell_quote as sh_quote;
 
 /// Maps apt's "unable to locate package" to an error naming the package and the nodes.
-fn unknown_package(err: ImageError, nodes: &[String]) -> ImageError {
+pub(crate) fn unknown_package(err: ImageError, nodes: &[String]) -> ImageError {
     if let ImageError::Tool { lines, .. } = &err {
         for line in lines {
             if let Some(package) = unknown_package_in(line) {

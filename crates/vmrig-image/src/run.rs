@@ -177,6 +177,18 @@ pub fn as_mapped_root(program: &Path) -> Command {
     cmd
 }
 
+/// [`as_mapped_root`] in its own mount and PID namespaces as well: it may mount (`/proc`,
+/// `/dev` in a chroot), and every mount and process goes when it ends. (As root,
+/// [`run_tool`] gives every tool those namespaces.)
+pub fn as_mapped_root_with_mounts(program: &Path) -> Command {
+    let mut cmd = Command::new(unshare());
+    cmd.args(["--map-auto", "--setuid", "0", "--setgid", "0"])
+        .args(["--mount", "--propagation", "private"])
+        .args(["--pid", "--fork", "--kill-child=SIGKILL", "--"])
+        .arg(program);
+    cmd
+}
+
 /// `program` as root of a user namespace where root is the caller and the subordinate ids
 /// follow from 1: it may change or remove anything the caller or its subordinate ids own,
 /// and what it makes or chowns to 0 belongs to the caller.

@@ -57,6 +57,7 @@
 //! [`ImageInputs::hash`] names it; nodes with equal inputs share an image.
 
 mod error;
+mod local_deb;
 mod model;
 mod parse;
 mod places;
@@ -65,6 +66,7 @@ mod source;
 use std::path::Path;
 
 pub use error::{line_col, ErrorKind, SpecError};
+pub use local_deb::{check_deb, is_local_path, DebProblem};
 pub use model::*;
 pub use parse::{
     suggest, FILE_KEYS, FIREWALL_KEYS, NODE_KEYS, PYTHON_KEYWORDS, RESERVED_NAMES, SERVICE_KEYS,

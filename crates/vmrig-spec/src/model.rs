@@ -67,6 +67,9 @@ pub struct NodeSpec {
     pub name: String,
     /// Debian packages in the image (defaults first, duplicates removed, order kept).
     pub packages: Vec<String>,
+    /// Local package files of `packages` (`./foo.deb`), installed with their dependencies
+    /// from the archive (defaults first, duplicates removed).
+    pub local_debs: Vec<LocalDeb>,
     /// Memory, in MiB.
     pub memory: u32,
     /// Virtual CPUs.
@@ -284,12 +287,16 @@ impl NodeSpec {
             .collect();
         user_only_packages.sort();
         user_only_packages.dedup();
+        let mut local_debs = self.local_debs.clone();
+        local_debs.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        local_debs.dedup_by(|a, b| a.sha256 == b.sha256);
         ImageInputs {
             suite: self.suite.clone(),
             mirror: self.mirror.clone(),
             packages,
             setup: self.setup.clone(),
             user_only_packages,
+            local_debs,
         }
     }
 }
@@ -332,10 +339,34 @@ pub struct ImageInputs {
     /// Left out of the canonical form when empty, so other images keep their names.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub user_only_packages: Vec<String>,
+    /// Local package files, sorted by content hash, one per content. Serialized as their
+    /// hashes only (not where they are), and left out when empty.
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_hashes"
+    )]
+    pub local_debs: Vec<LocalDeb>,
+}
+
+/// A local Debian package file named in `packages` (`"./build/foo.deb"`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct LocalDeb {
+    /// The entry as written (relative to the test file's directory): messages and places.
+    pub written: String,
+    /// The absolute host path. Not serialized: a moved test keeps its keys.
+    #[serde(skip)]
+    pub path: PathBuf,
+    /// The SHA-256 of the file (hex), read at parse time: a rebuilt package is a new image.
+    pub sha256: String,
+}
+
+fn serialize_hashes<S: serde::Serializer>(debs: &[LocalDeb], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(debs.iter().map(|d| &d.sha256))
 }
 
 impl ImageInputs {
-    /// Compact JSON with fixed key order (`suite`, `mirror`, `packages`, `setup`).
+    /// Compact JSON with fixed key order (`suite`, `mirror`, `packages`, `setup`, then
+    /// `user_only_packages` and `local_debs` when not empty).
     pub fn canonical_json(&self) -> String {
         // Serializing plain strings and vectors cannot fail.
         serde_json::to_string(self).expect("ImageInputs serializes")

@@ -156,6 +156,7 @@ const NIXOS_ALIASES: &[(&str, &str)] = &[
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Partial {
     packages: Vec<String>,
+    local_debs: Vec<LocalDeb>,
     memory: Option<u32>,
     cpus: Option<u32>,
     vlans: Option<Vec<u8>>,
@@ -552,20 +553,96 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn packages(&self, f: &Field, within: &str) -> Result<Vec<String>> {
+    /// A `packages` list: archive package names, and (where `files_allowed`: a node's or
+    /// `[defaults]`'s list) local package files, checked and hashed here.
+    fn packages(
+        &self,
+        f: &Field,
+        within: &str,
+        files_allowed: bool,
+    ) -> Result<(Vec<String>, Vec<LocalDeb>)> {
         let list = self.string_list(f, within)?;
-        for (p, span) in &list {
-            if !is_package_name(p) {
+        let (mut names, mut debs) = (Vec::new(), Vec::new());
+        for (p, span) in list {
+            if crate::local_deb::is_local_path(&p) {
+                debs.push(self.local_deb(&p, span, within, files_allowed)?);
+                continue;
+            }
+            if !is_package_name(&p) {
+                let hint = if p.ends_with(".deb") {
+                    "; a local package file is a path: `./` + its path from the test file"
+                } else {
+                    ""
+                };
                 return Err(self.invalid(
                     span.clone(),
                     format!("invalid package name `{p}`{}", in_(within)),
                     "not a Debian package name",
-                    "Debian package names are lowercase letters, digits, `+`, `-` and `.`, \
-                         at least two characters, starting with a letter or digit",
+                    format!(
+                        "Debian package names are lowercase letters, digits, `+`, `-` and `.`, \
+                         at least two characters, starting with a letter or digit{hint}"
+                    ),
                 ));
             }
+            names.push(p);
         }
-        Ok(list.into_iter().map(|(p, _)| p).collect())
+        Ok((names, debs))
+    }
+
+    /// A local package file `written` in `packages` at `span`: it must be a `.deb` that
+    /// exists and is a Debian package.
+    fn local_deb(
+        &self,
+        written: &str,
+        span: Span,
+        within: &str,
+        files_allowed: bool,
+    ) -> Result<LocalDeb> {
+        if !files_allowed {
+            return Err(self.invalid(
+                span,
+                format!("local package file `{written}`{}", in_(within)),
+                "a file in a user's packages",
+                "install local package files through the node's `packages` (a user's \
+                 `packages` take archive packages only)",
+            ));
+        }
+        if !written.ends_with(".deb") {
+            return Err(self.invalid(
+                span,
+                format!("`{written}`{} is a path but not a `.deb` file", in_(within)),
+                "not a .deb file",
+                "a path in `packages` names a Debian package file ending in `.deb`; an \
+                 archive package is named without `./` or `/`",
+            ));
+        }
+        let joined = self.dir.join(written);
+        let path = std::path::absolute(&joined).unwrap_or(joined);
+        let sha256 = crate::local_deb::check_deb(&path).map_err(|problem| {
+            let (kind, label) = match problem {
+                crate::DebProblem::Unreadable(_) => (ErrorKind::Io, "file not found"),
+                _ => (ErrorKind::Invalid, "not a Debian package"),
+            };
+            self.err(
+                kind,
+                span,
+                format!(
+                    "local package `{written}`{}: {}: {problem}",
+                    in_(within),
+                    path.display()
+                ),
+            )
+            .label(label)
+            .help(
+                "the path is relative to the directory of the test file; build the package \
+                 first (`dpkg-deb --build --root-owner-group DIR FILE.deb`)",
+            )
+        })?;
+        Ok(LocalDeb {
+            written: written.to_string(),
+            path,
+            sha256,
+        })
     }
 
     fn ports(&self, f: &Field, within: &str) -> Result<Vec<u16>> {
@@ -588,7 +665,7 @@ impl<'a> Ctx<'a> {
         let mut n = Partial::default();
         for f in self.entries(table, NODE_KEYS, within)? {
             match f.name {
-                "packages" => n.packages = self.packages(&f, within)?,
+                "packages" => (n.packages, n.local_debs) = self.packages(&f, within, true)?,
                 "memory" => {
                     let m = self.integer(&f, within)?;
                     if m < i64::from(MIN_MEMORY) || m > i64::from(u32::MAX) {
@@ -824,7 +901,7 @@ impl<'a> Ctx<'a> {
                     }
                     u.home = Some(h);
                 }
-                _ => u.packages = self.packages(&f, within)?,
+                _ => u.packages = self.packages(&f, within, false)?.0,
             }
         }
         Ok(u)
@@ -1249,6 +1326,7 @@ pub(crate) fn merge(name: &str, d: &Partial, n: Partial) -> NodeSpec {
     NodeSpec {
         name: name.to_string(),
         packages: concat_dedup(&d.packages, &n.packages),
+        local_debs: concat_dedup(&d.local_debs, &n.local_debs),
         memory: n.memory.or(d.memory).unwrap_or(DEFAULT_MEMORY),
         cpus: n.cpus.or(d.cpus).unwrap_or(DEFAULT_CPUS),
         vlans: n

@@ -381,3 +381,43 @@ fn a_file_for_the_rust_api_may_leave_out_the_script() {
     let with_script = load_machines(&fixtures().join("client-server.toml")).unwrap();
     assert!(with_script.script.text.starts_with("start_all()\n"));
 }
+
+/// A local package file: out of `packages`, into `local_debs` (defaults first, one per
+/// path); the image inputs name it by content only, and equal contents at other paths
+/// make equal inputs.
+#[test]
+fn local_debs_merge_and_enter_the_image_inputs_by_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let deb = |name: &str, body: &str| {
+        let member =
+            format!("debian-binary   0           0     0     100644  4         `\n2.0\n{body}");
+        std::fs::write(dir.path().join(name), format!("!<arch>\n{member}")).unwrap();
+    };
+    deb("base.deb", "base");
+    deb("app.deb", "app");
+    std::fs::create_dir(dir.path().join("copy")).unwrap();
+    std::fs::copy(dir.path().join("app.deb"), dir.path().join("copy/app.deb")).unwrap();
+    let text = format!(
+        "{HEAD}[defaults]\npackages = [\"./base.deb\"]\n[nodes.a]\npackages = [\"curl\", \"./app.deb\", \"./base.deb\"]\n[nodes.b]\npackages = [\"curl\", \"./copy/app.deb\"]\n"
+    );
+    let spec = parse(&text, &dir.path().join("t.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let a = &spec.nodes["a"];
+    assert_eq!(a.packages, ["curl"]);
+    let written: Vec<&str> = a.local_debs.iter().map(|d| d.written.as_str()).collect();
+    assert_eq!(written, ["./base.deb", "./app.deb"]);
+    assert_eq!(a.local_debs[1].path, dir.path().join("app.deb"));
+    let inputs = a.image_inputs();
+    let json = inputs.canonical_json();
+    assert!(json.contains(&a.local_debs[1].sha256), "{json}");
+    assert!(!json.contains("app.deb"), "{json}");
+    // b: the same app at another path, and the default's base package.
+    assert_eq!(spec.nodes["b"].image_inputs().hash(), inputs.hash());
+    assert_eq!(
+        spec.places
+            .string_in(&["nodes", "a", "packages"], "./app.deb"),
+        Some(Place {
+            line: 6,
+            column: 21
+        })
+    );
+}

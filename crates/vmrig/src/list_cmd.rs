@@ -57,7 +57,14 @@ pub fn render(
     };
     let mut s = format!("{} ({}): {result}\n", spec.name, spec.path.display());
     for (name, node) in &spec.nodes {
-        let packages = node.image_inputs().packages.join(" ");
+        let written = node.local_debs.iter().map(|d| d.written.clone());
+        let packages = node
+            .image_inputs()
+            .packages
+            .into_iter()
+            .chain(written)
+            .collect::<Vec<_>>()
+            .join(" ");
         s.push_str(&format!(
             "  {name}: {} MiB, {} cpu{}, vlans {:?}{}\n",
             node.memory,

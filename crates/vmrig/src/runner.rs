@@ -232,17 +232,27 @@ fn describe(spec: &TestSpec, err: RunError, out_dir: Option<&Path>) -> (i32, Str
     }
 }
 
-/// `file:line:column` where the test file asks for the package of an unknown-package error
-/// (from the places the spec kept; the file is not read again).
+/// `file:line:column` where the test file asks for the package of an unknown-package error,
+/// or for the local package file whose dependency cannot be met (when the node has one;
+/// apt names the package, not the file). From the places the spec kept; the file is not
+/// read again.
 pub fn unknown_package_place(spec: &TestSpec, err: &vmrig_image::ImageError) -> Option<String> {
-    let vmrig_image::ImageError::UnknownPackage { package, nodes } = err else {
-        return None;
+    use vmrig_image::ImageError;
+    let places: Vec<_> = match err {
+        ImageError::UnknownPackage { package, nodes } => nodes
+            .iter()
+            .filter_map(|node| spec.package_place(node, package))
+            .collect(),
+        ImageError::UnmetDependency { nodes, .. } => nodes
+            .iter()
+            .filter_map(|node| match spec.nodes.get(node)?.local_debs.as_slice() {
+                [only] => spec.package_place(node, &only.written),
+                _ => None,
+            })
+            .collect(),
+        _ => return None,
     };
-    nodes
-        .iter()
-        .filter_map(|node| spec.package_place(node, package))
-        .min()
-        .map(|place| spec.location(place))
+    places.into_iter().min().map(|place| spec.location(place))
 }
 
 #[cfg(test)]
@@ -274,6 +284,35 @@ mod tests {
             message,
             format!(
                 "{}:5:21: t: building the images: unknown Debian package `nosuchpkg` (asked for by node server); check its name with `apt-cache search <name>` or `apt-cache policy <name>`",
+                spec.path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn an_unmet_dependency_of_a_local_package_is_reported_at_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("broken.deb"),
+            b"!<arch>\ndebian-binary   0           0     0     100644  4         `\n2.0\n",
+        )
+        .unwrap();
+        let spec = spec(
+            dir.path(),
+            "name = \"t\"\ntest_script = \"start_all()\"\n\n[nodes.server]\npackages = [\"curl\", \"./broken.deb\"]\n",
+        );
+        let err = RunError::Image(vmrig_image::ImageError::UnmetDependency {
+            package: "broken".into(),
+            dependency: "nosuchpkg (>= 2)".into(),
+            reason: "but it is not installable".into(),
+            nodes: vec!["server".into()],
+        });
+        let (code, message) = describe(&spec, err, None);
+        assert_eq!(code, exit::IMAGE);
+        assert_eq!(
+            message,
+            format!(
+                "{}:5:21: t: building the images: local package `broken` (of node server) depends on `nosuchpkg (>= 2)`, but it is not installable; check that the package's Depends: can be met from the node's suite (`apt-cache policy <name>`), or add the missing package to `packages`",
                 spec.path.display()
             )
         );

@@ -195,6 +195,61 @@ fn bad_input_shared_dir_that_is_not_a_directory() {
 // ---- 3. a missing script file -----------------------------------------------------------
 
 #[test]
+fn bad_input_local_deb_that_is_missing_or_not_a_package() {
+    let tmp = tempfile::tempdir().unwrap();
+    let head = "name = \"t\"\ntest_script = \"start_all()\"\n\n[nodes.server]\n";
+    write(tmp.path(), "fake.deb", "a text file, not an ar archive\n");
+    write(tmp.path(), "app.tar", "");
+    let missing = tmp.path().join("build/nope.deb");
+    let fake = tmp.path().join("fake.deb");
+    let cases = [
+        (
+            "missing.toml",
+            "packages = [\"curl\", \"./build/nope.deb\"]\n",
+            format!(
+                "5:21: local package `./build/nope.deb` in node `server`: {}: No such file or directory (os error 2)",
+                missing.display()
+            ),
+            "help: the path is relative to the directory of the test file; build the package first (`dpkg-deb --build --root-owner-group DIR FILE.deb`)",
+        ),
+        (
+            "fake.toml",
+            "packages = [\"./fake.deb\"]\n",
+            format!(
+                "5:13: local package `./fake.deb` in node `server`: {}: is not a Debian package (no `ar` archive with a `debian-binary` member)",
+                fake.display()
+            ),
+            "help: the path is relative to the directory of the test file",
+        ),
+        (
+            "tar.toml",
+            "packages = [\"./app.tar\"]\n",
+            "5:13: `./app.tar` in node `server` is a path but not a `.deb` file".to_string(),
+            "help: a path in `packages` names a Debian package file ending in `.deb`",
+        ),
+        (
+            "user.toml",
+            "users.alice.packages = [\"./fake.deb\"]\n",
+            "5:25: local package file `./fake.deb` in user `alice` of node `server`".to_string(),
+            "help: install local package files through the node's `packages`",
+        ),
+    ];
+    for (name, rest, message, help) in cases {
+        let file = write(tmp.path(), name, &format!("{head}{rest}"));
+        let out = vmrig(
+            tmp.path(),
+            &["run", s(&file), "--qemu", "/nonexistent/qemu"],
+        );
+        assert_error(&out, 2, &format!("{}:{message}", file.display()));
+        assert!(stderr(&out).contains(help), "{name}: {}", stderr(&out));
+        // `vmrig build` checks the file before any image step too.
+        let out = vmrig(tmp.path(), &["build", s(&file)]);
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", stderr(&out));
+    }
+    assert!(run_dirs(tmp.path()).is_empty());
+}
+
+#[test]
 fn bad_input_missing_script_file() {
     let tmp = tempfile::tempdir().unwrap();
     let file = write(

@@ -51,3 +51,51 @@ fn bad_input_script_that_raises_names_the_toml_line() {
     assert!(!log.contains("not reached"), "{log}");
     assert_no_leftovers(tmp.path());
 }
+
+/// A local .deb whose Depends: the archive cannot meet: the image build (the layer over the
+/// cached base tree) fails with exit 3, naming the place, the node, the package and the
+/// dependency, from apt's "Depends: X but it is not installable".
+#[test]
+fn bad_input_local_deb_with_an_unmet_dependency() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = tmp.path().join("pkg");
+    std::fs::create_dir_all(pkg.join("DEBIAN")).unwrap();
+    std::fs::write(
+        pkg.join("DEBIAN/control"),
+        "Package: vmrig-broken\nVersion: 1.0\nArchitecture: all\nMaintainer: vmrig tests <t@example.invalid>\nDepends: vmrig-no-such-package (>= 2)\nDescription: depends on a package no archive has\n",
+    )
+    .unwrap();
+    let built = std::process::Command::new("dpkg-deb")
+        .args(["--build", "--root-owner-group"])
+        .arg(&pkg)
+        .arg(tmp.path().join("broken.deb"))
+        .output()
+        .expect("run dpkg-deb");
+    assert!(built.status.success(), "{}", text(&built));
+    let file = tmp.path().join("unmet.toml");
+    std::fs::write(
+        &file,
+        "name = \"unmet\"\ntest_script = \"start_all()\"\n\n[nodes.server]\npackages = [\"./broken.deb\"]\n",
+    )
+    .unwrap();
+    let out = vmrig(
+        &[
+            "run",
+            file.to_str().unwrap(),
+            "-o",
+            tmp.path().join("out").to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{log}");
+    let expected = format!(
+        "error: {}:5:13: unmet: building the images: local package `vmrig-broken` (of node server) depends on `vmrig-no-such-package (>= 2)`, but it is not installable; check that the package's Depends: can be met from the node's suite (`apt-cache policy <name>`), or add the missing package to `packages`",
+        file.display()
+    );
+    assert!(
+        log.lines().any(|l| l == expected),
+        "{expected}\nnot in:\n{log}"
+    );
+    assert_no_leftovers(tmp.path());
+}

@@ -61,3 +61,19 @@ fn example_shared_folder() {
     left.sort();
     assert_eq!(left, [".gitignore", "README"]);
 }
+
+/// The package is built first, as the example's comment says (the output is gitignored);
+/// reproducibly, so an unchanged source is the same file and every image stays cached.
+#[test]
+fn example_deb_daemon() {
+    let dir = common::repo().join("examples/deb-daemon");
+    let built = std::process::Command::new("dpkg-deb")
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .args(["--build", "--root-owner-group"])
+        .arg(dir.join("hello-daemon"))
+        .arg(dir.join("hello-daemon.deb"))
+        .output()
+        .expect("run dpkg-deb");
+    assert!(built.status.success(), "{}", common::text(&built));
+    run_example("deb-daemon");
+}

@@ -381,3 +381,44 @@ fn doctor_and_a_build_name_a_missing_newuidmap_and_stores_never_mix() {
     );
     common::assert_no_leftovers(&user.tmp());
 }
+
+/// A local .deb as a normal user, from an empty store: the base tarball (mmdebstrap's
+/// unshare mode) and the layer that installs the package (a chroot in a user namespace with
+/// mmdebstrap's id map); the image's files keep their owners and setuid bits.
+#[test]
+fn a_normal_user_installs_a_local_deb() {
+    let user = TestUser::create("nd");
+    let deb = user.work.path().join("hello-daemon.deb");
+    run(Command::new("dpkg-deb")
+        .args(["--build", "--root-owner-group"])
+        .arg(common::repo().join("examples/deb-daemon/hello-daemon"))
+        .arg(&deb));
+    std::os::unix::fs::chown(&deb, Some(user.uid), None).unwrap();
+    let spec = user.file(
+        "deb.toml",
+        r#"name = "nonroot-deb"
+test_script = '''
+server.wait_for_unit("hello-daemon.service")
+server.wait_for_open_port(7777)
+assert server.succeed("nc -w 10 localhost 7777").strip() == "hello from server"
+owners = server.succeed("stat -c %u:%g /usr/bin/socat /usr/bin/hello-daemon /etc/passwd")
+assert owners == "0:0\n0:0\n0:0\n", owners
+assert server.succeed("stat -c %U /var/cache/apt/archives/partial").strip() == "_apt"
+assert server.succeed("stat -c %a /usr/bin/su").strip() == "4755"
+'''
+
+[nodes.server]
+packages = ["./hello-daemon.deb"]
+"#,
+    );
+    let out = user.vmrig(&["run", "-o", "out", spec.to_str().unwrap()], USER_PATH);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("built base tree for server"), "{log}");
+    assert!(
+        log.contains("built root image for server (local packages)"),
+        "{log}"
+    );
+    assert_store_is_the_users(&user);
+    common::assert_no_leftovers(&user.tmp());
+}
