@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 
 mod full;
 mod lock;
+pub mod remote;
 mod room;
 
 pub use full::{disk_full_in, is_disk_full, DiskFull};
