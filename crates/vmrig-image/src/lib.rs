@@ -33,6 +33,7 @@ use std::time::Duration;
 pub use error::ImageError;
 pub use planned::PlannedImage;
 use vmrig_spec::{ImageInputs, TestSpec};
+use vmrig_store::remote::RemoteCache;
 use vmrig_store::{Store, StorePath};
 
 /// Bumped whenever a builder's output changes for the same inputs, so old store paths are
@@ -47,6 +48,8 @@ pub const GUEST_INIT: &[u8] = include_bytes!(env!("VMRIG_GUEST_INIT_PATH"));
 pub enum StepOutcome {
     Built(Duration),
     Cached,
+    /// Fetched (and verified) from the remote cache.
+    Fetched(Duration),
 }
 
 /// Receives build progress; the CLI renders it (indicatif), tests ignore it.
@@ -106,6 +109,9 @@ pub struct ImageBuilder<'a> {
     /// later step's [`Store::make_room`] (or another process's gc) must not remove the
     /// kernel that the initramfs and root image steps still read.
     pins: std::sync::Mutex<Vec<vmrig_store::UseGuard>>,
+    /// A shared cache: missing paths are fetched from it before anything is built, and
+    /// what is built is pushed to it (unless it is read-only).
+    remote: Option<&'a RemoteCache>,
 }
 
 impl<'a> ImageBuilder<'a> {
@@ -116,7 +122,14 @@ impl<'a> ImageBuilder<'a> {
             observer,
             mirror_override,
             pins: Default::default(),
+            remote: None,
         }
+    }
+
+    /// This builder reading through (and writing back to) `remote`.
+    pub fn with_remote(mut self, remote: Option<&'a RemoteCache>) -> Self {
+        self.remote = remote;
+        self
     }
 
     /// Checks that the host has every build tool, with one message naming all missing ones.
@@ -233,6 +246,9 @@ impl<'a> ImageBuilder<'a> {
             self.observer
                 .line(step, &vmrig_store::describe_room(&room, self.store.root()));
         }
+        if let Some(path) = self.fetch(step, key) {
+            return Ok((path, StepOutcome::Fetched(start.elapsed())));
+        }
         let mut built_here = false;
         let path = self
             .store
@@ -242,12 +258,86 @@ impl<'a> ImageBuilder<'a> {
             })
             .map_err(unwrap_build_error)?;
         let outcome = if built_here {
+            self.push(step, &path);
             StepOutcome::Built(start.elapsed())
         } else {
             StepOutcome::Cached
         };
         Ok((path, outcome))
     }
+
+    /// The path from the remote cache, if it has it. A cache that fails (unreachable,
+    /// corrupt object) is a warning: the step builds locally.
+    fn fetch(&self, step: &str, key: &vmrig_store::StoreKey) -> Option<StorePath> {
+        let remote = self.remote?;
+        let mut last_report = std::time::Instant::now();
+        let mut progress = |bytes: u64| {
+            if last_report.elapsed() >= std::time::Duration::from_secs(5) {
+                last_report = std::time::Instant::now();
+                self.observer
+                    .line(step, &format!("fetched {} MiB so far", bytes >> 20));
+            }
+        };
+        match remote.fetch(self.store, key, &mut progress) {
+            Ok(Some((path, manifest))) => {
+                self.observer.line(
+                    step,
+                    &format!(
+                        "fetched {} ({:.1} MiB) from {}",
+                        path.base_name(),
+                        manifest.size as f64 / (1 << 20) as f64,
+                        remote.url()
+                    ),
+                );
+                Some(path)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.observer
+                    .line(step, &format!("warning: {}; building locally", chain(&e)));
+                None
+            }
+        }
+    }
+
+    /// Pushes a path this builder built, when the remote cache is writable. Failing to
+    /// push is a warning: the build itself succeeded.
+    fn push(&self, step: &str, path: &StorePath) {
+        let Some(remote) = self.remote.filter(|r| r.writes()) else {
+            return;
+        };
+        let pushed = self
+            .store
+            .use_path(path)
+            .map_err(vmrig_store::remote::CacheError::from)
+            .and_then(|_guard| remote.push(path, &mut |_| {}));
+        match pushed {
+            Ok(vmrig_store::remote::Pushed::Uploaded { bytes }) => self.observer.line(
+                step,
+                &format!(
+                    "pushed {} ({:.1} MiB) to {}",
+                    path.base_name(),
+                    bytes as f64 / (1 << 20) as f64,
+                    remote.url()
+                ),
+            ),
+            Ok(vmrig_store::remote::Pushed::AlreadyThere) => {}
+            Err(e) => self
+                .observer
+                .line(step, &format!("warning: {}; not pushed", chain(&e))),
+        }
+    }
+}
+
+/// An error with its causes, `a: b: c`, for one-line warnings.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = format!("failed to {err}");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// A builder's own error comes back wrapped in the store's; unwrap it so callers see

@@ -235,6 +235,16 @@ impl StoreKey {
     pub fn base_name(&self) -> String {
         format!("{}-{}", self.hash, self.name)
     }
+
+    /// The key of a store path named `<hash>-<name>` (as `store list` and a remote cache
+    /// show them), `None` if `base` is not such a name.
+    pub fn from_base_name(base: &str) -> Option<StoreKey> {
+        let (hash, name) = parse_base(base)?;
+        Some(StoreKey {
+            hash: hash.to_owned(),
+            name: name.to_owned(),
+        })
+    }
 }
 
 /// A complete path in the store (a directory).
