@@ -389,4 +389,116 @@ mod tests {
         store.make_room().unwrap();
         assert!(!kernel.path().exists());
     }
+
+    /// Records every line and outcome a builder reports.
+    #[derive(Default)]
+    struct Record(std::sync::Mutex<Vec<String>>);
+    impl BuildObserver for Record {
+        fn line(&self, step: &str, line: &str) {
+            self.0.lock().unwrap().push(format!("{step}: {line}"));
+        }
+        fn step_finished(&self, step: &str, outcome: StepOutcome) {
+            self.0.lock().unwrap().push(format!("{step}: {outcome:?}"));
+        }
+    }
+
+    fn write_data(out: &std::path::Path) -> Result<(), ImageError> {
+        std::fs::write(out.join("data"), b"built").map_err(ImageError::io("write"))
+    }
+
+    fn refuse_to_build(_: &std::path::Path) -> Result<(), ImageError> {
+        panic!("built although the cache has the path")
+    }
+
+    #[test]
+    fn an_empty_store_with_a_warm_cache_fetches_and_builds_nothing() {
+        let cache_dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", cache_dir.path().display());
+        let remote = RemoteCache::open(&url, vmrig_store::remote::CacheMode::ReadWrite).unwrap();
+        let key = StoreKey::new("rootfs-bookworm", b"r");
+
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = Store::open(a.path()).unwrap();
+        let record = Record::default();
+        ImageBuilder::new(&first, &record)
+            .with_remote(Some(&remote))
+            .cached_step("root image", &key, write_data)
+            .unwrap();
+        let lines = record.0.lock().unwrap().join("\n");
+        assert!(lines.contains("pushed"), "{lines}");
+
+        let second = Store::open(b.path()).unwrap();
+        let record = Record::default();
+        let path = ImageBuilder::new(&second, &record)
+            .with_remote(Some(&remote))
+            .cached_step("root image", &key, refuse_to_build)
+            .unwrap();
+        assert_eq!(std::fs::read(path.path().join("data")).unwrap(), b"built");
+        let lines = record.0.lock().unwrap().join("\n");
+        assert!(lines.contains("root image: Fetched("), "{lines}");
+    }
+
+    #[test]
+    fn a_corrupt_object_is_a_warning_and_the_step_builds() {
+        let cache_dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", cache_dir.path().display());
+        let remote = RemoteCache::open(&url, vmrig_store::remote::CacheMode::ReadWrite).unwrap();
+        let key = StoreKey::new("kernel-bookworm", b"k");
+        let a = tempfile::tempdir().unwrap();
+        let first = Store::open(a.path()).unwrap();
+        ImageBuilder::new(&first, &Quiet)
+            .with_remote(Some(&remote))
+            .cached_step("kernel", &key, write_data)
+            .unwrap();
+        for entry in std::fs::read_dir(cache_dir.path().join("data")).unwrap() {
+            std::fs::write(entry.unwrap().path(), b"garbage").unwrap();
+        }
+        let b = tempfile::tempdir().unwrap();
+        let second = Store::open(b.path()).unwrap();
+        let record = Record::default();
+        let path = ImageBuilder::new(&second, &record)
+            .with_remote(Some(&remote))
+            .cached_step("kernel", &key, write_data)
+            .unwrap();
+        assert!(path.path().join("data").exists());
+        let lines = record.0.lock().unwrap().join("\n");
+        assert!(
+            lines.contains("kernel: warning: failed to fetch"),
+            "{lines}"
+        );
+        assert!(lines.contains("corrupt"), "{lines}");
+        assert!(lines.contains("building locally"), "{lines}");
+        assert!(lines.contains("kernel: Built("), "{lines}");
+    }
+
+    #[test]
+    fn an_unreachable_cache_is_a_warning_and_a_read_only_one_gets_nothing() {
+        let remote = RemoteCache::open(
+            "http://127.0.0.1:9/cache",
+            vmrig_store::remote::CacheMode::ReadWrite,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let record = Record::default();
+        ImageBuilder::new(&store, &record)
+            .with_remote(Some(&remote))
+            .cached_step("kernel", &StoreKey::new("kernel", b"k"), write_data)
+            .unwrap();
+        let lines = record.0.lock().unwrap().join("\n");
+        assert!(lines.contains("warning: failed to"), "{lines}");
+        assert!(lines.contains("http://127.0.0.1:9/cache"), "{lines}");
+        assert!(lines.contains("kernel: Built("), "{lines}");
+        // HTTP caches are read-only: nothing is pushed, and no warning about it.
+        assert!(!lines.contains("not pushed"), "{lines}");
+
+        let cache_dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", cache_dir.path().display());
+        let read_only = RemoteCache::open(&url, vmrig_store::remote::CacheMode::ReadOnly).unwrap();
+        ImageBuilder::new(&store, &Quiet)
+            .with_remote(Some(&read_only))
+            .cached_step("initramfs", &StoreKey::new("initramfs", b"i"), write_data)
+            .unwrap();
+        assert_eq!(std::fs::read_dir(cache_dir.path()).unwrap().count(), 0);
+    }
 }

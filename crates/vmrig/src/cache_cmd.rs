@@ -44,6 +44,9 @@ fn parse_mode(text: &str) -> Result<CacheMode, String> {
     CacheMode::parse(text).ok_or_else(|| format!("{text:?} is not read-write or read-only"))
 }
 
+const UNREACHABLE_FIX: &str = "check the URL, the network, and the credentials in the \
+                               provider's environment variables or configuration files";
+
 static REMOTE: OnceLock<Option<Arc<RemoteCache>>> = OnceLock::new();
 
 /// Sets up the cache of the command line (nothing is contacted yet). A bad URL is a
@@ -135,7 +138,16 @@ pub fn push(files: &[PathBuf]) -> anyhow::Result<i32> {
             Ok(Pushed::AlreadyThere) => eprintln!("already in the cache: {}", path.base_name()),
             Err(e) => {
                 failed += 1;
-                eprintln!("error: {}", exit::chain_text(&e));
+                let fix = if e.is_unreachable() {
+                    UNREACHABLE_FIX
+                } else {
+                    ""
+                };
+                eprintln!(
+                    "error: failed to {}{}{fix}",
+                    exit::chain_text(&e),
+                    if fix.is_empty() { "" } else { ": " }
+                );
                 if e.is_unreachable() {
                     break;
                 }
@@ -257,6 +269,13 @@ fn status(files: &[PathBuf]) -> anyhow::Result<i32> {
             .map(|(name, place)| (name, place.local.is_some()))
             .collect()
     };
+    if let Err(e) = remote.check() {
+        eprintln!(
+            "error: failed to {}: {UNREACHABLE_FIX}",
+            exit::chain_text(&e)
+        );
+        return Ok(exit::INFRA);
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "cache {} ({:?})", remote.url(), remote.mode())?;
     for (name, local) in rows {
@@ -264,7 +283,10 @@ fn status(files: &[PathBuf]) -> anyhow::Result<i32> {
             match remote.manifest(&name) {
                 Ok(m) => Some(m.is_some()),
                 Err(e) => {
-                    writeln!(out, "error: {}", exit::chain_text(&e))?;
+                    eprintln!(
+                        "error: failed to {}: {UNREACHABLE_FIX}",
+                        exit::chain_text(&e)
+                    );
                     return Ok(exit::INFRA);
                 }
             }
