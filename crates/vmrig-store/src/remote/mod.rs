@@ -190,6 +190,11 @@ impl RemoteCache {
         // (ring's provider is deprecated only for lacking post-quantum key exchange.)
         #[allow(deprecated)]
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // Without OpenDAL's default transport feature (it would bring aws-lc), its HTTP
+        // services need a transport installed by hand; the first install wins.
+        opendal::HttpTransporter::install_default(
+            opendal_http_transport_reqwest::ReqwestTransport::default(),
+        );
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("vmrig-cache")
