@@ -41,6 +41,9 @@ pub struct RunOptions {
     pub capture: bool,
     /// Boot from saved snapshots and save new ones (nodes may opt out with `snapshot = false`).
     pub snapshots: bool,
+    /// A shared cache of store paths: images missing here are fetched from it, and what
+    /// this run builds is pushed to it (unless read-only).
+    pub remote_cache: Option<Arc<vmrig_store::remote::RemoteCache>>,
 }
 
 impl Default for RunOptions {
@@ -56,6 +59,7 @@ impl Default for RunOptions {
             terminal_log: true,
             capture: false,
             snapshots: true,
+            remote_cache: None,
         }
     }
 }
@@ -155,7 +159,7 @@ pub fn prepare(
     let decision = accel::decide(opts.accel)?;
 
     let store = Store::open_default().map_err(RunError::StoreOpen)?;
-    let builder = ImageBuilder::new(&store, observer);
+    let builder = ImageBuilder::new(&store, observer).with_remote(opts.remote_cache.as_deref());
     builder.check_tools().map_err(RunError::Image)?;
     let (images, guards) = build_and_hold(&store, &builder, spec)?;
 

@@ -36,6 +36,7 @@ use std::time::Duration;
 pub use error::ImageError;
 pub use planned::PlannedImage;
 use vmrig_spec::{ImageInputs, TestSpec};
+use vmrig_store::remote::RemoteCache;
 use vmrig_store::{Store, StorePath};
 
 /// Bumped whenever a builder's output changes for the same inputs, so old store paths are
@@ -50,6 +51,8 @@ pub const GUEST_INIT: &[u8] = include_bytes!(env!("VMRIG_GUEST_INIT_PATH"));
 pub enum StepOutcome {
     Built(Duration),
     Cached,
+    /// Fetched (and verified) from the remote cache.
+    Fetched(Duration),
 }
 
 /// Receives build progress; the CLI renders it (indicatif), tests ignore it.
@@ -109,6 +112,9 @@ pub struct ImageBuilder<'a> {
     /// later step's [`Store::make_room`] (or another process's gc) must not remove the
     /// kernel that the initramfs and root image steps still read.
     pins: std::sync::Mutex<Vec<vmrig_store::UseGuard>>,
+    /// A shared cache: missing paths are fetched from it before anything is built, and
+    /// what is built is pushed to it (unless it is read-only).
+    remote: Option<&'a RemoteCache>,
 }
 
 impl<'a> ImageBuilder<'a> {
@@ -119,7 +125,14 @@ impl<'a> ImageBuilder<'a> {
             observer,
             mirror_override,
             pins: Default::default(),
+            remote: None,
         }
+    }
+
+    /// This builder reading through (and writing back to) `remote`.
+    pub fn with_remote(mut self, remote: Option<&'a RemoteCache>) -> Self {
+        self.remote = remote;
+        self
     }
 
     /// Checks that the host has every build tool, with one message naming all missing ones.
@@ -236,6 +249,9 @@ impl<'a> ImageBuilder<'a> {
             self.observer
                 .line(step, &vmrig_store::describe_room(&room, self.store.root()));
         }
+        if let Some(path) = self.fetch(step, key) {
+            return Ok((path, StepOutcome::Fetched(start.elapsed())));
+        }
         let mut built_here = false;
         let path = self
             .store
@@ -245,12 +261,86 @@ impl<'a> ImageBuilder<'a> {
             })
             .map_err(unwrap_build_error)?;
         let outcome = if built_here {
+            self.push(step, &path);
             StepOutcome::Built(start.elapsed())
         } else {
             StepOutcome::Cached
         };
         Ok((path, outcome))
     }
+
+    /// The path from the remote cache, if it has it. A cache that fails (unreachable,
+    /// corrupt object) is a warning: the step builds locally.
+    fn fetch(&self, step: &str, key: &vmrig_store::StoreKey) -> Option<StorePath> {
+        let remote = self.remote?;
+        let mut last_report = std::time::Instant::now();
+        let mut progress = |bytes: u64| {
+            if last_report.elapsed() >= std::time::Duration::from_secs(5) {
+                last_report = std::time::Instant::now();
+                self.observer
+                    .line(step, &format!("fetched {} MiB so far", bytes >> 20));
+            }
+        };
+        match remote.fetch(self.store, key, &mut progress) {
+            Ok(Some((path, manifest))) => {
+                self.observer.line(
+                    step,
+                    &format!(
+                        "fetched {} ({:.1} MiB) from {}",
+                        path.base_name(),
+                        manifest.size as f64 / (1 << 20) as f64,
+                        remote.url()
+                    ),
+                );
+                Some(path)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.observer
+                    .line(step, &format!("warning: {}; building locally", chain(&e)));
+                None
+            }
+        }
+    }
+
+    /// Pushes a path this builder built, when the remote cache is writable. Failing to
+    /// push is a warning: the build itself succeeded.
+    fn push(&self, step: &str, path: &StorePath) {
+        let Some(remote) = self.remote.filter(|r| r.writes()) else {
+            return;
+        };
+        let pushed = self
+            .store
+            .use_path(path)
+            .map_err(vmrig_store::remote::CacheError::from)
+            .and_then(|_guard| remote.push(path, &mut |_| {}));
+        match pushed {
+            Ok(vmrig_store::remote::Pushed::Uploaded { bytes }) => self.observer.line(
+                step,
+                &format!(
+                    "pushed {} ({:.1} MiB) to {}",
+                    path.base_name(),
+                    bytes as f64 / (1 << 20) as f64,
+                    remote.url()
+                ),
+            ),
+            Ok(vmrig_store::remote::Pushed::AlreadyThere) => {}
+            Err(e) => self
+                .observer
+                .line(step, &format!("warning: {}; not pushed", chain(&e))),
+        }
+    }
+}
+
+/// An error with its causes, `a: b: c`, for one-line warnings.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = format!("failed to {err}");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// A builder's own error comes back wrapped in the store's; unwrap it so callers see
@@ -301,5 +391,117 @@ mod tests {
         // Once the builder is gone, its paths are ordinary cache entries again.
         store.make_room().unwrap();
         assert!(!kernel.path().exists());
+    }
+
+    /// Records every line and outcome a builder reports.
+    #[derive(Default)]
+    struct Record(std::sync::Mutex<Vec<String>>);
+    impl BuildObserver for Record {
+        fn line(&self, step: &str, line: &str) {
+            self.0.lock().unwrap().push(format!("{step}: {line}"));
+        }
+        fn step_finished(&self, step: &str, outcome: StepOutcome) {
+            self.0.lock().unwrap().push(format!("{step}: {outcome:?}"));
+        }
+    }
+
+    fn write_data(out: &std::path::Path) -> Result<(), ImageError> {
+        std::fs::write(out.join("data"), b"built").map_err(ImageError::io("write"))
+    }
+
+    fn refuse_to_build(_: &std::path::Path) -> Result<(), ImageError> {
+        panic!("built although the cache has the path")
+    }
+
+    #[test]
+    fn an_empty_store_with_a_warm_cache_fetches_and_builds_nothing() {
+        let cache_dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", cache_dir.path().display());
+        let remote = RemoteCache::open(&url, vmrig_store::remote::CacheMode::ReadWrite).unwrap();
+        let key = StoreKey::new("rootfs-bookworm", b"r");
+
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = Store::open(a.path()).unwrap();
+        let record = Record::default();
+        ImageBuilder::new(&first, &record)
+            .with_remote(Some(&remote))
+            .cached_step("root image", &key, write_data)
+            .unwrap();
+        let lines = record.0.lock().unwrap().join("\n");
+        assert!(lines.contains("pushed"), "{lines}");
+
+        let second = Store::open(b.path()).unwrap();
+        let record = Record::default();
+        let path = ImageBuilder::new(&second, &record)
+            .with_remote(Some(&remote))
+            .cached_step("root image", &key, refuse_to_build)
+            .unwrap();
+        assert_eq!(std::fs::read(path.path().join("data")).unwrap(), b"built");
+        let lines = record.0.lock().unwrap().join("\n");
+        assert!(lines.contains("root image: Fetched("), "{lines}");
+    }
+
+    #[test]
+    fn a_corrupt_object_is_a_warning_and_the_step_builds() {
+        let cache_dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", cache_dir.path().display());
+        let remote = RemoteCache::open(&url, vmrig_store::remote::CacheMode::ReadWrite).unwrap();
+        let key = StoreKey::new("kernel-bookworm", b"k");
+        let a = tempfile::tempdir().unwrap();
+        let first = Store::open(a.path()).unwrap();
+        ImageBuilder::new(&first, &Quiet)
+            .with_remote(Some(&remote))
+            .cached_step("kernel", &key, write_data)
+            .unwrap();
+        for entry in std::fs::read_dir(cache_dir.path().join("data")).unwrap() {
+            std::fs::write(entry.unwrap().path(), b"garbage").unwrap();
+        }
+        let b = tempfile::tempdir().unwrap();
+        let second = Store::open(b.path()).unwrap();
+        let record = Record::default();
+        let path = ImageBuilder::new(&second, &record)
+            .with_remote(Some(&remote))
+            .cached_step("kernel", &key, write_data)
+            .unwrap();
+        assert!(path.path().join("data").exists());
+        let lines = record.0.lock().unwrap().join("\n");
+        assert!(
+            lines.contains("kernel: warning: failed to fetch"),
+            "{lines}"
+        );
+        assert!(lines.contains("corrupt"), "{lines}");
+        assert!(lines.contains("building locally"), "{lines}");
+        assert!(lines.contains("kernel: Built("), "{lines}");
+    }
+
+    #[test]
+    fn an_unreachable_cache_is_a_warning_and_a_read_only_one_gets_nothing() {
+        let remote = RemoteCache::open(
+            "http://127.0.0.1:9/cache",
+            vmrig_store::remote::CacheMode::ReadWrite,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let record = Record::default();
+        ImageBuilder::new(&store, &record)
+            .with_remote(Some(&remote))
+            .cached_step("kernel", &StoreKey::new("kernel", b"k"), write_data)
+            .unwrap();
+        let lines = record.0.lock().unwrap().join("\n");
+        assert!(lines.contains("warning: failed to"), "{lines}");
+        assert!(lines.contains("http://127.0.0.1:9/cache"), "{lines}");
+        assert!(lines.contains("kernel: Built("), "{lines}");
+        // HTTP caches are read-only: nothing is pushed, and no warning about it.
+        assert!(!lines.contains("not pushed"), "{lines}");
+
+        let cache_dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", cache_dir.path().display());
+        let read_only = RemoteCache::open(&url, vmrig_store::remote::CacheMode::ReadOnly).unwrap();
+        ImageBuilder::new(&store, &Quiet)
+            .with_remote(Some(&read_only))
+            .cached_step("initramfs", &StoreKey::new("initramfs", b"i"), write_data)
+            .unwrap();
+        assert_eq!(std::fs::read_dir(cache_dir.path()).unwrap().count(), 0);
     }
 }

@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 
 mod full;
 mod lock;
+pub mod remote;
 mod room;
 
 pub use full::{disk_full_in, is_disk_full, DiskFull};
@@ -233,6 +234,16 @@ impl StoreKey {
     /// `<hash>-<name>`, the file name of the store path.
     pub fn base_name(&self) -> String {
         format!("{}-{}", self.hash, self.name)
+    }
+
+    /// The key of a store path named `<hash>-<name>` (as `store list` and a remote cache
+    /// show them), `None` if `base` is not such a name.
+    pub fn from_base_name(base: &str) -> Option<StoreKey> {
+        let (hash, name) = parse_base(base)?;
+        Some(StoreKey {
+            hash: hash.to_owned(),
+            name: name.to_owned(),
+        })
     }
 }
 

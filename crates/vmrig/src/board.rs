@@ -209,12 +209,24 @@ impl BuildObserver for TestLine {
         }
     }
 
+    fn line(&self, step: &str, line: &str) {
+        // A cache's warning (unreachable, corrupt object) is shown in any case.
+        if line.starts_with("warning: ") {
+            self.say(&format!("{step}: {line}"));
+        }
+    }
+
     fn step_finished(&self, step: &str, outcome: StepOutcome) {
-        if let StepOutcome::Built(took) = outcome {
-            self.say(&format!(
+        match outcome {
+            StepOutcome::Built(took) => self.say(&format!(
                 "built {step} in {}",
                 crate::units::format_elapsed(took)
-            ));
+            )),
+            StepOutcome::Fetched(took) => self.say(&format!(
+                "fetched {step} from the cache in {}",
+                crate::units::format_elapsed(took)
+            )),
+            StepOutcome::Cached => {}
         }
     }
 }

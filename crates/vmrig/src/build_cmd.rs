@@ -40,7 +40,8 @@ pub fn run(args: BuildArgs) -> anyhow::Result<i32> {
     let progress = Progress::new(crate::verbosity() > 0);
     let mut built = Vec::new();
     {
-        let builder = ImageBuilder::new(&store, &progress);
+        let remote = crate::cache_cmd::remote();
+        let builder = ImageBuilder::new(&store, &progress).with_remote(remote.as_deref());
         builder.check_tools()?;
         for spec in &specs {
             let images = builder.build_test(spec).map_err(|err| {

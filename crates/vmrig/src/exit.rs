@@ -79,7 +79,13 @@ pub fn exit_code(kind: &ErrorKind) -> i32 {
 pub fn kind_of(err: &anyhow::Error) -> ErrorKind {
     err.chain()
         .find_map(|e| {
-            if e.is::<crate::select::NoTests>() {
+            use vmrig_store::remote::CacheError;
+            if e.is::<crate::select::NoTests>()
+                || matches!(
+                    e.downcast_ref::<CacheError>(),
+                    Some(CacheError::BadUrl { .. } | CacheError::BadMode { .. })
+                )
+            {
                 Some(ErrorKind::TestInput)
             } else {
                 e.downcast_ref::<crate::run_cmd::OutputDirError>()

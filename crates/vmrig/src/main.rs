@@ -21,6 +21,7 @@
 
 mod board;
 mod build_cmd;
+mod cache_cmd;
 mod cached;
 mod check_cmd;
 mod doctor;
@@ -65,6 +66,9 @@ struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
 
+    #[command(flatten)]
+    cache: cache_cmd::CacheOpts,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -101,6 +105,11 @@ enum Command {
         #[command(subcommand)]
         command: store_cmd::StoreCommand,
     },
+    /// The shared cache of store paths (--cache URL or VMRIG_CACHE).
+    Cache {
+        #[command(subcommand)]
+        command: cache_cmd::CacheCommand,
+    },
 }
 
 fn main() {
@@ -122,6 +131,9 @@ fn main() {
     }
     let cli = Cli::parse(); // exits 2 on a usage error, 0 on --help/--version
     VERBOSITY.store(cli.verbose, Ordering::Relaxed);
+    if let Err(err) = cache_cmd::init(&cli.cache) {
+        std::process::exit(exit::finish(Err(err)));
+    }
     let result = match cli.command {
         Command::Run(args) => run_cmd::run(args),
         Command::Interactive(args) => run_cmd::run(args.into()),
@@ -132,6 +144,7 @@ fn main() {
         Command::Doctor { qemu, python } => doctor::run(qemu, python),
         Command::NixosDriver(args) => nixos_cmd::run(args),
         Command::Store { command } => store_cmd::run(command),
+        Command::Cache { command } => cache_cmd::run(command),
     };
     std::process::exit(exit::finish(result));
 }

@@ -124,12 +124,13 @@ impl BuildObserver for Progress {
                 if let Some(bar) = lock(&fancy.running).get(step) {
                     bar.set_message(line.clone());
                 }
-                if self.verbose {
+                // A cache's warning (unreachable, corrupt object) is shown in any case.
+                if self.verbose || line.starts_with("warning: ") {
                     let _ = fancy.multi.println(format!("  {step}: {line}"));
                 }
             }
             None => {
-                if self.verbose {
+                if self.verbose || line.starts_with("warning: ") {
                     self.println(&format!("  {step}: {line}"));
                 }
             }
@@ -140,6 +141,9 @@ impl BuildObserver for Progress {
         let text = match outcome {
             StepOutcome::Built(took) => format!("built in {}", format_elapsed(took)),
             StepOutcome::Cached => "cached".to_owned(),
+            StepOutcome::Fetched(took) => {
+                format!("fetched from the cache in {}", format_elapsed(took))
+            }
         };
         match &self.fancy {
             Some(fancy) => {
@@ -154,6 +158,10 @@ impl BuildObserver for Progress {
                     self.println(&format!("built {step} in {}", format_elapsed(took)))
                 }
                 StepOutcome::Cached => self.println(&format!("cached: {step}")),
+                StepOutcome::Fetched(took) => self.println(&format!(
+                    "fetched {step} from the cache in {}",
+                    format_elapsed(took)
+                )),
             },
         }
     }

@@ -140,6 +140,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             terminal_log: true,
             capture: args.capture,
             snapshots: !args.no_snapshots,
+            remote_cache: crate::cache_cmd::remote(),
         },
         store,
         cache,

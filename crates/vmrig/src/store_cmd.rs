@@ -1,4 +1,4 @@
-//! `vmrig store list` and `vmrig store gc`.
+//! `vmrig store list` and `vmrig store gc` (`push` and `pull` are in `cache_cmd`).
 
 use std::io::Write;
 use std::time::{Duration, SystemTime};
@@ -12,6 +12,17 @@ use crate::units::{format_age, format_bytes, parse_duration};
 
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
+    /// Push the local store paths of these tests (or all) to the cache (--cache URL).
+    Push {
+        /// Test files; none: every path of the local store.
+        #[arg(value_name = "FILE")]
+        files: Vec<std::path::PathBuf>,
+    },
+    /// Fetch the images of these tests from the cache (--cache URL); builds nothing.
+    Pull {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<std::path::PathBuf>,
+    },
     /// List the store's paths: name, size, last use, and whether something is using them.
     List,
     /// Remove store paths not used for a while (never those in use) and leftovers of
@@ -39,8 +50,14 @@ pub enum StoreCommand {
 }
 
 pub fn run(command: StoreCommand) -> anyhow::Result<i32> {
+    match &command {
+        StoreCommand::Push { files } => return crate::cache_cmd::push(files),
+        StoreCommand::Pull { files } => return crate::cache_cmd::pull(files),
+        _ => {}
+    }
     let store = Store::open_default().context("failed to open the image store")?;
     match command {
+        StoreCommand::Push { .. } | StoreCommand::Pull { .. } => unreachable!("handled above"),
         StoreCommand::List => list(&store),
         StoreCommand::Gc {
             free: Some(free), ..

@@ -752,3 +752,54 @@ fn bad_input_nixos_driver_checks_its_script_before_any_machine() {
     );
     assert!(run_dirs(tmp.path()).is_empty(), "a run directory was made");
 }
+
+#[test]
+fn bad_input_cache_url() {
+    let tmp = tempfile::tempdir().unwrap();
+    let test = write(
+        tmp.path(),
+        "t.toml",
+        "name = \"t\"\ntest_script = \"start_all()\"\n[nodes.a]\n",
+    );
+    let forms = "s3://BUCKET/PREFIX, file:///PATH, http(s)://HOST/PATH (read-only), \
+                 gcs://BUCKET/PREFIX, azblob://CONTAINER/PREFIX or ghac://PREFIX";
+    let out = vmrig(tmp.path(), &["--cache", "ftp://host/x", "build", s(&test)]);
+    assert_error(
+        &out,
+        2,
+        &format!(
+            "use \"ftp://host/x\" as a cache: vmrig has no cache backend `ftp` (write {forms})"
+        ),
+    );
+    // Credentials in the URL: refused, and never shown.
+    let out = vmrig_cmd(tmp.path(), &["list", s(&test)])
+        .env("VMRIG_CACHE", "s3://KEYID:SECRET@bucket/x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!stderr(&out).contains("SECRET"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("credentials do not belong in the URL"));
+    assert!(
+        !tmp.path().join("store").join(".tmp").exists(),
+        "the store was opened"
+    );
+}
+
+#[test]
+fn bad_input_unreachable_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Nothing listens on port 9 (discard): refused at once.
+    let out = vmrig(
+        tmp.path(),
+        &["--cache", "http://127.0.0.1:9/cache", "cache", "status"],
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(
+            "error: failed to reach the prefix in the cache http://127.0.0.1:9/cache: "
+        ),
+        "{err}"
+    );
+    assert!(err.trim_end().ends_with("check the URL, the network, and the credentials in the provider's environment variables or configuration files"), "{err}");
+}

@@ -148,6 +148,12 @@ impl vmrig_image::BuildObserver for StepLines {
         match outcome {
             StepOutcome::Built(took) => eprintln!("built {step} in {:.1}s", took.as_secs_f64()),
             StepOutcome::Cached => eprintln!("cached: {step}"),
+            StepOutcome::Fetched(took) => {
+                eprintln!(
+                    "fetched {step} from the cache in {:.1}s",
+                    took.as_secs_f64()
+                )
+            }
         }
     }
 }
