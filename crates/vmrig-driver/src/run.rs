@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub capture: bool,
     /// Boot from saved snapshots and save new ones (nodes may opt out with `snapshot = false`).
     pub snapshots: bool,
+    /// Save a failure snapshot (`<out>/failure-snapshot/`) when the script fails.
+    pub failure_snapshots: bool,
 }
 
 impl Default for RunOptions {
@@ -56,6 +58,7 @@ impl Default for RunOptions {
             terminal_log: true,
             capture: false,
             snapshots: true,
+            failure_snapshots: true,
         }
     }
 }
@@ -167,6 +170,8 @@ pub fn prepare(
         dir: out_dir.clone(),
         source,
     })?;
+    // A failure snapshot of an earlier run does not describe this one.
+    let _ = vmrig_store::remove_all(&out_dir.join(crate::failure::DIR_NAME));
     let logger = run_logger(
         &out_dir,
         opts.terminal_log,
@@ -197,6 +202,9 @@ pub fn prepare(
         snapshots: opts.snapshots,
         keep_state_in: opts.keep_vm_state.then(|| out_dir.clone()),
         start_command_state: (out_dir.clone(), false),
+        failure_snapshot: opts.failure_snapshots.then(|| crate::failure::SaveSetup {
+            test_file: spec.path.clone(),
+        }),
     };
     let driver = Driver::new(
         setup,
@@ -255,7 +263,7 @@ pub fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-fn check_qemu_version(qemu: &Path) -> Result<String, RunError> {
+pub(crate) fn check_qemu_version(qemu: &Path) -> Result<String, RunError> {
     let text =
         crate::snapshot::qemu_version_line(qemu).map_err(|source| RunError::QemuUnrunnable {
             qemu: qemu.to_owned(),

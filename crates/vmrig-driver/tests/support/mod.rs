@@ -189,6 +189,7 @@ impl Rig {
             snapshots: opts.snapshots,
             keep_state_in: None,
             start_command_state: (out_dir.clone(), false),
+            failure_snapshot: None,
         };
         let mut sources = vec![MachineSource::Nodes {
             spec: &self.spec,
