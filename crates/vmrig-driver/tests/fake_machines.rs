@@ -648,3 +648,83 @@ fn a_shared_directory_is_mounted_after_a_restore_and_a_reboot() {
     );
     std::fs::remove_dir_all(host).unwrap();
 }
+
+#[test]
+fn a_failure_saves_the_running_machines_and_the_network_and_debug_restores_them() {
+    let rig = Rig::new("[nodes.machine]\n\n[nodes.idle]\n");
+    let failing = RunOpts {
+        failure_snapshot: true,
+        ..RunOpts::default()
+    };
+    let first = rig.run_with(
+        "machine.succeed('true')\nmachine.block()\nvlan1.set_loss(20)\nvlan1.set_delay(0)\n\
+         assert False, 'boom'",
+        failing,
+    );
+    first.failed_with(&["boom"]);
+    let manifest = vmrig_driver::failure::Manifest::read(&first.out_dir).unwrap();
+    // The machine that ran, not the one that never started.
+    let saved: Vec<&str> = manifest.machines.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(saved, ["machine"], "{manifest:?}");
+    assert!(manifest.skipped.is_empty(), "{manifest:?}");
+    assert_eq!(manifest.qemu_version, "QEMU emulator version 9.2.0 (fake)");
+    assert_eq!(
+        manifest.network.blocked.iter().collect::<Vec<_>>(),
+        ["machine"]
+    );
+    assert_eq!(manifest.network.loss_percent.get(&1), Some(&20.0));
+    assert!(manifest.network.delay_ms.is_empty(), "a zero delay is none");
+    let dir = first.out_dir.join("failure-snapshot/machine");
+    for file in ["state", "disk.qcow2", "console.log", "initrd"] {
+        assert!(dir.join(file).exists(), "{file} was not saved");
+    }
+    assert!(
+        first.events.contains("saved its state: "),
+        "{}",
+        first.events
+    );
+    assert!(
+        first.events.contains(&format!(
+            "restore it with `vmrig debug {}`",
+            first.out_dir.display()
+        )),
+        "{}",
+        first.events
+    );
+
+    // Restored: the machine is up without a boot, its links are down again.
+    let debug = rig.run_with(
+        "assert machine.is_up()\nassert not idle.is_up()\nmachine.succeed('true')",
+        RunOpts {
+            restore: Some(first.out_dir.clone()),
+            ..RunOpts::default()
+        },
+    );
+    debug.passed();
+    assert!(
+        debug.events.contains("restored from the failure snapshot"),
+        "{}",
+        debug.events
+    );
+    assert!(
+        debug.events.contains("blocked all VLAN links"),
+        "{}",
+        debug.events
+    );
+    assert!(debug
+        .serial_log("machine")
+        .contains("fake-qemu: link vlan1 down"));
+
+    // A passing script, or one with failure snapshots off, saves nothing.
+    let passed = rig.run_with(
+        "machine.succeed('true')",
+        RunOpts {
+            failure_snapshot: true,
+            ..RunOpts::default()
+        },
+    );
+    passed.passed();
+    assert!(!passed.out_dir.join("failure-snapshot").exists());
+    let off = rig.run("machine.succeed('true')\nassert False");
+    assert!(!off.out_dir.join("failure-snapshot").exists());
+}
