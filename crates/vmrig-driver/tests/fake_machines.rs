@@ -728,3 +728,35 @@ fn a_failure_saves_the_running_machines_and_the_network_and_debug_restores_them(
     let off = rig.run("machine.succeed('true')\nassert False");
     assert!(!off.out_dir.join("failure-snapshot").exists());
 }
+
+#[test]
+fn a_failure_snapshot_unmounts_shared_directories_and_debug_mounts_them_again() {
+    let (rig, host, target) = shared_dir_rig();
+    std::fs::write(host.join("f"), "x\n").unwrap();
+    let read = format!(
+        "assert machine.succeed('cat {}/f') == 'x\\n'",
+        target.display()
+    );
+    let first = rig.run_with(
+        &format!("{read}\nassert False, 'boom'"),
+        RunOpts {
+            failure_snapshot: true,
+            ..RunOpts::default()
+        },
+    );
+    first.failed_with(&["boom"]);
+    // Saved (the fake QEMU, as QEMU, refuses to migrate with the export mounted).
+    assert!(!first.events.contains("not saved"), "{}", first.events);
+    let manifest = vmrig_driver::failure::Manifest::read(&first.out_dir).unwrap();
+    assert_eq!(manifest.machines.len(), 1, "{manifest:?}");
+    let debug = rig.run_with(
+        &read,
+        RunOpts {
+            restore: Some(first.out_dir.clone()),
+            ..RunOpts::default()
+        },
+    );
+    debug.passed();
+    assert!(debug.events.contains("restored from the failure snapshot"));
+    std::fs::remove_dir_all(host).unwrap();
+}
