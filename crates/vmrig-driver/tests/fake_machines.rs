@@ -760,3 +760,20 @@ fn a_failure_snapshot_unmounts_shared_directories_and_debug_mounts_them_again() 
     assert!(debug.events.contains("restored from the failure snapshot"));
     std::fs::remove_dir_all(host).unwrap();
 }
+
+#[test]
+fn the_global_timeout_saves_a_failure_snapshot_too() {
+    let rig = Rig::new(ONE);
+    let out = rig.run_with(
+        "machine.succeed('true')\nimport time\ntime.sleep(60)",
+        RunOpts {
+            failure_snapshot: true,
+            global_timeout: 3,
+            ..RunOpts::default()
+        },
+    );
+    assert!(out.global_timeout, "{:?}", out.failure);
+    let manifest = vmrig_driver::failure::Manifest::read(&out.out_dir).unwrap();
+    assert_eq!(manifest.machines.len(), 1, "{manifest:?}");
+    assert!(manifest.failure.contains("global timeout"), "{manifest:?}");
+}
