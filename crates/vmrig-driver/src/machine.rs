@@ -701,8 +701,12 @@ impl Machine {
             );
         };
         let (shared, image) = (node.shared_dirs.clone(), image.clone());
-        if self.phase != Phase::Ready {
-            return Err(format!("it was not ready (it was {:?})", self.phase));
+        match self.phase {
+            Phase::Ready => {}
+            Phase::Booting => {
+                return Err("it had not finished booting (its shell had not answered)".into())
+            }
+            _ => return Err("it was rebooting".into()),
         }
         // Also reads a late reply of a command that outlived its wait: the shell saved must
         // be idle, or the restored one would answer the next command with the old reply.

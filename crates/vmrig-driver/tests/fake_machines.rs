@@ -777,3 +777,23 @@ fn the_global_timeout_saves_a_failure_snapshot_too() {
     assert_eq!(manifest.machines.len(), 1, "{manifest:?}");
     assert!(manifest.failure.contains("global timeout"), "{manifest:?}");
 }
+
+#[test]
+fn a_machine_still_booting_is_left_out_of_the_failure_snapshot_with_the_reason() {
+    let rig = Rig::with_fake("[nodes.machine]\n\n[nodes.slow]\n", &[("DELAY", "30")]);
+    let out = rig.run_with(
+        "start_all()\nassert False, 'boom'",
+        RunOpts {
+            failure_snapshot: true,
+            ..RunOpts::default()
+        },
+    );
+    out.failed_with(&["boom"]);
+    let manifest = vmrig_driver::failure::Manifest::read(&out.out_dir).unwrap();
+    assert!(manifest.machines.is_empty(), "{manifest:?}");
+    let why: Vec<&str> = manifest.skipped.iter().map(|s| s.why.as_str()).collect();
+    assert_eq!(
+        why, ["it had not finished booting (its shell had not answered)"; 2],
+        "{manifest:?}"
+    );
+}
