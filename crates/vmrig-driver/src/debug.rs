@@ -52,6 +52,12 @@ pub fn debug(out_dir: &Path, opts: &DebugOptions) -> Result<DebugOutcome, RunErr
     let started = Instant::now();
     crate::cleanup::install_signal_handlers();
     let manifest = Manifest::read(out_dir)?;
+    // Absolute: the new disk layers name the saved ones as their backing files, which
+    // qemu-img would otherwise resolve from the layer's own directory.
+    let out_dir = &std::path::absolute(out_dir).map_err(|source| FailureError::Read {
+        path: out_dir.to_owned(),
+        source,
+    })?;
     let snapshot_dir = out_dir.join(DIR_NAME);
     let qemu = find_program(&opts.qemu).ok_or_else(|| RunError::QemuNotFound {
         qemu: opts.qemu.clone(),

@@ -324,7 +324,8 @@ pub fn save(
         vmrig_version: env!("CARGO_PKG_VERSION").into(),
         qemu_version: qemu_version.trim().into(),
         accel: accel.to_string(),
-        test_file: setup.test_file.clone(),
+        // Absolute: `vmrig debug` may run from another directory.
+        test_file: std::path::absolute(&setup.test_file).unwrap_or(setup.test_file.clone()),
         failure: failure.to_owned(),
         machines: Vec::new(),
         skipped: Vec::new(),

@@ -46,10 +46,16 @@ fn write(tmp: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// `vmrig debug OUT -c CODE`, and how long it took.
+/// `vmrig debug OUT -c CODE`, run in `tmp` with `OUT` relative to it (the new disk layers
+/// must name the saved ones by absolute paths), and how long it took.
 fn debug_c(tmp: &Path, out: &Path, code: &str) -> (Output, f64) {
     let started = Instant::now();
-    let result = vmrig(tmp, &["debug", out.to_str().unwrap(), "-c", code]);
+    let relative = out.strip_prefix(tmp).unwrap().to_str().unwrap();
+    let result = common::command(tmp)
+        .current_dir(tmp)
+        .args(["debug", relative, "-c", code])
+        .output()
+        .expect("run vmrig");
     (result, started.elapsed().as_secs_f64())
 }
 
