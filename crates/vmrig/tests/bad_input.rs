@@ -789,3 +789,26 @@ fn bad_input_debug_with_a_store_path_gone() {
         &format!("store paths this failure snapshot needs are gone: {} (`vmrig build {}` brings the images back); run the test again to save a new one", gone.display(), tmp.path().join("t.toml").display()),
     );
 }
+
+#[test]
+fn bad_input_debug_when_the_test_file_lost_a_saved_machine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, qemu) = failure_snapshot(tmp.path(), |m| {
+        m["machines"] = serde_json::json!([{
+            "name": "server", "backing": "/store/x/root.img", "backing_format": "raw",
+            "allow_reboot": false, "forwards": [], "bytes": 1, "save_seconds": 1.0,
+        }]);
+    });
+    let copy = out.join("failure-snapshot/test.toml");
+    std::fs::write(
+        &copy,
+        "name = \"t\"\ntest_script = 'pass'\n\n[nodes.other]\n",
+    )
+    .unwrap();
+    let result = vmrig(tmp.path(), &["debug", s(&out), "--qemu", s(&qemu)]);
+    assert_error(
+        &result,
+        2,
+        &format!("the test file {} no longer describes the machines of this failure snapshot (it has no node `server`); restore its saved copy {} or run the test again", tmp.path().join("t.toml").display(), copy.display()),
+    );
+}
