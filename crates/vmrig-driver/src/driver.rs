@@ -276,7 +276,12 @@ impl Driver {
         for cell in &cells {
             cell.lock().unwrap().connect()?;
         }
-        handler.apply_net_state(&manifest.network)
+        handler.apply_net_state(&manifest.network)?;
+        handler.logger.info(format!(
+            "network as at the failure: {}",
+            manifest.network.describe()
+        ));
+        Ok(())
     }
 
     /// Serves one call of the NixOS API, as the script's calls are served (the Rust API's

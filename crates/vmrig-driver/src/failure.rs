@@ -66,6 +66,39 @@ impl NetState {
     pub fn is_default(&self) -> bool {
         *self == NetState::default()
     }
+
+    /// One line for the log: "blocked: client; VLAN 1: loss 20%, delay 5 ms; partition [a] | [b]".
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.blocked.is_empty() {
+            let names: Vec<&str> = self.blocked.iter().map(|s| s.as_str()).collect();
+            parts.push(format!("blocked: {}", names.join(", ")));
+        }
+        let vlans: BTreeSet<u8> = self
+            .loss_percent
+            .keys()
+            .chain(self.delay_ms.keys())
+            .copied()
+            .collect();
+        for nr in vlans {
+            let mut what = Vec::new();
+            if let Some(p) = self.loss_percent.get(&nr) {
+                what.push(format!("loss {p}%"));
+            }
+            if let Some(ms) = self.delay_ms.get(&nr) {
+                what.push(format!("delay {ms} ms"));
+            }
+            parts.push(format!("VLAN {nr}: {}", what.join(", ")));
+        }
+        for (a, b) in &self.partitions {
+            parts.push(format!("partition {a:?} | {b:?}"));
+        }
+        if parts.is_empty() {
+            "as the test started".into()
+        } else {
+            parts.join("; ")
+        }
+    }
 }
 
 /// One saved machine: its files are in `<snapshot>/<name>/` (`state`, `disk.qcow2`,
@@ -459,6 +492,10 @@ mod tests {
         m.write(&dir.path().join(DIR_NAME)).unwrap();
         assert_eq!(Manifest::read(dir.path()).unwrap(), m);
         assert_eq!(m.network.delay_ms.len(), 0, "no delay is not recorded");
+        assert_eq!(
+            m.network.describe(),
+            "blocked: client; VLAN 1: loss 50%; partition [\"a\"] | [\"b\", \"c\"]"
+        );
         let mut healed = m.network.clone();
         healed.set_loss(1, 0.0);
         healed.set_blocked("client", false);

@@ -106,6 +106,10 @@ fn a_failed_run_is_debugged_as_the_failure_left_it() {
     assert_eq!(first.status.code(), Some(0), "{log}");
     assert!(log.contains("restored from the failure snapshot"), "{log}");
     assert!(log.contains("debugged"), "{log}");
+    assert!(
+        log.contains("network as at the failure: blocked: client; VLAN 1: delay 5 ms"),
+        "{log}"
+    );
     eprintln!("vmrig debug -c (to its end): {took:.1} s");
 
     // Again (the snapshot was not changed by the first session), with code that fails.
@@ -118,6 +122,32 @@ fn a_failed_run_is_debugged_as_the_failure_left_it() {
     assert_eq!(second.status.code(), Some(1), "{log}");
     assert!(log.contains("not as saved"), "{log}");
     eprintln!("vmrig debug -c, failing (to its end): {took:.1} s");
+
+    // The REPL (reading stdin, a terminal for users), with the test's globals.
+    let started = Instant::now();
+    let mut child = common::command(tmp.path())
+        .args(["debug", out.to_str().unwrap()])
+        .env("VMRIG_RERUN", "true")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"print('from the REPL:', server.succeed('cat /tmp/state').strip())\n")
+        .unwrap();
+    let repl = child.wait_with_output().unwrap();
+    let log = text(&repl);
+    assert_eq!(repl.status.code(), Some(0), "{log}");
+    assert!(log.contains("from the REPL: at-the-failure"), "{log}");
+    eprintln!(
+        "vmrig debug (REPL, one line): {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 
     // Another QEMU cannot load the state: refused before anything boots.
     let path = out.join("failure-snapshot/manifest.json");
