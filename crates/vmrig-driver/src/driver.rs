@@ -65,6 +65,8 @@ pub struct DriverSetup {
     pub keep_state_in: Option<PathBuf>,
     /// Where start commands keep state with `keep_vm_state`, and whether all of them do.
     pub start_command_state: (PathBuf, bool),
+    /// Save a failure snapshot when the script fails (`None`: do not).
+    pub failure_snapshot: Option<crate::failure::SaveSetup>,
 }
 
 /// A run's switches and machines, ready for its script.
@@ -74,6 +76,10 @@ pub struct Driver {
     machines: Vec<MachineInfo>,
     deadline: Arc<Deadline>,
     out_dir: PathBuf,
+    failure_snapshot: Option<crate::failure::SaveSetup>,
+    /// The QEMU version line and accelerator of nodes (for failure snapshots).
+    node_qemu_version: Option<String>,
+    accel: Accel,
 }
 
 impl Driver {
@@ -89,6 +95,7 @@ impl Driver {
             });
         }
         let deadline = Arc::new(Deadline::new(setup.deadline));
+        let node_qemu_version = setup.node_qemu.as_ref().map(|q| q.version.clone());
         let ctx = Arc::new(RunContext {
             node_qemu: setup.node_qemu,
             accel: setup.accel,
@@ -152,6 +159,7 @@ impl Driver {
             serial_stdout: ctx.serial_stdout.clone(),
             creator,
             deadline: deadline.clone(),
+            net: Mutex::new(Default::default()),
         };
         Ok(Driver {
             handler: Some(handler),
@@ -159,6 +167,9 @@ impl Driver {
             machines: infos,
             deadline,
             out_dir: setup.out_dir,
+            failure_snapshot: setup.failure_snapshot,
+            node_qemu_version,
+            accel: setup.accel,
         })
     }
 
@@ -186,14 +197,91 @@ impl Driver {
             out_dir: self.out_dir.clone(),
             work_dir: run_dir.path().to_owned(),
         };
-        serve_script(
+        let (failure, timed_out) = serve_script(
             handler,
             python,
             script,
             &script_ctx,
             mode,
             (&self.deadline, global_timeout),
-        )
+        )?;
+        // Only a script that ran by itself: with a REPL the user was already there.
+        if let (Some(why), Some(setup), Mode::Script) = (&failure, &self.failure_snapshot, mode) {
+            self.save_failure_snapshot(handler, setup, why);
+        }
+        Ok((failure, timed_out))
+    }
+
+    /// Saves the failure snapshot (`failure.rs`); a failure to save only warns.
+    fn save_failure_snapshot(
+        &self,
+        handler: &DriverHandler,
+        setup: &crate::failure::SaveSetup,
+        why: &str,
+    ) {
+        // The machines' commands must not time out now: the global timeout may be what
+        // failed the test (the watchdog has stopped).
+        self.deadline.lift();
+        let Some(version) = &self.node_qemu_version else {
+            return;
+        };
+        if let Err(e) =
+            crate::failure::save(handler, setup, &self.out_dir, version, self.accel, why)
+        {
+            let _ = vmrig_store::remove_all(&self.out_dir.join(crate::failure::DIR_NAME));
+            handler.logger.log(
+                crate::events::Level::Warning,
+                format!("no failure snapshot saved: {e}"),
+                None,
+            );
+        }
+    }
+
+    /// `vmrig debug`: restores the machines of `manifest` (saved in `snapshot_dir`) and
+    /// the network as they were at the failure; the other machines stay off.
+    pub fn restore_failure(
+        &self,
+        manifest: &crate::failure::Manifest,
+        snapshot_dir: &Path,
+    ) -> Result<(), RpcError> {
+        let handler = self
+            .handler
+            .as_ref()
+            .expect("a driver serves until finished");
+        let cells: Vec<_> = {
+            let machines = handler.machines.read().unwrap();
+            manifest
+                .machines
+                .iter()
+                .map(|saved| {
+                    machines.get(&saved.name).cloned().ok_or_else(|| {
+                        RpcError::machine(format!(
+                            "the failure snapshot has a machine `{}` the test file lacks",
+                            saved.name
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        };
+        // All launched first, so that they load their states at once.
+        for (saved, cell) in manifest.machines.iter().zip(&cells) {
+            let mut m = cell.lock().unwrap();
+            m.restore_failure_at_start(crate::machine::FailureRestore {
+                dir: snapshot_dir.join(&saved.name),
+                allow_reboot: saved.allow_reboot,
+                forwards: saved.forwards.clone(),
+            });
+            m.start(saved.allow_reboot)?;
+        }
+        for cell in &cells {
+            cell.lock().unwrap().connect()?;
+        }
+        handler.apply_net_state(&manifest.network)?;
+        handler.logger.info(format!(
+            "network as at the failure: {}",
+            manifest.network.describe()
+        ));
+        Ok(())
     }
 
     /// Serves one call of the NixOS API, as the script's calls are served (the Rust API's

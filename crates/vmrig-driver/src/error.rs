@@ -132,6 +132,12 @@ pub enum RunError {
         #[source]
         source: io::Error,
     },
+    /// A failure snapshot that cannot be saved or restored here (`vmrig debug`).
+    #[error(transparent)]
+    FailureSnapshot(#[from] crate::failure::FailureError),
+    /// A machine of a failure snapshot did not come back.
+    #[error("restoring the failure snapshot failed: {message}")]
+    Restore { message: String },
     /// A start script or its initrd (`vmrig build --start-scripts`).
     #[error("writing {}: {source}", .path.display())]
     WriteStartScript {
@@ -166,6 +172,11 @@ impl RunError {
                 ErrorKind::TestInput
             }
             RunError::Image(_) => ErrorKind::Image,
+            // The user named a directory without one, or the test file changed.
+            RunError::FailureSnapshot(
+                crate::failure::FailureError::Missing { .. }
+                | crate::failure::FailureError::TestChanged { .. },
+            ) => ErrorKind::TestInput,
             _ => ErrorKind::Host,
         }
     }
@@ -201,7 +212,12 @@ impl RunError {
             | RunError::NotQemu { .. }
             | RunError::Accel(_)
             | RunError::CreateMachine(_)
+            | RunError::Restore { .. }
             | RunError::DuplicateMachine { .. } => None,
+            RunError::FailureSnapshot(crate::failure::FailureError::Write { dir, source }) => {
+                at(dir, source)
+            }
+            RunError::FailureSnapshot(_) => None,
         }
     }
 }

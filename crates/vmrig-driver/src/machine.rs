@@ -67,6 +67,27 @@ enum Snapshot {
     Save(vmrig_store::StoreKey),
     /// Started from one (see `Machine::snapshot_in_use`).
     Restoring,
+    /// Started from a failure snapshot (`vmrig debug`).
+    RestoringFailure,
+}
+
+/// Where a machine of `vmrig debug` comes back from: its part of a failure snapshot.
+#[derive(Debug, Clone)]
+pub struct FailureRestore {
+    /// `<snapshot>/<name>/`: `state`, `disk.qcow2`, `console.log`, `initrd`.
+    pub dir: PathBuf,
+    pub allow_reboot: bool,
+    pub forwards: Vec<(u16, u16)>,
+}
+
+/// A machine's part of a failure snapshot, once saved.
+pub struct FailureSave {
+    /// What its disk layer is backed by, and that file's format.
+    pub backing: (PathBuf, &'static str),
+    /// The store paths it boots from (images, the boot snapshot it was restored from).
+    pub store_paths: Vec<PathBuf>,
+    pub allow_reboot: bool,
+    pub forwards: Vec<(u16, u16)>,
 }
 
 /// What a machine boots.
@@ -105,6 +126,8 @@ pub struct Machine {
     snapshot_in_use: Option<vmrig_store::UseGuard>,
     /// The running QEMU's `allow_reboot`.
     allow_reboot: bool,
+    /// Its first start restores this failure snapshot (`vmrig debug`).
+    failure_restore: Option<FailureRestore>,
 }
 
 impl Machine {
@@ -151,6 +174,7 @@ impl Machine {
             forwards: Vec::new(),
             snapshot: Snapshot::Off,
             snapshot_in_use: None,
+            failure_restore: None,
             allow_reboot: false,
         }
     }
@@ -391,7 +415,17 @@ impl Machine {
             None => self.dir.join("disk.qcow2"),
         };
         let first_start = !disk.exists();
-        let initrd = self.dir.join("initrd");
+        // `vmrig debug`: the first start loads the failure snapshot, with the initrd and
+        // the options QEMU had then (the device set must be the same).
+        let restore = if first_start {
+            self.failure_restore.take()
+        } else {
+            None
+        };
+        let initrd = match &restore {
+            Some(r) => r.dir.join("initrd"),
+            None => self.dir.join("initrd"),
+        };
         if !initrd.exists() {
             node_layer::write_initrd(&image.initrd_file(), layer, &initrd)
                 .map_err(|e| ApiError::Machine(format!("writing {}: {e}", initrd.display())))?;
@@ -412,7 +446,15 @@ impl Machine {
         let mut backing = (image.root_image(), "raw");
         let mut snapshot = Snapshot::Off;
         let mut snapshot_in_use = None;
-        if first_start && node.snapshot && self.ctx.snapshots {
+        let mut replay_from = None;
+        if let Some(r) = &restore {
+            cfg.allow_reboot = r.allow_reboot;
+            cfg.forwards = r.forwards.clone();
+            backing = (r.dir.join("disk.qcow2"), "qcow2");
+            cfg.incoming = Some(r.dir.join("state"));
+            replay_from = Some(r.dir.clone());
+            snapshot = Snapshot::RestoringFailure;
+        } else if first_start && node.snapshot && self.ctx.snapshots {
             let hash = crate::snapshot::file_hash(&initrd)
                 .map_err(|e| ApiError::Machine(format!("reading {}: {e}", initrd.display())))?;
             // The root image is behind the per-VM disk, not on QEMU's command line: name it.
@@ -439,15 +481,20 @@ impl Machine {
         }
         let (serial_log, sink) = self.serial_outputs();
         if let Some(guard) = &snapshot_in_use {
+            replay_from = Some(guard.path().to_owned());
+        }
+        if let Some(dir) = &replay_from {
             // The boot's console, as a cold boot would have shown it.
-            crate::snapshot::replay_console(guard.path(), &self.console, &serial_log).map_err(
-                |e| {
-                    ApiError::Machine(format!(
-                        "replaying the console saved with {}: {e}",
-                        guard.path().display()
-                    ))
-                },
-            )?;
+            crate::snapshot::replay_console(dir, &self.console, &serial_log).map_err(|e| {
+                ApiError::Machine(format!(
+                    "replaying the console saved with {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
+        if let Some(r) = &restore {
+            self.allow_reboot = r.allow_reboot;
+            self.forwards = r.forwards.clone();
         }
         let vm = Vm::launch(&qemu.qemu, cfg, &serial_log, self.console.clone(), sink)
             .map_err(vm_error)?;
@@ -473,8 +520,11 @@ impl Machine {
         self.start(false)?;
         let deadline = self.deadline_in(Some(BOOT_TIMEOUT.as_secs_f64()));
         let logger = self.ctx.logger.clone();
-        let restoring = matches!(self.snapshot, Snapshot::Restoring);
-        let what = if restoring {
+        let failure = matches!(self.snapshot, Snapshot::RestoringFailure);
+        let restoring = failure || matches!(self.snapshot, Snapshot::Restoring);
+        let what = if failure {
+            "restoring the VM from the failure snapshot"
+        } else if restoring {
             "restoring the VM from its boot snapshot"
         } else {
             "waiting for the VM to finish booting"
@@ -504,7 +554,9 @@ impl Machine {
             .started_at
             .map(|t| t.elapsed().as_secs_f64())
             .unwrap_or_default();
-        let how = if restoring {
+        let how = if failure {
+            "restored from the failure snapshot"
+        } else if restoring {
             "restored from the boot snapshot"
         } else {
             "connected to guest root shell"
@@ -627,6 +679,86 @@ impl Machine {
         })?;
         self.set_phase(Phase::Ready);
         self.mount_shared_dirs()
+    }
+
+    /// Restores the failure snapshot in `restore` at the machine's first start.
+    pub fn restore_failure_at_start(&mut self, restore: FailureRestore) {
+        self.failure_restore = Some(restore);
+    }
+
+    /// Saves the machine's part of a failure snapshot into `dir`: `Ok(None)` when it is
+    /// not running, `Err(why)` when it runs and cannot be saved. The VM goes on running.
+    pub fn save_failure_state(
+        &mut self,
+        dir: &std::path::Path,
+    ) -> Result<Option<FailureSave>, String> {
+        if !self.is_booted() {
+            return Ok(None);
+        }
+        let Source::Node { node, image, .. } = &self.source else {
+            return Err(
+                "a start command started it, and vmrig cannot restore its command line".into(),
+            );
+        };
+        let (shared, image) = (node.shared_dirs.clone(), image.clone());
+        match self.phase {
+            Phase::Ready => {}
+            Phase::Booting => {
+                return Err("it had not finished booting (its shell had not answered)".into())
+            }
+            _ => return Err("it was rebooting".into()),
+        }
+        // Also reads a late reply of a command that outlived its wait: the shell saved must
+        // be idle, or the restored one would answer the next command with the old reply.
+        match self.execute("true", Some(10.0)) {
+            Ok((0, _)) => {}
+            Ok((status, _)) => return Err(format!("its shell answers `true` with {status}")),
+            Err(e) => return Err(format!("its shell does not answer: {e}")),
+        }
+        // QEMU cannot save a VM while a 9p export is mounted; `vmrig debug` mounts them
+        // again after the restore (`connect`).
+        if !shared.is_empty() {
+            let targets: Vec<String> = shared
+                .values()
+                .map(|d| vmrig_vm::backdoor::shell_quote(&d.target))
+                .collect();
+            let (status, out) = self
+                .execute(&format!("umount {}", targets.join(" ")), Some(30.0))
+                .map_err(|e| format!("unmounting its shared directories: {e}"))?;
+            if status != 0 {
+                return Err(format!(
+                    "its shared directories could not be unmounted (QEMU cannot save a VM \
+                     with a 9p export mounted): {}",
+                    out.trim()
+                ));
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        // Not the global deadline: it may be what failed the test.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let vm = self.vm.as_mut().expect("booted");
+        vm.save_state(dir, deadline).map_err(|e| error_chain(&e))?;
+        let initrd = self.dir.join("initrd");
+        std::fs::copy(&initrd, dir.join("initrd"))
+            .map_err(|e| format!("copying {}: {e}", initrd.display()))?;
+        let mut store_paths: Vec<PathBuf> = image
+            .store_paths()
+            .into_iter()
+            .map(|p| p.path().to_owned())
+            .collect();
+        let backing = match &self.snapshot_in_use {
+            Some(guard) => {
+                store_paths.push(guard.path().to_owned());
+                (guard.path().join("disk.qcow2"), "qcow2")
+            }
+            None => (image.root_image(), "raw"),
+        };
+        Ok(Some(FailureSave {
+            backing,
+            store_paths,
+            allow_reboot: self.allow_reboot,
+            forwards: self.forwards.clone(),
+        }))
     }
 
     /// Saves the boot snapshot once the system has settled; failures only warn.

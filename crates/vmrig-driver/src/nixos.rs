@@ -112,6 +112,7 @@ pub fn run_nixos(run: &NixosRun) -> Result<NixosOutcome, RunError> {
         snapshots: run.snapshots,
         keep_state_in: None,
         start_command_state: (std::env::temp_dir(), run.keep_vm_state),
+        failure_snapshot: None,
     };
     let sources: Vec<MachineSource> = run
         .machines

@@ -26,6 +26,8 @@ pub struct DriverHandler {
     pub creator: crate::creator::MachineCreator,
     /// The global timeout (lifted when a failed script pauses).
     pub deadline: Arc<crate::deadline::Deadline>,
+    /// What the script did to the network (saved with a failure snapshot).
+    pub net: Mutex<crate::failure::NetState>,
 }
 
 impl From<ApiError> for RpcError {
@@ -145,14 +147,19 @@ impl DriverHandler {
                 Ok(Value::Null)
             }
             DriverRequest::SetLoss { vlan, percent } => {
-                self.vlan(vlan)?
-                    .set_loss(percent.unwrap_or(0.0))
-                    .map_err(net_error)?;
+                let percent = percent.unwrap_or(0.0);
+                let switch = self.vlan(vlan)?;
+                switch.set_loss(percent).map_err(net_error)?;
+                self.net.lock().unwrap().set_loss(switch.nr(), percent);
                 Ok(Value::Null)
             }
             DriverRequest::SetDelay { vlan, ms } => {
-                let delay = Duration::from_secs_f64(ms.unwrap_or(0.0).max(0.0) / 1000.0);
-                self.vlan(vlan)?.set_delay(delay).map_err(net_error)?;
+                let ms = ms.unwrap_or(0.0).max(0.0);
+                let switch = self.vlan(vlan)?;
+                switch
+                    .set_delay(Duration::from_secs_f64(ms / 1000.0))
+                    .map_err(net_error)?;
+                self.net.lock().unwrap().set_delay(switch.nr(), ms);
                 Ok(Value::Null)
             }
             DriverRequest::Partition { group_a, group_b } => {
@@ -168,6 +175,7 @@ impl DriverHandler {
                 for vlan in self.vlans.values() {
                     vlan.partition(&group_a, &group_b).map_err(net_error)?;
                 }
+                self.net.lock().unwrap().partitions.push((group_a, group_b));
                 Ok(Value::Null)
             }
             DriverRequest::Heal {} => {
@@ -175,6 +183,7 @@ impl DriverHandler {
                 for vlan in self.vlans.values() {
                     vlan.heal().map_err(net_error)?;
                 }
+                self.net.lock().unwrap().partitions.clear();
                 Ok(Value::Null)
             }
         }
@@ -466,6 +475,7 @@ impl DriverHandler {
                 }
             }
         }
+        self.net.lock().unwrap().set_blocked(name, !up);
         self.logger.log(
             Level::Info,
             format!(
@@ -475,6 +485,38 @@ impl DriverHandler {
             Some(name),
         );
         Ok(Value::Null)
+    }
+}
+
+impl DriverHandler {
+    /// Puts the network back as `net` says (`vmrig debug`, after the machines are
+    /// restored): loss and delay per VLAN, partitions, blocked links.
+    pub fn apply_net_state(&self, net: &crate::failure::NetState) -> Result<(), RpcError> {
+        for (&nr, &percent) in &net.loss_percent {
+            self.handle(Request::Driver(DriverRequest::SetLoss {
+                vlan: nr.into(),
+                percent: Some(percent),
+            }))?;
+        }
+        for (&nr, &ms) in &net.delay_ms {
+            self.handle(Request::Driver(DriverRequest::SetDelay {
+                vlan: nr.into(),
+                ms: Some(ms),
+            }))?;
+        }
+        for (a, b) in &net.partitions {
+            self.handle(Request::Driver(DriverRequest::Partition {
+                group_a: a.clone(),
+                group_b: b.clone(),
+            }))?;
+        }
+        for name in &net.blocked {
+            self.handle(Request::Machine {
+                machine: name.clone(),
+                call: MachineRequest::Block {},
+            })?;
+        }
+        Ok(())
     }
 }
 

@@ -44,6 +44,8 @@ pub struct RunOptions {
     /// A shared cache of store paths: images missing here are fetched from it, and what
     /// this run builds is pushed to it (unless read-only).
     pub remote_cache: Option<Arc<vmrig_store::remote::RemoteCache>>,
+    /// Save a failure snapshot (`<out>/failure-snapshot/`) when the script fails.
+    pub failure_snapshots: bool,
 }
 
 impl Default for RunOptions {
@@ -60,6 +62,7 @@ impl Default for RunOptions {
             capture: false,
             snapshots: true,
             remote_cache: None,
+            failure_snapshots: true,
         }
     }
 }
@@ -171,6 +174,8 @@ pub fn prepare(
         dir: out_dir.clone(),
         source,
     })?;
+    // A failure snapshot of an earlier run does not describe this one.
+    let _ = vmrig_store::remove_all(&out_dir.join(crate::failure::DIR_NAME));
     let logger = run_logger(
         &out_dir,
         opts.terminal_log,
@@ -201,6 +206,9 @@ pub fn prepare(
         snapshots: opts.snapshots,
         keep_state_in: opts.keep_vm_state.then(|| out_dir.clone()),
         start_command_state: (out_dir.clone(), false),
+        failure_snapshot: opts.failure_snapshots.then(|| crate::failure::SaveSetup {
+            test_file: spec.path.clone(),
+        }),
     };
     let driver = Driver::new(
         setup,
@@ -259,7 +267,7 @@ pub fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-fn check_qemu_version(qemu: &Path) -> Result<String, RunError> {
+pub(crate) fn check_qemu_version(qemu: &Path) -> Result<String, RunError> {
     let text =
         crate::snapshot::qemu_version_line(qemu).map_err(|source| RunError::QemuUnrunnable {
             qemu: qemu.to_owned(),

@@ -648,3 +648,152 @@ fn a_shared_directory_is_mounted_after_a_restore_and_a_reboot() {
     );
     std::fs::remove_dir_all(host).unwrap();
 }
+
+#[test]
+fn a_failure_saves_the_running_machines_and_the_network_and_debug_restores_them() {
+    let rig = Rig::new("[nodes.machine]\n\n[nodes.idle]\n");
+    let failing = RunOpts {
+        failure_snapshot: true,
+        ..RunOpts::default()
+    };
+    let first = rig.run_with(
+        "machine.succeed('true')\nmachine.block()\nvlan1.set_loss(20)\nvlan1.set_delay(0)\n\
+         assert False, 'boom'",
+        failing,
+    );
+    first.failed_with(&["boom"]);
+    let manifest = vmrig_driver::failure::Manifest::read(&first.out_dir).unwrap();
+    // The machine that ran, not the one that never started.
+    let saved: Vec<&str> = manifest.machines.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(saved, ["machine"], "{manifest:?}");
+    assert!(manifest.skipped.is_empty(), "{manifest:?}");
+    assert_eq!(manifest.qemu_version, "QEMU emulator version 9.2.0 (fake)");
+    assert_eq!(
+        manifest.network.blocked.iter().collect::<Vec<_>>(),
+        ["machine"]
+    );
+    assert_eq!(manifest.network.loss_percent.get(&1), Some(&20.0));
+    assert!(manifest.network.delay_ms.is_empty(), "a zero delay is none");
+    let dir = first.out_dir.join("failure-snapshot/machine");
+    for file in ["state", "disk.qcow2", "console.log", "initrd"] {
+        assert!(dir.join(file).exists(), "{file} was not saved");
+    }
+    assert!(
+        first.events.contains("saved its state: "),
+        "{}",
+        first.events
+    );
+    assert!(
+        first.events.contains(&format!(
+            "restore it with `vmrig debug {}`",
+            first.out_dir.display()
+        )),
+        "{}",
+        first.events
+    );
+
+    // Restored: the machine is up without a boot, its links are down again.
+    let debug = rig.run_with(
+        "assert machine.is_up()\nassert not idle.is_up()\nmachine.succeed('true')",
+        RunOpts {
+            restore: Some(first.out_dir.clone()),
+            ..RunOpts::default()
+        },
+    );
+    debug.passed();
+    assert!(
+        debug.events.contains("restored from the failure snapshot"),
+        "{}",
+        debug.events
+    );
+    assert!(
+        debug.events.contains("blocked all VLAN links"),
+        "{}",
+        debug.events
+    );
+    assert!(debug
+        .serial_log("machine")
+        .contains("fake-qemu: link vlan1 down"));
+
+    // A passing script, or one with failure snapshots off, saves nothing.
+    let passed = rig.run_with(
+        "machine.succeed('true')",
+        RunOpts {
+            failure_snapshot: true,
+            ..RunOpts::default()
+        },
+    );
+    passed.passed();
+    assert!(!passed.out_dir.join("failure-snapshot").exists());
+    let off = rig.run("machine.succeed('true')\nassert False");
+    assert!(!off.out_dir.join("failure-snapshot").exists());
+}
+
+#[test]
+fn a_failure_snapshot_unmounts_shared_directories_and_debug_mounts_them_again() {
+    let (rig, host, target) = shared_dir_rig();
+    std::fs::write(host.join("f"), "x\n").unwrap();
+    let read = format!(
+        "assert machine.succeed('cat {}/f') == 'x\\n'",
+        target.display()
+    );
+    let first = rig.run_with(
+        &format!("{read}\nassert False, 'boom'"),
+        RunOpts {
+            failure_snapshot: true,
+            ..RunOpts::default()
+        },
+    );
+    first.failed_with(&["boom"]);
+    // Saved (the fake QEMU, as QEMU, refuses to migrate with the export mounted).
+    assert!(!first.events.contains("not saved"), "{}", first.events);
+    let manifest = vmrig_driver::failure::Manifest::read(&first.out_dir).unwrap();
+    assert_eq!(manifest.machines.len(), 1, "{manifest:?}");
+    let debug = rig.run_with(
+        &read,
+        RunOpts {
+            restore: Some(first.out_dir.clone()),
+            ..RunOpts::default()
+        },
+    );
+    debug.passed();
+    assert!(debug.events.contains("restored from the failure snapshot"));
+    std::fs::remove_dir_all(host).unwrap();
+}
+
+#[test]
+fn the_global_timeout_saves_a_failure_snapshot_too() {
+    let rig = Rig::new(ONE);
+    let out = rig.run_with(
+        "machine.succeed('true')\nimport time\ntime.sleep(60)",
+        RunOpts {
+            failure_snapshot: true,
+            global_timeout: 3,
+            ..RunOpts::default()
+        },
+    );
+    assert!(out.global_timeout, "{:?}", out.failure);
+    let manifest = vmrig_driver::failure::Manifest::read(&out.out_dir).unwrap();
+    assert_eq!(manifest.machines.len(), 1, "{manifest:?}");
+    assert!(manifest.failure.contains("global timeout"), "{manifest:?}");
+}
+
+#[test]
+fn a_machine_still_booting_is_left_out_of_the_failure_snapshot_with_the_reason() {
+    let rig = Rig::with_fake("[nodes.machine]\n\n[nodes.slow]\n", &[("DELAY", "30")]);
+    let out = rig.run_with(
+        "start_all()\nassert False, 'boom'",
+        RunOpts {
+            failure_snapshot: true,
+            ..RunOpts::default()
+        },
+    );
+    out.failed_with(&["boom"]);
+    let manifest = vmrig_driver::failure::Manifest::read(&out.out_dir).unwrap();
+    assert!(manifest.machines.is_empty(), "{manifest:?}");
+    let why: Vec<&str> = manifest.skipped.iter().map(|s| s.why.as_str()).collect();
+    assert_eq!(
+        why, ["it had not finished booting (its shell had not answered)"; 2],
+        "{manifest:?}"
+    );
+}

@@ -24,6 +24,7 @@ mod build_cmd;
 mod cache_cmd;
 mod cached;
 mod check_cmd;
+mod debug_cmd;
 mod doctor;
 mod exit;
 mod jobs;
@@ -79,6 +80,9 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Open a Python REPL with a test's machines (the same as `vmrig run -I FILE`).
     Interactive(run_cmd::InteractiveArgs),
+    /// Restore a failed run's machines and network from its failure snapshot and open the
+    /// Python REPL there (or run `-c CODE`).
+    Debug(debug_cmd::DebugArgs),
     /// Build (or find in the store) the guest images of tests without running them.
     Build(build_cmd::BuildArgs),
     /// Show tests, their nodes, their images (built or not) and cached results.
@@ -137,6 +141,7 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => run_cmd::run(args),
         Command::Interactive(args) => run_cmd::run(args.into()),
+        Command::Debug(args) => debug_cmd::run(args),
         Command::Build(args) => build_cmd::run(args),
         Command::List(args) => list_cmd::run(args),
         Command::Check(args) => check_cmd::run(args),

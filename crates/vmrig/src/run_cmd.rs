@@ -30,6 +30,10 @@ pub struct RunArgs {
     /// Boot every machine cold: neither start from boot snapshots nor save new ones.
     #[arg(long, env = "VMRIG_NO_SNAPSHOTS")]
     pub no_snapshots: bool,
+    /// Save nothing when a test fails (by default every running machine's state and the
+    /// network's go into <output>/failure-snapshot/, for `vmrig debug <output>`).
+    #[arg(long, env = "VMRIG_NO_FAILURE_SNAPSHOTS")]
+    pub no_failure_snapshots: bool,
 
     /// Accelerator: auto (KVM when it can boot a standard guest, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", value_parser = parse_accel)]
@@ -141,6 +145,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             capture: args.capture,
             snapshots: !args.no_snapshots,
             remote_cache: crate::cache_cmd::remote(),
+            failure_snapshots: !args.no_failure_snapshots,
         },
         store,
         cache,
@@ -289,6 +294,7 @@ impl From<InteractiveArgs> for RunArgs {
             junit: None,
             capture: false,
             no_snapshots: false,
+            no_failure_snapshots: false,
         }
     }
 }

@@ -167,8 +167,14 @@ fn run_one(
         }
     };
     let run = vmrig_driver::run_test(spec, &opts, observer);
+    // Without the nested log (several tests at once), the status line says how to debug.
+    let mut snapshot_of = None;
     let (outcome, piece) = match run {
         Ok(outcome) => {
+            use vmrig_driver::failure::{DIR_NAME, MANIFEST};
+            if !outcome.passed && outcome.out_dir.join(DIR_NAME).join(MANIFEST).exists() {
+                snapshot_of = Some(outcome.out_dir.clone());
+            }
             if plan.record_cache {
                 cached::record(&plan.cache, spec, identity, &outcome);
             }
@@ -197,7 +203,15 @@ fn run_one(
         let took = format_elapsed(started.elapsed());
         match &outcome {
             Outcome::Passed => line.finish(true, &format!("passed in {took}")),
-            Outcome::Failed(why) => line.finish(false, &format!("FAILED after {took}: {why}")),
+            Outcome::Failed(why) => {
+                if let Some(out) = &snapshot_of {
+                    line.say(&format!(
+                        "failure snapshot saved: `vmrig debug {}`",
+                        out.display()
+                    ));
+                }
+                line.finish(false, &format!("FAILED after {took}: {why}"))
+            }
             _ => line.finish(false, "could not run"),
         }
     }

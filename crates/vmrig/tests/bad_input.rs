@@ -803,3 +803,118 @@ fn bad_input_unreachable_cache() {
     );
     assert!(err.trim_end().ends_with("check the URL, the network, and the credentials in the provider's environment variables or configuration files"), "{err}");
 }
+
+// ---- vmrig debug: failure snapshots it cannot restore ---------------------------------------
+
+/// `<tmp>/out/failure-snapshot/manifest.json` saved by this vmrig with QEMU 7.2.0 under TCG,
+/// changed by `edit`, and a QEMU that says it is 7.2.0.
+fn failure_snapshot(tmp: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> (PathBuf, PathBuf) {
+    let dir = tmp.join("out/failure-snapshot");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut manifest = serde_json::json!({
+        "format": "vmrig-failure-snapshot-1",
+        "vmrig_version": env!("CARGO_PKG_VERSION"),
+        "qemu_version": "QEMU emulator version 7.2.0",
+        "accel": "tcg",
+        "test_file": tmp.join("t.toml"),
+        "failure": "t.toml:3: AssertionError: boom",
+        "machines": [],
+        "skipped": [],
+        "network": {"loss_percent": {}, "delay_ms": {}, "partitions": [], "blocked": []},
+        "store_paths": [],
+    });
+    edit(&mut manifest);
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    let qemu = executable(
+        tmp,
+        "qemu-system-x86_64",
+        "echo 'QEMU emulator version 7.2.0'",
+    );
+    (tmp.join("out"), qemu)
+}
+
+#[test]
+fn bad_input_debug_without_a_failure_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = vmrig(tmp.path(), &["debug", s(tmp.path())]);
+    assert_error(
+        &out,
+        2,
+        &format!("{} holds no failure snapshot ({}/failure-snapshot/manifest.json is missing): a run saves one in its output directory when its test fails (unless --no-failure-snapshots or VMRIG_NO_FAILURE_SNAPSHOTS is set)", tmp.path().display(), tmp.path().display()),
+    );
+}
+
+#[test]
+fn bad_input_debug_with_another_qemu_or_vmrig() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, qemu) = failure_snapshot(tmp.path(), |m| {
+        m["qemu_version"] = "QEMU emulator version 9.9.9".into();
+    });
+    let result = vmrig(
+        tmp.path(),
+        &["debug", s(&out), "--qemu", s(&qemu), "-c", "pass"],
+    );
+    assert_error(
+        &result,
+        4,
+        &format!("this failure snapshot was saved with QEMU \"QEMU emulator version 9.9.9\"; {} is \"QEMU emulator version 7.2.0\", which cannot restore it: name that QEMU with `--qemu PATH` (or VMRIG_QEMU), or run the test again to save a new one", qemu.display()),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, qemu) = failure_snapshot(tmp.path(), |m| {
+        m["vmrig_version"] = "0.0.1".into();
+    });
+    let result = vmrig(tmp.path(), &["debug", s(&out), "--qemu", s(&qemu)]);
+    assert_error(
+        &result,
+        4,
+        &format!("this failure snapshot was saved by vmrig 0.0.1; this is vmrig {}, which cannot restore it: debug it with vmrig 0.0.1, or run the test again to save a new one", env!("CARGO_PKG_VERSION")),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, qemu) = failure_snapshot(tmp.path(), |m| {
+        m["format"] = "vmrig-failure-snapshot-0".into();
+    });
+    let result = vmrig(tmp.path(), &["debug", s(&out), "--qemu", s(&qemu)]);
+    assert_error(
+        &result,
+        4,
+        &format!("this failure snapshot has format \"vmrig-failure-snapshot-0\", which vmrig {} cannot restore (it restores \"vmrig-failure-snapshot-1\"): run the test again to save a new one", env!("CARGO_PKG_VERSION")),
+    );
+}
+
+#[test]
+fn bad_input_debug_with_a_store_path_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gone = tmp.path().join("store/0123-rootfs-trixie");
+    let (out, qemu) = failure_snapshot(tmp.path(), |m| {
+        m["store_paths"] = serde_json::json!([gone]);
+    });
+    let result = vmrig(tmp.path(), &["debug", s(&out), "--qemu", s(&qemu)]);
+    assert_error(
+        &result,
+        4,
+        &format!("store paths this failure snapshot needs are gone: {} (`vmrig build {}` brings the images back); run the test again to save a new one", gone.display(), tmp.path().join("t.toml").display()),
+    );
+}
+
+#[test]
+fn bad_input_debug_when_the_test_file_lost_a_saved_machine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, qemu) = failure_snapshot(tmp.path(), |m| {
+        m["machines"] = serde_json::json!([{
+            "name": "server", "backing": "/store/x/root.img", "backing_format": "raw",
+            "allow_reboot": false, "forwards": [], "bytes": 1, "save_seconds": 1.0,
+        }]);
+    });
+    let copy = out.join("failure-snapshot/test.toml");
+    std::fs::write(
+        &copy,
+        "name = \"t\"\ntest_script = 'pass'\n\n[nodes.other]\n",
+    )
+    .unwrap();
+    let result = vmrig(tmp.path(), &["debug", s(&out), "--qemu", s(&qemu)]);
+    assert_error(
+        &result,
+        2,
+        &format!("the test file {} no longer describes the machines of this failure snapshot (it has no node `server`); restore its saved copy {} or run the test again", tmp.path().join("t.toml").display(), copy.display()),
+    );
+}

@@ -117,6 +117,15 @@ fn two_tests_in_parallel_with_junit_and_no_cache_for_failures() {
     // Compact, prefixed lines (stderr is not a terminal here), and the summary table.
     assert!(log.contains("[good] subtest: hostname"), "{log}");
     assert!(log.contains("[bad] subtest failed: breaks"), "{log}");
+    // The failed test's status line says how to debug it (the nested log is off).
+    assert!(
+        log.contains(&format!(
+            "[bad] failure snapshot saved: `vmrig debug {}`",
+            out.join("bad").display()
+        )),
+        "{log}"
+    );
+    assert!(!out.join("good/failure-snapshot").exists(), "{log}");
     assert!(
         !log.contains("machine # "),
         "console lines interleaved: {log}"

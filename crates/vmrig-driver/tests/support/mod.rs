@@ -79,6 +79,10 @@ pub struct RunOpts {
     pub snapshots: bool,
     pub global_timeout: u64,
     pub extra: Vec<MachineSourceSpec>,
+    /// Save a failure snapshot when the script fails.
+    pub failure_snapshot: bool,
+    /// Restore the failure snapshot in this output directory before the script.
+    pub restore: Option<PathBuf>,
 }
 
 impl Default for RunOpts {
@@ -87,6 +91,8 @@ impl Default for RunOpts {
             snapshots: false,
             global_timeout: 60,
             extra: Vec::new(),
+            failure_snapshot: false,
+            restore: None,
         }
     }
 }
@@ -189,6 +195,11 @@ impl Rig {
             snapshots: opts.snapshots,
             keep_state_in: None,
             start_command_state: (out_dir.clone(), false),
+            failure_snapshot: opts.failure_snapshot.then(|| {
+                let file = self.dir.path().join("fake.toml");
+                std::fs::write(&file, "name = \"fake\"\n").unwrap();
+                vmrig_driver::failure::SaveSetup { test_file: file }
+            }),
         };
         let mut sources = vec![MachineSource::Nodes {
             spec: &self.spec,
@@ -217,6 +228,12 @@ impl Rig {
         let python = checked_python(Path::new("python3"), &script, &names).unwrap();
         let (failure, global_timeout) = match Driver::new(setup, &sources) {
             Ok(driver) => {
+                if let Some(dir) = &opts.restore {
+                    let manifest = vmrig_driver::failure::Manifest::read(dir).unwrap();
+                    driver
+                        .restore_failure(&manifest, &dir.join(vmrig_driver::failure::DIR_NAME))
+                        .unwrap();
+                }
                 let result = driver
                     .run_script(&python, &script, Mode::Script, opts.global_timeout)
                     .unwrap();
