@@ -6,17 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+mod common;
+use common::{repo, text};
 
 /// mypy in a venv under the target directory, made once and kept between runs.
 fn mypy() -> Option<PathBuf> {
@@ -81,6 +72,7 @@ fn check(mypy: &Path, dir: &Path, test: &Path, script: &str) -> Output {
 #[test]
 fn mypy_checks_the_examples_clean_and_flags_a_wrong_call() {
     let Some(mypy) = mypy() else { return };
+    common::build_example_artifacts();
     let tmp = tempfile::tempdir().unwrap();
     let mut checked = 0;
     let mut examples: Vec<PathBuf> = std::fs::read_dir(repo().join("examples"))

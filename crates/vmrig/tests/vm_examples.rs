@@ -39,14 +39,7 @@ fn example_postgres_api() {
 /// The user's own program: built by cargo here, as the example's comment says, then tested.
 #[test]
 fn example_own_program() {
-    let repo = common::repo();
-    let built = std::process::Command::new(env!("CARGO"))
-        .current_dir(&repo)
-        .args(["build", "--release", "-p", "kv-example", "--target-dir"])
-        .arg(repo.join("examples/own-program/target"))
-        .output()
-        .expect("run cargo");
-    assert!(built.status.success(), "{}", common::text(&built));
+    common::build_example_artifacts();
     run_example("own-program");
 }
 
@@ -66,14 +59,6 @@ fn example_shared_folder() {
 /// reproducibly, so an unchanged source is the same file and every image stays cached.
 #[test]
 fn example_deb_daemon() {
-    let dir = common::repo().join("examples/deb-daemon");
-    let built = std::process::Command::new("dpkg-deb")
-        .env("SOURCE_DATE_EPOCH", "1700000000")
-        .args(["--build", "--root-owner-group"])
-        .arg(dir.join("hello-daemon"))
-        .arg(dir.join("hello-daemon.deb"))
-        .output()
-        .expect("run dpkg-deb");
-    assert!(built.status.success(), "{}", common::text(&built));
+    common::build_example_artifacts();
     run_example("deb-daemon");
 }

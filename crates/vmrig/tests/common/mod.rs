@@ -11,6 +11,38 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// Builds what the examples take from a build, as their comments say: `kv`
+/// (examples/own-program.toml) with cargo and the package of examples/deb-daemon.toml with
+/// `dpkg-deb` (reproducibly: an unchanged source is the same file, so images stay cached).
+/// Until then those examples do not parse (their `source`/package files are missing). Tests
+/// in several processes call it at once: a lock file makes one build at a time.
+pub fn build_example_artifacts() {
+    let repo = repo();
+    let lock = std::fs::File::create(Path::new(env!("CARGO_TARGET_TMPDIR")).join("examples.lock"))
+        .expect("create the examples' lock file");
+    // SAFETY: flock on a file we own; released when `lock` is dropped.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+        0
+    );
+    let built = Command::new(env!("CARGO"))
+        .current_dir(&repo)
+        .args(["build", "--release", "-p", "kv-example", "--target-dir"])
+        .arg(repo.join("examples/own-program/target"))
+        .output()
+        .expect("run cargo");
+    assert!(built.status.success(), "cargo: {}", text(&built));
+    let dir = repo.join("examples/deb-daemon");
+    let built = Command::new("dpkg-deb")
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .args(["--build", "--root-owner-group"])
+        .arg(dir.join("hello-daemon"))
+        .arg(dir.join("hello-daemon.deb"))
+        .output()
+        .expect("run dpkg-deb");
+    assert!(built.status.success(), "dpkg-deb: {}", text(&built));
+}
+
 /// `vmrig` run from the repository root with its own `TMPDIR` (run directories land there).
 /// It gets SIGTERM when the test's thread ends, so a test runner killed from outside (a CI
 /// timeout) leaves no `vmrig run` behind; vmrig's own cleanup then stops its VMs.
