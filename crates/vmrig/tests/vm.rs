@@ -350,29 +350,18 @@ with subtest("reboot"):
 
 #[test]
 fn interactive_repl_and_shell_interact() {
-    use std::io::Write;
     let tmp = tempfile::tempdir().unwrap();
     let file = single_node_test(tmp.path(), "repl", "machine.succeed('true')");
-    let mut child = common::command(tmp.path())
-        .args([
+    let out = common::output_with_input(
+        common::command(tmp.path()).args([
             "run",
             "-I",
             file.to_str().unwrap(),
             "-o",
             tmp.path().join("out").to_str().unwrap(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"print('repl-sees', len(machines))\nmachine.shell_interact()\necho shell-$(hostname)\nexit 3\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+        ]),
+        "print('repl-sees', len(machines))\nmachine.shell_interact()\necho shell-$(hostname)\nexit 3\n",
+    );
     let log = text(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("repl-sees 1"), "{log}");

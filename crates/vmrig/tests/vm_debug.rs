@@ -125,22 +125,12 @@ fn a_failed_run_is_debugged_as_the_failure_left_it() {
 
     // The REPL (reading stdin, a terminal for users), with the test's globals.
     let started = Instant::now();
-    let mut child = common::command(tmp.path())
-        .args(["debug", out.to_str().unwrap()])
-        .env("VMRIG_RERUN", "true")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"print('from the REPL:', server.succeed('cat /tmp/state').strip())\n")
-        .unwrap();
-    let repl = child.wait_with_output().unwrap();
+    let repl = common::output_with_input(
+        common::command(tmp.path())
+            .args(["debug", out.to_str().unwrap()])
+            .env("VMRIG_RERUN", "true"),
+        "print('from the REPL:', server.succeed('cat /tmp/state').strip())\n",
+    );
     let log = text(&repl);
     assert_eq!(repl.status.code(), Some(0), "{log}");
     assert!(log.contains("from the REPL: at-the-failure"), "{log}");

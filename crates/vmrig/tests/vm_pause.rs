@@ -2,9 +2,8 @@
 //! with the failing frame's names and the machine as the failure left it; leaving it ends
 //! the run as failed. The REPL reads the test's stdin (a pipe here, a terminal for users).
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Output;
 
 mod common;
 use common::text;
@@ -20,22 +19,13 @@ fn paused_run(tmp: &Path, script: &str, global_timeout: u32, input: &str) -> Out
         ),
     )
     .unwrap();
-    let mut child = common::command(tmp)
-        .args(["run", "--pause-on-failure", "--rerun", "-o"])
-        .arg(tmp.join("out"))
-        .arg(&file)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run vmrig");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    common::output_with_input(
+        common::command(tmp)
+            .args(["run", "--pause-on-failure", "--rerun", "-o"])
+            .arg(tmp.join("out"))
+            .arg(&file),
+        input,
+    )
 }
 
 #[test]

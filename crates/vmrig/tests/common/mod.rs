@@ -43,6 +43,25 @@ pub fn build_example_artifacts() {
     assert!(built.status.success(), "dpkg-deb: {}", text(&built));
 }
 
+/// Runs `cmd` with `input` on its stdin (a REPL's typed lines), stdout and stderr captured.
+pub fn output_with_input(cmd: &mut Command, input: &str) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the command");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// `vmrig` run from the repository root with its own `TMPDIR` (run directories land there).
 /// It gets SIGTERM when the test's thread ends, so a test runner killed from outside (a CI
 /// timeout) leaves no `vmrig run` behind; vmrig's own cleanup then stops its VMs.
