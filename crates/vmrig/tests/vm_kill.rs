@@ -702,6 +702,9 @@ fn incomplete_store_paths(store: &Path) -> Vec<String> {
             &["vmlinuz", "version", "lib/modules"]
         } else if name.ends_with("-initramfs") {
             &["initrd"]
+        } else if name.contains("-rootfs-base-") {
+            // The base tree that local .deb packages are layered on.
+            &["root.tar"]
         } else if name.contains("-rootfs-") {
             &["root.img"]
         } else if name.contains("-snapshot-") {
