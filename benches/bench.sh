@@ -28,18 +28,9 @@ cd "$(dirname "$0")/.."
 
 COLD_RUNS=${COLD_RUNS:-3}
 WARM_RUNS=${WARM_RUNS:-5}
-VMRIG=${VMRIG:-./target/release/vmrig}
 BENCHES=${BENCHES:-a b c d}
 WARM_ONLY=${WARM_ONLY:-}
-if [[ ! -x $VMRIG ]]; then
-    echo "bench: $VMRIG not found; run: cargo build --release -p vmrig" >&2
-    exit 2
-fi
-command -v hyperfine >/dev/null || {
-    echo "bench: hyperfine is not installed (apt-get install hyperfine)" >&2
-    exit 2
-}
-VMRIG=$(realpath "$VMRIG")
+source "$(dirname "$0")/preflight.sh"
 work=$(mktemp -d "${TMPDIR:-/tmp}/vmrig-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 

@@ -20,16 +20,7 @@ cd "$(dirname "$0")/.."
 
 COLD_RUNS=${COLD_RUNS:-2}
 LAYERED_RUNS=${LAYERED_RUNS:-5}
-VMRIG=${VMRIG:-./target/release/vmrig}
-if [[ ! -x $VMRIG ]]; then
-    echo "bench: $VMRIG not found; run: cargo build --release -p vmrig" >&2
-    exit 2
-fi
-command -v hyperfine >/dev/null || {
-    echo "bench: hyperfine is not installed (apt-get install hyperfine)" >&2
-    exit 2
-}
-VMRIG=$(realpath "$VMRIG")
+source "$(dirname "$0")/preflight.sh"
 work=$(mktemp -d "${TMPDIR:-/tmp}/vmrig-bench-deb.XXXXXX")
 # The store's trees may belong to subordinate ids (a build as a normal user).
 trap 'unshare --map-root-user --map-auto rm -rf "$work" 2>/dev/null || rm -rf "$work"' EXIT
