@@ -30,7 +30,7 @@ COLD_RUNS=${COLD_RUNS:-3}
 WARM_RUNS=${WARM_RUNS:-5}
 BENCHES=${BENCHES:-a b c d}
 WARM_ONLY=${WARM_ONLY:-}
-source "$(dirname "$0")/preflight.sh"
+source benches/preflight.sh # (the working directory is the repository now)
 work=$(mktemp -d "${TMPDIR:-/tmp}/vmrig-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 

@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 COLD_RUNS=${COLD_RUNS:-2}
 LAYERED_RUNS=${LAYERED_RUNS:-5}
-source "$(dirname "$0")/preflight.sh"
+source benches/preflight.sh # (the working directory is the repository now)
 work=$(mktemp -d "${TMPDIR:-/tmp}/vmrig-bench-deb.XXXXXX")
 # The store's trees may belong to subordinate ids (a build as a normal user).
 trap 'unshare --map-root-user --map-auto rm -rf "$work" 2>/dev/null || rm -rf "$work"' EXIT
